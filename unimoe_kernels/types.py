@@ -1,0 +1,84 @@
+"""Plain containers passed between the ops: gating output, routing plan, aux statistics.
+
+They are NamedTuples so that torch.compile traces through them and autograd.Functions can
+return their fields without wrapping.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class GatingOutput(NamedTuple):
+    """What the router hands to the experts, for T tokens, E experts and k slots per token.
+
+    weights: [T, k] fp32, the combine weight of each chosen expert (renormalised when asked).
+    ids: [T, k] int32, the chosen experts, best first; ties go to the lowest expert index.
+    scores: [T, E] fp32, softmax or sigmoid of the logits (before any selection bias).
+    logits: [T, E] fp32, the router logits the scores came from.
+    """
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+
+
+class RoutingPlan(NamedTuple):
+    """Where every (token, slot) pair goes in expert-sorted order, for N = T*k slots.
+
+    A slot is the flat index t*k + j of token t's j-th choice. Within an expert, slots keep their
+    flat order (a stable sort), so the plan is deterministic.
+
+    tokens_per_expert: [E] int32, how many slots chose each expert.
+    expert_offsets: [E+1] int32, exclusive prefix sum of tokens_per_expert; expert e owns sorted
+        rows expert_offsets[e] .. expert_offsets[e+1]-1.
+    sorted_slots: [N] int32, sorted row -> slot (token = slot // k).
+    slot_rows: [N] int32, slot -> sorted row; the inverse permutation of sorted_slots.
+    tile_expert: [max_tiles] int32, the expert of each BLOCK_M-row tile of the grouped GEMM, -1 for
+        the unused tail. max_tiles = ceil(N / block_m) + E is known on the host without a sync.
+    tile_row_start: [max_tiles] int32, first sorted row of each tile (tile_row_start of unused tiles
+        is N); a tile covers rows up to min(start + block_m, expert_offsets[e+1]).
+    block_m: the tile height the map was built for.
+    """
+
+    tokens_per_expert: torch.Tensor
+    expert_offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    slot_rows: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_row_start: torch.Tensor
+    block_m: int
+
+
+class MoEAux(NamedTuple):
+    """Losses and routing statistics of one SparseMoE call, for logging and custom trainers.
+
+    load_balancing_loss: scalar fp32, E * sum_e f_e * P_e with f_e the fraction of the T*k slots sent
+        to expert e and P_e the mean router probability of e (1.0 when perfectly balanced). Hugging
+        Face's Mixtral loss is k times this value. Not multiplied by aux_loss_coef.
+    z_loss: scalar fp32, mean over tokens of logsumexp(logits)^2. Not multiplied by z_loss_coef.
+    tokens_per_expert: [E] int32, slots routed to each expert (before capacity dropping).
+    router_logits: [T, E] fp32, for hosts that compute their own losses.
+    dropped_slots: scalar int64, (token, slot) pairs dropped by the capacity limit (0 when dropless).
+    """
+
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    router_logits: torch.Tensor
+    dropped_slots: torch.Tensor
+
+
+def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Host-known upper bound on the number of BLOCK_M tiles over all experts.
+
+    Each expert with n rows needs ceil(n / block_m) <= n / block_m + 1 tiles; summed over experts
+    that is at most N / block_m + E, and ceil(N / block_m) + E bounds it as an integer.
+    """
+    return -(-num_slots // block_m) + num_experts
+
+
+__all__ = ["GatingOutput", "RoutingPlan", "MoEAux", "max_tiles"]
