@@ -19,7 +19,7 @@ loop reads the counts on the host (one sync), which is free on CPU; the GPU path
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,3 +72,266 @@ def build_routing(ids: torch.Tensor, num_experts: int, block_m: int = 64) -> Rou
         tile_row_start=tile_row_start.to(i32),
         block_m=block_m,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Gating
+# ----------------------------------------------------------------------------------------------
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router math runs in fp32, or fp64 when the input is fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """[T, E] logits -> [T, E] scores: softmax over experts, or an independent sigmoid per expert."""
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+
+
+def _group_limited_mask(sel: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Keep only experts of the topk_groups best groups (DeepSeek-V3 group-limited routing).
+
+    A group's score is the sum of its two best selection scores (its best one when a group holds a
+    single expert), as in DeepSeek-V3. Returns sel with experts of other groups set to -inf.
+    """
+    t, e = sel.shape
+    per_group = e // n_groups
+    grouped = sel.view(t, n_groups, per_group)
+    best = min(2, per_group)
+    group_score = grouped.topk(best, dim=-1).values.sum(-1)  # [T, n_groups]
+    # Stable sort so that tied groups resolve to the lowest group index, like expert ties.
+    keep_groups = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+    group_mask = torch.zeros(t, n_groups, dtype=torch.bool, device=sel.device)
+    group_mask.scatter_(1, keep_groups, True)
+    expert_mask = group_mask.repeat_interleave(per_group, dim=1)
+    return sel.masked_fill(~expert_mask, float("-inf"))
+
+
+def topk_gating(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    normalize: bool = True,
+    scaling_factor: float = 1.0,
+    expert_bias: Optional[torch.Tensor] = None,
+    n_groups: int = 1,
+    topk_groups: Optional[int] = None,
+) -> GatingOutput:
+    """Scores, top-k selection and combine weights from router logits [T, E].
+
+    expert_bias [E] is added to the scores for the selection only (DeepSeek-V3's aux-loss-free
+    balancing): the weights are gathered from the unbiased scores. With n_groups > 1 only experts
+    of the topk_groups best groups can be chosen. Ties go to the lowest expert index (stable sort).
+    weights = scaling_factor * (chosen scores, divided by their sum when normalize).
+    """
+    logits = logits.to(compute_dtype(logits.dtype))
+    scores = router_scores(logits, scoring)
+    sel = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+    if n_groups > 1:
+        sel = _group_limited_mask(sel, n_groups, topk_groups if topk_groups is not None else n_groups)
+    ids = torch.sort(sel.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = scores.gather(1, ids)
+    if normalize:
+        # The floor keeps an all-zero row of sigmoid scores finite; softmax rows are never zero.
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    if scaling_factor != 1.0:
+        weights = weights * scaling_factor
+    return GatingOutput(weights=weights, ids=ids.to(torch.int32), scores=scores, logits=logits)
+
+
+def load_balancing_loss(
+    scores: torch.Tensor, ids: torch.Tensor, num_experts: int, scoring: str = "softmax"
+) -> torch.Tensor:
+    """E * sum_e f_e * P_e: f_e = share of the T*k slots routed to e, P_e = mean probability of e.
+
+    Sigmoid scores are normalised per token into probabilities first. The value is 1.0 for a
+    perfectly balanced router (Megatron's normalisation; Hugging Face's Mixtral loss is k times it).
+    An empty batch gives 0. Only P carries a gradient (f is a count), as in Switch Transformer.
+    """
+    t = scores.shape[0]
+    probs = scores
+    if scoring == "sigmoid":
+        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+    p_mean = probs.sum(0) / max(t, 1)
+    counts = torch.bincount(ids.reshape(-1).to(torch.int64), minlength=num_experts)[:num_experts]
+    f = counts.to(probs.dtype) / max(ids.numel(), 1)
+    return num_experts * (f * p_mean).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t logsumexp(logits[t])^2 (ST-MoE router z-loss); 0 for an empty batch."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse * lse).sum() / max(logits.shape[0], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity (optional token dropping)
+# ----------------------------------------------------------------------------------------------
+
+
+def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert may take: ceil(capacity_factor * N / E), at least 1; from shapes only."""
+    return max(1, math.ceil(capacity_factor * num_slots / num_experts))
+
+
+def apply_capacity(
+    weights: torch.Tensor, ids: torch.Tensor, plan: RoutingPlan, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the weights of slots past an expert's capacity; earlier tokens keep their place.
+
+    A slot's position in its expert is its sorted row minus the expert's offset, so with the plan's
+    stable order the first `capacity` slots in token order are kept. Returns (weights, number of
+    dropped slots as an int64 scalar tensor). Dropped rows are still computed by the experts; their
+    output is multiplied by zero, so the output equals a dropping implementation's.
+    """
+    rows = plan.slot_rows.view_as(ids).to(torch.int64)
+    position = rows - plan.expert_offsets.to(torch.int64)[ids.to(torch.int64)]
+    keep = position < capacity
+    return weights * keep.to(weights.dtype), (~keep).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation and combine
+# ----------------------------------------------------------------------------------------------
+
+
+def permute(x: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
+    """x [T, H] -> x_sorted [T*k, H], row r holding token sorted_slots[r] // k."""
+    tokens = plan.sorted_slots.to(torch.int64) // top_k
+    return x.index_select(0, tokens)
+
+
+def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * y_sorted[slot_rows[t*k + j]], in y_sorted's dtype.
+
+    The k rows of a token are gathered and reduced with one batched dot, accumulating in at least
+    fp32, so the result is deterministic and needs no atomics.
+    """
+    t, k = weights.shape
+    h = y_sorted.shape[-1]
+    acc = compute_dtype(y_sorted.dtype)
+    gathered = y_sorted.index_select(0, plan.slot_rows.to(torch.int64)).view(t, k, h)
+    out = torch.bmm(weights.to(acc).unsqueeze(1), gathered.to(acc)).squeeze(1)
+    return out.to(y_sorted.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert MLP
+# ----------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+GLU_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def is_glu(activation: str) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation in GLU_ACTIVATIONS
+
+
+def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """[rows, 2F] -> [rows, F] for GLU activations (gate first, then up); elementwise otherwise.
+
+    gelu is the exact (erf) form in both gelu and geglu.
+    """
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "geglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate) * up
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+class LoRAWeights(NamedTuple):
+    """Per-expert LoRA factors in the layout of SparseMoE's parameters."""
+
+    a_gate_up: torch.Tensor  # [E, r, H]
+    b_gate_up: torch.Tensor  # [E, 2F or F, r]
+    a_down: torch.Tensor  # [E, r, F]
+    b_down: torch.Tensor  # [E, H, r]
+
+
+def _linear_lora(x, w, a, b, scale, dropout_p, training):
+    """x @ w.T + scale * (dropout(x) @ a.T) @ b.T, never forming b @ a."""
+    y = x @ w.t()
+    if a is not None:
+        xa = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+        y = y + ((xa @ a.t()) @ b.t()) * scale
+    return y
+
+
+def grouped_mlp(
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "swiglu",
+    *,
+    lora: Optional[LoRAWeights] = None,
+    lora_scale: float = 1.0,
+    lora_dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Expert MLP over rows already grouped by expert: x_sorted [N, H] -> y_sorted [N, H].
+
+    Expert e takes the next tokens_per_expert[e] rows: h = act(x W_gu[e]^T + s (x A_gu[e]^T) B_gu[e]^T),
+    y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale. LoRA dropout acts on the LoRA input
+    only, as in PEFT. Reads the counts on the host once (this is the CPU path).
+    """
+    n, h = x_sorted.shape
+    if lora is None:
+        a_gu = b_gu = a_d = b_d = None
+    else:
+        a_gu, b_gu, a_d, b_d = lora
+    counts = tokens_per_expert.tolist()
+    outs = []
+    start = 0
+    for e, rows in enumerate(counts):
+        if rows == 0:
+            continue
+        xe = x_sorted[start : start + rows]
+        start += rows
+        hid = _linear_lora(
+            xe, gate_up_proj[e], None if a_gu is None else a_gu[e], None if b_gu is None else b_gu[e],
+            lora_scale, lora_dropout, training,
+        )
+        hid = apply_activation(hid, activation)
+        outs.append(
+            _linear_lora(
+                hid, down_proj[e], None if a_d is None else a_d[e], None if b_d is None else b_d[e],
+                lora_scale, lora_dropout, training,
+            )
+        )
+    if not outs:
+        return x_sorted.new_zeros((n, h))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def moe_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    plan: RoutingPlan,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "swiglu",
+    **mlp_kwargs,
+) -> torch.Tensor:
+    """permute -> grouped_mlp -> unpermute for x [T, H] and combine weights [T, k]."""
+    x_sorted = permute(x, plan, weights.shape[1])
+    y_sorted = grouped_mlp(x_sorted, plan.tokens_per_expert, gate_up_proj, down_proj, activation, **mlp_kwargs)
+    return unpermute(y_sorted, plan, weights)

@@ -1,0 +1,15 @@
+"""unimoe_kernels: fused Mixture-of-Experts kernels (gating, permutation, grouped LoRA-expert GEMMs)
+with drop-in torch.nn modules. CUDA tensors run Triton kernels, CPU tensors the torch path of
+reference.py; both have the same semantics. Nothing here touches the GPU at import time.
+"""
+
+from . import ops, reference
+from .modules import GroupedExperts, SparseMoE, TopKRouter
+from .types import GatingOutput, MoEAux, RoutingPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseMoE", "TopKRouter", "GroupedExperts", "MoEAux", "GatingOutput", "RoutingPlan",
+    "ops", "reference", "__version__",
+]

@@ -1,0 +1,53 @@
+"""Which implementation runs an op: Triton kernels or the torch path of reference.py.
+
+"auto" picks Triton for CUDA tensors and torch for everything else. The environment variable
+UNIMOE_BACKEND (auto|torch|triton) replaces "auto" so a whole program can be switched without code
+changes; a backend named explicitly in code wins over it. "triton" on CPU tensors is allowed only
+under TRITON_INTERPRET=1, which is how CI runs the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "UNIMOE_BACKEND"
+
+
+def check_backend(name: str, argument: str = "backend") -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton can be imported; looked up without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend ("torch" or "triton") that runs an op on tensors of `device`."""
+    check_backend(requested)
+    if requested == "auto":
+        requested = check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was asked for but triton is not installed")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}), or TRITON_INTERPRET=1 "
+                "set before triton is imported to run the kernels on CPU"
+            )
+    return requested

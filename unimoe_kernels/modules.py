@@ -1,0 +1,399 @@
+"""nn.Modules: TopKRouter, GroupedExperts and SparseMoE (DESIGN.md section 4).
+
+SparseMoE.forward for x [..., H]:
+
+    x2 = x.reshape(-1, H)                                  [T, H]
+    gating = router(x2)                                    weights [T, k] fp32, ids [T, k] int32
+    plan = build_routing(gating.ids)                       counts, offsets, sorted order, tile map
+    (capacity_factor: weights of overflowing slots zeroed)
+    y = experts.forward_routed(x2, plan, weights)          permute -> grouped MLP -> combine
+    y = attach_aux_loss(y, coef * lbl + z_coef * z)        value unchanged, gradient reaches router
+    return y.view_as(x) (and MoEAux when asked)
+
+Parameter names and shapes follow Hugging Face transformers v5 (nn.Linear's [out, in] layout), so
+state dicts move between this package and the host model without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .backend import check_backend
+from .ops.gating import check_gating_args, topk_gating
+from .ops.grouped_gemm import grouped_mlp
+from .ops.permute import permute, unpermute
+from .ops.routing import build_routing
+from .types import GatingOutput, MoEAux, RoutingPlan
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_input(x: torch.Tensor, hidden_size: int, param: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (fp32, fp16, bf16 or fp64), got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != hidden_size:
+        raise ValueError(f"{name} must have shape [..., hidden_size={hidden_size}], got {tuple(x.shape)}")
+    if x.device != param.device:
+        raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {param.device}")
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Returns `out` unchanged; in backward, gives `aux` the gradient 1 so it joins the loss.
+
+    This is how the balancing loss trains the router even when the caller's loss ignores it
+    (Megatron-Core's aux-loss autoscaler does the same).
+    """
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_out.device)
+
+
+def attach_aux_loss(out: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    """`out` with `aux_loss` added to whatever loss is later backpropagated through it."""
+    return _AttachAuxLoss.apply(out, aux_loss)
+
+
+class TopKRouter(nn.Module):
+    """Linear router + top-k gating. weight: [E, H]; forward(x [T, H]) -> GatingOutput.
+
+    Logits are computed in fp32 (fp64 for fp64 input) whatever the parameter dtype. router_jitter
+    multiplies the input by U(1 - j, 1 + j) noise while training (Switch Transformer). With
+    use_expert_bias a buffer `expert_bias` [E] is added to the scores for selection only
+    (DeepSeek-V3 aux-loss-free balancing; the caller updates it).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        scoring: str = "softmax",
+        normalize_topk: bool = True,
+        scaling_factor: float = 1.0,
+        router_jitter: float = 0.0,
+        n_groups: int = 1,
+        topk_groups: Optional[int] = None,
+        use_expert_bias: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive("hidden_size", hidden_size)
+        _check_positive("num_experts", num_experts)
+        if not isinstance(top_k, int):
+            raise ValueError(f"top_k must be an int, got {top_k!r}")
+        check_gating_args(num_experts, top_k, n_groups, topk_groups, scoring)
+        if router_jitter < 0:
+            raise ValueError(f"router_jitter must be >= 0, got {router_jitter}")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.scoring, self.normalize_topk, self.scaling_factor = scoring, normalize_topk, scaling_factor
+        self.router_jitter, self.n_groups, self.topk_groups = router_jitter, n_groups, topk_groups
+        self.backend = check_backend(backend)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        if use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init, so a router built here matches one built by a host model.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> GatingOutput:
+        if self.training and self.router_jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+            x = x * noise
+        acc = reference.compute_dtype(x.dtype)
+        logits = x.to(acc) @ self.weight.to(acc).t()
+        return topk_gating(
+            logits, self.top_k, scoring=self.scoring, normalize=self.normalize_topk,
+            scaling_factor=self.scaling_factor, expert_bias=self.expert_bias,
+            n_groups=self.n_groups, topk_groups=self.topk_groups, backend=self.backend,
+        )
+
+
+class GroupedExperts(nn.Module):
+    """E expert MLPs with optional per-expert LoRA, stored as stacked 3-D tensors.
+
+    Parameters (transformers v5 layout): gate_up_proj [E, 2F, H] (rows 0..F-1 gate, F..2F-1 up;
+    [E, F, H] for non-GLU activations), down_proj [E, H, F]; with lora_rank r > 0 also
+    lora_A_gate_up [E, r, H], lora_B_gate_up [E, 2F|F, r], lora_A_down [E, r, F], lora_B_down [E, H, r]
+    (B starts at zero so a fresh adapter leaves the output unchanged). The base is frozen by default
+    iff LoRA is on. forward(x [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H] is the
+    transformers v5 experts call.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        *,
+        activation: str = "swiglu",
+        lora_rank: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        freeze_base: Optional[bool] = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive("num_experts", num_experts)
+        _check_positive("hidden_size", hidden_size)
+        _check_positive("ffn_hidden_size", ffn_hidden_size)
+        if not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        glu = reference.is_glu(activation)
+        self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
+        self.activation, self.lora_rank, self.lora_dropout = activation, lora_rank, lora_dropout
+        self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+        self.lora_scale = self.lora_alpha / lora_rank if lora_rank else 0.0
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        f_in = 2 * ffn_hidden_size if glu else ffn_hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, f_in, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size, **factory))
+        if lora_rank:
+            r = lora_rank
+            self.lora_A_gate_up = nn.Parameter(torch.empty(num_experts, r, hidden_size, **factory))
+            self.lora_B_gate_up = nn.Parameter(torch.empty(num_experts, f_in, r, **factory))
+            self.lora_A_down = nn.Parameter(torch.empty(num_experts, r, ffn_hidden_size, **factory))
+            self.lora_B_down = nn.Parameter(torch.empty(num_experts, hidden_size, r, **factory))
+        self.reset_parameters()
+        if freeze_base is None:
+            freeze_base = lora_rank > 0
+        self.gate_up_proj.requires_grad_(not freeze_base)
+        self.down_proj.requires_grad_(not freeze_base)
+
+    def reset_parameters(self) -> None:
+        # Per expert, nn.Linear's default bound 1/sqrt(fan_in), as the dense FFNs being replaced use.
+        for w in (self.gate_up_proj, self.down_proj):
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+        if self.lora_rank:
+            # PEFT's LoRA init: A like nn.Linear (kaiming uniform, a=sqrt(5)), B zero.
+            for a in (self.lora_A_gate_up, self.lora_A_down):
+                bound = 1.0 / math.sqrt(a.shape[-1])
+                nn.init.uniform_(a, -bound, bound)
+            nn.init.zeros_(self.lora_B_gate_up)
+            nn.init.zeros_(self.lora_B_down)
+
+    @property
+    def base_frozen(self) -> bool:
+        return not (self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
+
+    def lora_weights(self) -> Optional[reference.LoRAWeights]:
+        if not self.lora_rank:
+            return None
+        return reference.LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
+
+    def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], a routing plan of its T*k slots and combine weights [T, k] -> [T, H]."""
+        x_sorted = permute(x, plan, weights.shape[1], backend=self.backend)
+        y_sorted = grouped_mlp(
+            x_sorted, plan.tokens_per_expert, self.gate_up_proj, self.down_proj, self.activation,
+            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            training=self.training, backend=self.backend,
+        )
+        return unpermute(y_sorted, plan, weights, backend=self.backend)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        _check_input(hidden_states, self.hidden_size, self.gate_up_proj, "hidden_states")
+        if hidden_states.dim() != 2:
+            raise ValueError(f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
+        t = hidden_states.shape[0]
+        if top_k_index.dim() != 2 or top_k_index.shape[0] != t or top_k_index.is_floating_point():
+            raise ValueError(f"top_k_index must be an integer tensor [T={t}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
+        if top_k_weights.shape != top_k_index.shape:
+            raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}")
+        plan = build_routing(top_k_index, self.num_experts)
+        return self.forward_routed(hidden_states, plan, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
+            f"activation={self.activation!r}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
+            f"base_frozen={self.base_frozen}"
+        )
+
+
+def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [F, H], up [F, H], down [H, F]) of a LLaMA-style (gate/up/down_proj) or Mixtral-style
+    (w1/w3/w2) SwiGLU MLP."""
+    for gate, up, down in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+        if all(hasattr(mlp, n) for n in (gate, up, down)):
+            layers = [getattr(mlp, n) for n in (gate, up, down)]
+            if any(getattr(l, "bias", None) is not None for l in layers):
+                raise ValueError(f"from_dense: {type(mlp).__name__} has biases, which SparseMoE experts do not support")
+            return tuple(l.weight for l in layers)  # type: ignore[return-value]
+    raise TypeError(
+        f"from_dense needs SwiGLU MLPs with gate_proj/up_proj/down_proj or w1/w3/w2 linear layers, got {type(mlp).__name__}"
+    )
+
+
+class SparseMoE(nn.Module):
+    """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts (DESIGN.md section 4 for every argument).
+
+    forward(x [..., H], *, return_aux=False, token_groups=None) -> y with x's shape and dtype, and
+    MoEAux when return_aux. While training with aux_loss_coef > 0 (or z_loss_coef > 0) the weighted
+    losses reach the router through backward even if the caller ignores them. token_groups (an
+    integer per token, e.g. a modality id in [0, max_token_groups)) accumulates per-group expert
+    loads, read with routing_stats().
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        activation: str = "swiglu",
+        scoring: str = "softmax",
+        normalize_topk: bool = True,
+        lora_rank: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        freeze_base: Optional[bool] = None,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        router_jitter: float = 0.0,
+        capacity_factor: Optional[float] = None,
+        ep_group=None,
+        backend: str = "auto",
+        max_token_groups: int = 16,
+        router_kwargs: Optional[dict] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if ep_group is not None:
+            raise NotImplementedError("ep_group (expert parallelism) is not implemented yet; pass ep_group=None")
+        if aux_loss_coef < 0 or z_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got {aux_loss_coef}, {z_loss_coef}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        _check_positive("max_token_groups", max_token_groups)
+        self.hidden_size, self.ffn_hidden_size, self.num_experts, self.top_k = hidden_size, ffn_hidden_size, num_experts, top_k
+        self.aux_loss_coef, self.z_loss_coef, self.capacity_factor = aux_loss_coef, z_loss_coef, capacity_factor
+        self.router = TopKRouter(
+            hidden_size, num_experts, top_k, scoring=scoring, normalize_topk=normalize_topk,
+            router_jitter=router_jitter, backend=backend, device=device, dtype=dtype, **(router_kwargs or {}),
+        )
+        self.experts = GroupedExperts(
+            num_experts, hidden_size, ffn_hidden_size, activation=activation, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_base=freeze_base, backend=backend,
+            device=device, dtype=dtype,
+        )
+        # Not persistent: statistics, not weights, so state dicts stay those of the host model.
+        self.register_buffer(
+            "group_expert_counts", torch.zeros(max_token_groups, num_experts, dtype=torch.int64, device=device), persistent=False
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: Union[nn.Module, Sequence[nn.Module]],
+        num_experts: Optional[int] = None,
+        top_k: int = 2,
+        **kwargs,
+    ) -> "SparseMoE":
+        """Upcycle SwiGLU MLP(s) into a SparseMoE: one MLP copied into every expert, or a list of
+        MLPs, expert e from mlps[e] (Uni-MoE builds its experts from modality-specialised FFNs).
+
+        Device and dtype follow the MLP weights unless given. The router is freshly initialised.
+        """
+        mlps = list(mlp) if isinstance(mlp, (list, tuple, nn.ModuleList)) else None
+        if mlps is None:
+            if num_experts is None:
+                raise ValueError("from_dense with a single MLP needs num_experts")
+            mlps = [mlp] * num_experts
+        elif num_experts is not None and num_experts != len(mlps):
+            raise ValueError(f"num_experts={num_experts} but {len(mlps)} MLPs were given")
+        if not mlps:
+            raise ValueError("from_dense needs at least one MLP")
+        weights = [_dense_mlp_weights(m) for m in mlps]
+        f, h = weights[0][0].shape
+        for gate, up, down in weights:
+            if gate.shape != (f, h) or up.shape != (f, h) or down.shape != (h, f):
+                raise ValueError(f"from_dense: every MLP must have gate/up [F={f}, H={h}] and down [H, F], got "
+                                 f"{tuple(gate.shape)}, {tuple(up.shape)}, {tuple(down.shape)}")
+        if kwargs.get("activation", "swiglu") != "swiglu":
+            raise ValueError("from_dense builds SwiGLU experts; activation must be 'swiglu'")
+        kwargs.setdefault("device", weights[0][0].device)
+        kwargs.setdefault("dtype", weights[0][0].dtype)
+        moe = cls(h, f, len(mlps), top_k, **kwargs)
+        with torch.no_grad():
+            for e, (gate, up, down) in enumerate(weights):
+                moe.experts.gate_up_proj[e, :f].copy_(gate)
+                moe.experts.gate_up_proj[e, f:].copy_(up)
+                moe.experts.down_proj[e].copy_(down)
+        return moe
+
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False, token_groups: Optional[torch.Tensor] = None):
+        _check_input(x, self.hidden_size, self.router.weight)
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden_size)
+        gating = self.router(x2)
+        plan = build_routing(gating.ids, self.num_experts)
+        weights = gating.weights
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if self.capacity_factor is not None:
+            capacity = reference.expert_capacity(gating.ids.numel(), self.num_experts, self.capacity_factor)
+            weights, dropped = reference.apply_capacity(weights, gating.ids, plan, capacity)
+        y = self.experts.forward_routed(x2, plan, weights)
+
+        lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
+        zl = reference.z_loss(gating.logits)
+        if self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
+            y = attach_aux_loss(y, self.aux_loss_coef * lbl + self.z_loss_coef * zl)
+        if token_groups is not None:
+            self._count_groups(token_groups, gating.ids, shape[:-1])
+        y = y.view(shape)
+        if not return_aux:
+            return y
+        return y, MoEAux(
+            load_balancing_loss=lbl, z_loss=zl, tokens_per_expert=plan.tokens_per_expert,
+            router_logits=gating.logits, dropped_slots=dropped,
+        )
+
+    @torch.no_grad()
+    def _count_groups(self, token_groups: torch.Tensor, ids: torch.Tensor, token_shape: torch.Size) -> None:
+        if token_groups.shape != token_shape or token_groups.is_floating_point():
+            raise ValueError(f"token_groups must be an integer tensor of shape {tuple(token_shape)}, got "
+                             f"{token_groups.dtype} {tuple(token_groups.shape)}")
+        g_max, e = self.group_expert_counts.shape
+        groups = token_groups.reshape(-1, 1).to(device=ids.device, dtype=torch.int64)
+        # Asynchronous on GPU: an out-of-range group fails at the next sync instead of stalling here.
+        torch._assert_async(((groups >= 0) & (groups < g_max)).all(), "token_groups must be in [0, max_token_groups)")
+        flat = (groups * e + ids.to(torch.int64)).reshape(-1)
+        self.group_expert_counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def routing_stats(self) -> torch.Tensor:
+        """[max_token_groups, E] int64: slots of each token group routed to each expert so far."""
+        return self.group_expert_counts.clone()
+
+    def reset_routing_stats(self) -> None:
+        self.group_expert_counts.zero_()
