@@ -1,4 +1,4 @@
-"""Test scaffolding shared by tests/ and benchmarks/.
+"""Test scaffolding shared by tests/ and benchmarks/ (this root conftest applies to both).
 
 Without CUDA, Triton kernels run in the interpreter: TRITON_INTERPRET=1 must be set before triton
 is first imported, which is why it happens here, at collection, before any test module loads.
