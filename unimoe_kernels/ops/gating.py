@@ -1,11 +1,18 @@
 """Top-k gating: router logits -> scores -> top-k -> (renormalised) combine weights.
 
-    logits [T, E] fp32 --scores (softmax|sigmoid)--> [T, E]
+    logits [T, E] (any float; computed in fp32) --scores (softmax|sigmoid)--> scores [T, E] fp32
         --(+ expert_bias, group limit) select top-k--> ids [T, k] int32 (ties: lowest index)
         --gather unbiased scores, renormalise, scale--> weights [T, k] fp32
 
+Backend "triton" (CUDA tensors under "auto", or CPU tensors under TRITON_INTERPRET=1) runs all of it
+in one kernel, one read of the logits (kernels/gating.py), and the backward in one more kernel:
+d(weights) [T, k] and d(scores) [T, E] (from the aux losses) -> d(logits) [T, E]. Backend "torch"
+runs reference.topk_gating, which is the contract: both give the same ids and the same values and
+gradients up to fp32 rounding.
+
 The aux-loss statistics (load-balancing loss, z-loss) are computed from the returned scores, ids
-and logits by reference.load_balancing_loss and reference.z_loss.
+and logits by reference.load_balancing_loss and reference.z_loss; their gradient reaches the logits
+through d(scores) here and through the returned logits tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +22,14 @@ from typing import Optional
 import torch
 
 from .. import reference
+from ..backend import resolve
 from ..types import GatingOutput
+
+# Elements of the [BLOCK_T, BLOCK_E] fp32 tile one program keeps live: 16 per thread at 4 warps,
+# which leaves registers for the half-dozen tiles (p, sel, masks) the selection loop carries.
+_TILE_ELEMS = 2048
+# Most tokens per program; more only adds masked rows for small T.
+_MAX_BLOCK_T = 64
 
 
 def check_gating_args(num_experts: int, top_k: int, n_groups: int, topk_groups: Optional[int], scoring: str) -> None:
@@ -35,6 +49,79 @@ def check_gating_args(num_experts: int, top_k: int, n_groups: int, topk_groups: 
             )
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """t with a unit column stride (the kernels take a row stride only)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _blocks(num_experts: int) -> tuple[int, int]:
+    block_e = _next_pow2(num_experts)
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMS // block_e))
+    return block_t, block_e
+
+
+class _TopKGatingFn(torch.autograd.Function):
+    """logits [T, E] fp32 -> (weights [T, k] fp32, ids [T, k] int32, scores [T, E] fp32) in Triton."""
+
+    @staticmethod
+    def forward(ctx, logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
+        from ..kernels import gating as kern  # lazy: importing triton is deferred to first launch
+
+        t, e = logits.shape
+        weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+        ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+        scores = torch.empty((t, e), dtype=torch.float32, device=logits.device)
+        scoring_id = kern.SOFTMAX if scoring == "softmax" else kern.SIGMOID
+        if t > 0:
+            logits_c = _unit_inner(logits)
+            block_t, block_e = _blocks(e)
+            kern.topk_gating_fwd_kernel[(triton_cdiv(t, block_t),)](
+                logits_c, expert_bias if expert_bias is not None else scores, scores, weights, ids,
+                t, e, logits_c.stride(0), float(scaling_factor),
+                K=top_k, SCORING=scoring_id, NORMALIZE=bool(normalize), HAS_BIAS=expert_bias is not None,
+                N_GROUPS=n_groups, TOPK_GROUPS=topk_groups, GROUP_SIZE=e // n_groups,
+                BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), BLOCK_G=_next_pow2(n_groups),
+                num_warps=4,
+            )
+        ctx.save_for_backward(scores, ids)
+        ctx.mark_non_differentiable(ids)
+        ctx.set_materialize_grads(False)
+        ctx.cfg = (top_k, scoring_id, bool(normalize), float(scaling_factor))
+        return weights, ids, scores
+
+    @staticmethod
+    def backward(ctx, d_weights, _d_ids, d_scores):
+        from ..kernels import gating as kern
+
+        scores, ids = ctx.saved_tensors
+        top_k, scoring_id, normalize, scaling_factor = ctx.cfg
+        if d_weights is None and d_scores is None:
+            return (None,) * 8
+        t, e = scores.shape
+        d_logits = torch.empty_like(scores)
+        if t > 0:
+            dw = _unit_inner(d_weights.float()) if d_weights is not None else None
+            ds = _unit_inner(d_scores.float()) if d_scores is not None else None
+            block_t, block_e = _blocks(e)
+            kern.topk_gating_bwd_kernel[(triton_cdiv(t, block_t),)](
+                scores, ids, dw if dw is not None else scores, ds if ds is not None else scores, d_logits,
+                t, e, dw.stride(0) if dw is not None else 0, ds.stride(0) if ds is not None else 0,
+                scaling_factor,
+                K=top_k, SCORING=scoring_id, NORMALIZE=normalize, HAS_DW=dw is not None, HAS_DS=ds is not None,
+                BLOCK_T=block_t, BLOCK_E=block_e,
+                num_warps=4,
+            )
+        return (d_logits,) + (None,) * 7
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def topk_gating(
     logits: torch.Tensor,
     top_k: int,
@@ -47,15 +134,35 @@ def topk_gating(
     topk_groups: Optional[int] = None,
     backend: str = "auto",
 ) -> GatingOutput:
-    """Differentiable top-k gating of logits [T, E]; see reference.topk_gating for the semantics."""
+    """Differentiable top-k gating of logits [T, E]; see reference.topk_gating for the semantics.
+
+    backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton". fp64 logits
+    always take the torch path, which keeps fp64 end to end (gradcheck); the kernels compute in fp32.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     check_gating_args(logits.shape[1], top_k, n_groups, topk_groups, scoring)
-    if expert_bias is not None and expert_bias.shape != (logits.shape[1],):
-        raise ValueError(f"expert_bias must be [E={logits.shape[1]}], got {tuple(expert_bias.shape)}")
-    return reference.topk_gating(
-        logits, top_k, scoring=scoring, normalize=normalize, scaling_factor=scaling_factor,
-        expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
+    if expert_bias is not None:
+        if expert_bias.shape != (logits.shape[1],):
+            raise ValueError(f"expert_bias must be [E={logits.shape[1]}], got {tuple(expert_bias.shape)}")
+        if expert_bias.device != logits.device:
+            raise ValueError(f"expert_bias is on {expert_bias.device} but logits are on {logits.device}")
+    use_triton = resolve(backend, logits.device) == "triton" and logits.dtype != torch.float64
+    if not use_triton:
+        return reference.topk_gating(
+            logits, top_k, scoring=scoring, normalize=normalize, scaling_factor=scaling_factor,
+            expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
+        )
+    logits32 = logits.to(torch.float32)
+    bias32 = None if expert_bias is None else expert_bias.detach().to(torch.float32).contiguous()
+    topk_groups = n_groups if topk_groups is None else topk_groups
+    weights, ids, scores = _TopKGatingFn.apply(
+        logits32, bias32, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups,
     )
+    return GatingOutput(weights=weights, ids=ids, scores=scores, logits=logits32)
