@@ -1,8 +1,17 @@
 """Token permutation into expert order and the weighted combine back.
 
     x [T, H] --permute(plan)--> x_sorted [T*k, H]  (row r = token sorted_slots[r] // k)
-    y_sorted [T*k, H] --unpermute(plan, weights [T, k])--> out [T, H]
-        out[t] = sum_j weights[t, j] * y_sorted[slot_rows[t*k + j]]   (k reads, no atomics)
+    y_sorted [T*k, H] --unpermute(plan, weights [T, k])--> out [T, H] in y_sorted's dtype
+        out[t] = sum_j weights[t, j] * y_sorted[slot_rows[t*k + j]]   (k reads, fp32 sums, no atomics)
+
+Backward (Triton path, kernels/permute.py), still no atomics and deterministic:
+    permute:   dx[t] = sum_j dx_sorted[slot_rows[t*k + j]]          (the combine kernel with w = 1)
+    unpermute: dy_sorted[slot_rows[t*k + j]] = weights[t, j] * dout[t] (one writer per row)
+               d(weights)[t, j] = <dout[t], y_sorted[slot_rows[t*k + j]]> in fp32, cast to weights' dtype
+
+Backend "triton" (CUDA tensors under "auto", or CPU tensors under TRITON_INTERPRET=1) runs the
+kernels; "torch" runs reference.permute / reference.unpermute, the contract. fp64 tensors always
+take the torch path so that gradcheck keeps fp64 sums.
 """
 
 from __future__ import annotations
@@ -10,22 +19,178 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..backend import resolve
 from ..types import RoutingPlan
+
+# Elements of one program's [rows, BLOCK_H] tile: 32 per thread at 4 warps, enough loads in
+# flight per thread to saturate HBM on a gather without spilling the fp32 accumulator.
+_TILE_ELEMS = 4096
+# Widest H chunk: 512 fp32 = 2 KiB per row, 16-byte vector loads across 128 threads in one pass.
+_MAX_BLOCK_H = 512
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _blocks(h: int) -> tuple[int, int]:
+    """(rows per program, BLOCK_H) for a row width h."""
+    block_h = min(_MAX_BLOCK_H, _next_pow2(h))
+    return max(1, _TILE_ELEMS // block_h), block_h
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """t with a unit column stride (the kernels take a row stride only, which may be 0)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    return resolve(backend, t.device) == "triton" and t.dtype != torch.float64
+
+
+def _combine(y: torch.Tensor, slot_rows: torch.Tensor, weights, num_tokens: int, top_k: int, out_dtype) -> torch.Tensor:
+    """out[t] = sum_j (weights[t, j] or 1) * y[slot_rows[t*k + j]], fp32 sums, out_dtype [T, H]."""
+    from ..kernels import permute as kern  # lazy: importing triton is deferred to first launch
+
+    h = y.shape[1]
+    out = torch.empty((num_tokens, h), dtype=out_dtype, device=y.device)
+    if num_tokens == 0 or h == 0:
+        return out
+    y = _unit_inner(y)
+    if weights is not None:
+        weights = _unit_inner(weights)
+    block_t, block_h = _blocks(h)
+    kern.combine_kernel[(_cdiv(num_tokens, block_t),)](
+        y, slot_rows, weights if weights is not None else y, out,
+        num_tokens, h, y.stride(0), weights.stride(0) if weights is not None else 0,
+        K=top_k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
+
+
+class _PermuteFn(torch.autograd.Function):
+    """x [T, H] -> x_sorted [T*k, H] gathered by sorted_slots // k; backward sums each token's k rows."""
+
+    @staticmethod
+    def forward(ctx, x, sorted_slots, slot_rows, top_k):
+        from ..kernels import permute as kern
+
+        t, h = x.shape
+        n = sorted_slots.numel()
+        out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+        if n > 0 and h > 0:
+            x_c = _unit_inner(x)
+            block_r, block_h = _blocks(h)
+            kern.permute_gather_kernel[(_cdiv(n, block_r),)](
+                x_c, sorted_slots, out, n, h, x_c.stride(0),
+                K=top_k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+            )
+        ctx.save_for_backward(slot_rows)
+        ctx.top_k, ctx.num_tokens, ctx.x_dtype = top_k, t, x.dtype
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_sorted):
+        if d_sorted is None:
+            return None, None, None, None
+        (slot_rows,) = ctx.saved_tensors
+        dx = _combine(d_sorted, slot_rows, None, ctx.num_tokens, ctx.top_k, ctx.x_dtype)
+        return dx, None, None, None
+
+
+class _UnpermuteFn(torch.autograd.Function):
+    """(y_sorted [T*k, H], weights [T, k]) -> out [T, H] = per-token weighted sum of its k rows."""
+
+    @staticmethod
+    def forward(ctx, y_sorted, slot_rows, weights):
+        t, k = weights.shape
+        out = _combine(y_sorted, slot_rows, weights, t, k, y_sorted.dtype)
+        # y is kept only when d(weights) will be asked for (it is the expert output: big).
+        ctx.save_for_backward(y_sorted if ctx.needs_input_grad[2] else None, slot_rows, weights)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        if d_out is None:
+            return None, None, None
+        from ..kernels import permute as kern
+
+        y_sorted, slot_rows, weights = ctx.saved_tensors
+        need_dy, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        t, k = weights.shape
+        n, h = slot_rows.numel(), d_out.shape[1]
+        dy = torch.empty((n, h), dtype=d_out.dtype, device=d_out.device) if need_dy else None
+        dw = torch.zeros((t, k), dtype=torch.float32, device=d_out.device) if need_dw else None
+        if t > 0 and h > 0 and (need_dy or need_dw):
+            d_out = _unit_inner(d_out)
+            w = _unit_inner(weights)
+            y = _unit_inner(y_sorted) if need_dw else None
+            block_t, block_h = _blocks(h)
+            kern.combine_bwd_kernel[(_cdiv(t, block_t),)](
+                d_out, y if y is not None else d_out, slot_rows, w,
+                dy if dy is not None else d_out, dw if dw is not None else w,
+                t, h, d_out.stride(0), y.stride(0) if y is not None else 0, w.stride(0),
+                K=k, HAS_DY=need_dy, HAS_DW=need_dw, BLOCK_T=block_t, BLOCK_H=block_h,
+                BLOCK_K=_next_pow2(k), num_warps=4,
+            )
+        if dw is not None and dw.dtype != weights.dtype:
+            dw = dw.to(weights.dtype)
+        return dy, None, dw
+
+
+def _check_plan(plan: RoutingPlan, argument: str = "plan") -> None:
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"{argument} must be a RoutingPlan (from ops.build_routing), got {type(plan).__name__}")
 
 
 def permute(x: torch.Tensor, plan: RoutingPlan, top_k: int, *, backend: str = "auto") -> torch.Tensor:
-    """Gather the rows of x [T, H] into expert-sorted order [T*k, H]."""
+    """Gather the rows of x [T, H] into expert-sorted order [T*k, H] (differentiable in x)."""
+    _check_plan(plan)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 2 or x.shape[0] * top_k != plan.sorted_slots.numel():
         raise ValueError(
             f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}"
         )
-    return reference.permute(x, plan, top_k)
+    if plan.sorted_slots.device != x.device:
+        raise ValueError(f"plan is on {plan.sorted_slots.device} but x is on {x.device}")
+    if not _use_triton(backend, x):
+        return reference.permute(x, plan, top_k)
+    return _PermuteFn.apply(x, _index32(plan.sorted_slots), _index32(plan.slot_rows), top_k)
 
 
 def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Weighted combine of expert rows [T*k, H] back to tokens [T, H] with weights [T, k]."""
+    """Weighted combine of expert rows [T*k, H] back to tokens [T, H] with weights [T, k].
+
+    Differentiable in y_sorted and weights; the output has y_sorted's dtype, sums run in fp32.
+    """
+    _check_plan(plan)
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating torch.Tensor, got {getattr(weights, 'dtype', type(weights).__name__)}")
+    if not isinstance(y_sorted, torch.Tensor) or not y_sorted.is_floating_point():
+        raise TypeError(f"y_sorted must be a floating torch.Tensor, got {getattr(y_sorted, 'dtype', type(y_sorted).__name__)}")
     if weights.dim() != 2 or weights.numel() != plan.slot_rows.numel():
         raise ValueError(f"weights must be [T, k] with T*k = {plan.slot_rows.numel()}, got {tuple(weights.shape)}")
     if y_sorted.dim() != 2 or y_sorted.shape[0] != weights.numel():
         raise ValueError(f"y_sorted must be [T*k={weights.numel()}, H], got {tuple(y_sorted.shape)}")
-    return reference.unpermute(y_sorted, plan, weights)
+    if weights.device != y_sorted.device or plan.slot_rows.device != y_sorted.device:
+        raise ValueError(
+            f"y_sorted ({y_sorted.device}), weights ({weights.device}) and plan ({plan.slot_rows.device}) "
+            "must be on one device"
+        )
+    if not _use_triton(backend, y_sorted) or weights.dtype == torch.float64:
+        return reference.unpermute(y_sorted, plan, weights)
+    return _UnpermuteFn.apply(y_sorted, _index32(plan.slot_rows), weights)
+
+
+def _index32(idx: torch.Tensor) -> torch.Tensor:
+    """Plan indices as contiguous int32 (what build_routing gives; a cast only for hand-made plans)."""
+    if idx.dtype != torch.int32:
+        idx = idx.to(torch.int32)
+    return idx.contiguous()
