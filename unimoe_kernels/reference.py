@@ -212,14 +212,15 @@ def permute(x: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
 def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * y_sorted[slot_rows[t*k + j]], in y_sorted's dtype.
 
-    The k rows of a token are gathered and reduced with one batched dot, accumulating in at least
-    fp32, so the result is deterministic and needs no atomics.
+    The k rows of a token are gathered and reduced together, accumulating in at least fp32, so the
+    result is deterministic and needs no atomics.
     """
     t, k = weights.shape
     h = y_sorted.shape[-1]
     acc = compute_dtype(y_sorted.dtype)
     gathered = y_sorted.index_select(0, plan.slot_rows.to(torch.int64)).view(t, k, h)
-    out = torch.bmm(weights.to(acc).unsqueeze(1), gathered.to(acc)).squeeze(1)
+    # A broadcast multiply-and-sum, not bmm: CPU bmm loops over T tiny [1, k] x [k, H] products.
+    out = (gathered.to(acc) * weights.to(acc).unsqueeze(-1)).sum(1)
     return out.to(y_sorted.dtype)
 
 
@@ -294,10 +295,11 @@ def grouped_mlp(
     only, as in PEFT. Reads the counts on the host once (this is the CPU path).
     """
     n, h = x_sorted.shape
-    if lora is None:
-        a_gu = b_gu = a_d = b_d = None
-    else:
-        a_gu, b_gu, a_d, b_d = lora
+    # Unbind once: indexing a parameter per expert would make autograd allocate and zero-fill a
+    # full [E, ...] gradient for every expert in backward.
+    w_gu, w_d = gate_up_proj.unbind(0), down_proj.unbind(0)
+    none = (None,) * len(w_gu)
+    a_gu, b_gu, a_d, b_d = (none,) * 4 if lora is None else (t.unbind(0) for t in lora)
     counts = tokens_per_expert.tolist()
     outs = []
     start = 0
@@ -306,17 +308,9 @@ def grouped_mlp(
             continue
         xe = x_sorted[start : start + rows]
         start += rows
-        hid = _linear_lora(
-            xe, gate_up_proj[e], None if a_gu is None else a_gu[e], None if b_gu is None else b_gu[e],
-            lora_scale, lora_dropout, training,
-        )
+        hid = _linear_lora(xe, w_gu[e], a_gu[e], b_gu[e], lora_scale, lora_dropout, training)
         hid = apply_activation(hid, activation)
-        outs.append(
-            _linear_lora(
-                hid, down_proj[e], None if a_d is None else a_d[e], None if b_d is None else b_d[e],
-                lora_scale, lora_dropout, training,
-            )
-        )
+        outs.append(_linear_lora(hid, w_d[e], a_d[e], b_d[e], lora_scale, lora_dropout, training))
     if not outs:
         return x_sorted.new_zeros((n, h))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
