@@ -28,7 +28,7 @@ SIGMOID = 1
 
 # Floor of the renormalisation denominator, the same value as reference.topk_gating, so an all-zero
 # row of sigmoid scores stays finite and the clamp's gradient mask matches.
-NORM_FLOOR = 1e-20
+NORM_FLOOR = tl.constexpr(1e-20)
 
 
 @triton.jit

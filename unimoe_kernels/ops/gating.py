@@ -53,6 +53,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:
     """t with a unit column stride (the kernels take a row stride only)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -116,10 +120,6 @@ class _TopKGatingFn(torch.autograd.Function):
                 num_warps=4,
             )
         return (d_logits,) + (None,) * 7
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def topk_gating(
