@@ -1,0 +1,1 @@
+"""The main job's subcommands (`python -m unimoe_kernels ...`), one module each."""

@@ -1,0 +1,148 @@
+"""`python -m unimoe_kernels bench`: SparseMoE forward+backward side by side with the naive loop
+over experts (Mixtral / Uni-MoE v1 reference code) and a dense SwiGLU chain of the same FLOPs.
+
+    build SparseMoE -> check every provider's output against SparseMoE's (a fast wrong provider
+    fails) -> rounds of (each provider once, interleaved so machine noise hits all alike)
+    -> table: median / best time, GFLOP/s, ratio to the dense chain and to the naive loop
+
+The dense chain is the roofline on any device: an MoE does the same GEMM FLOPs as a dense MLP on
+T*k rows, so `vs dense` near 1.0 means routing, permutation and combine cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .. import baselines
+from ..modules import SparseMoE
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # The default is the shape issue 2 sets the CPU efficiency goal at (a few seconds on 2 cores).
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--activation", default="swiglu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds; each runs every provider once")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    t, h, f, e, k = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
+    moe = SparseMoE(h, f, e, k, activation=args.activation, lora_rank=args.lora_rank, device=device, dtype=dtype).train()
+    if args.lora_rank:
+        with torch.no_grad():  # nonzero B so the LoRA path does real work in the correctness check
+            moe.experts.lora_B_gate_up.normal_(0, 0.02)
+            moe.experts.lora_B_down.normal_(0, 0.02)
+    x = torch.randn(t, h, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(t, h, device=device, dtype=dtype)
+    # The dense chain gets its own weights of the MoE's per-expert shape, trainable like the base.
+    base_trainable = not moe.experts.base_frozen
+    w_gu = moe.experts.gate_up_proj[0].detach().clone().requires_grad_(base_trainable)
+    w_d = moe.experts.down_proj[0].detach().clone().requires_grad_(base_trainable)
+    x_rows = torch.randn(t * k, h, device=device, dtype=dtype, requires_grad=True)
+    dy_rows = torch.randn(t * k, h, device=device, dtype=dtype)
+    trainables = [p for p in moe.parameters() if p.requires_grad] + [x, w_gu, w_d, x_rows]
+
+    def fwd_bwd(out: torch.Tensor, grad: torch.Tensor) -> None:
+        for p in trainables:
+            p.grad = None
+        out.backward(grad)
+
+    providers = {
+        "unimoe": lambda: fwd_bwd(moe(x), dy),
+        "naive_loop": lambda: fwd_bwd(baselines.naive_loop_moe(moe, x), dy),
+        "dense_chain": lambda: fwd_bwd(baselines.dense_mlp(x_rows, w_gu, w_d, args.activation), dy_rows),
+    }
+
+    with torch.no_grad():
+        ours, naive = moe(x), baselines.naive_loop_moe(moe, x)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, naive, rtol=tol, atol=tol, msg="SparseMoE and the naive loop disagree")
+
+    for fn in providers.values():  # warm-up: allocator, Triton compilation and autotuning
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    rounds = range(args.rounds)
+    try:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="bench rounds", unit="round")
+    except ImportError:
+        pass
+    for _ in rounds:
+        for name, fn in providers.items():
+            times[name].append(_timed(fn, device))
+
+    flop = baselines.flops(t, k, h, f, args.activation, args.lora_rank, backward=True, base_trainable=base_trainable).total
+    med = {n: statistics.median(v) for n, v in times.items()}
+    rows = [
+        {
+            "provider": n,
+            "median_ms": med[n] * 1e3,
+            "best_ms": min(v) * 1e3,
+            "gflops": flop / med[n] / 1e9,
+            "vs_dense": med[n] / med["dense_chain"],
+            "vs_naive_loop": med[n] / med["naive_loop"],
+        }
+        for n, v in times.items()
+    ]
+    result = {
+        "shape": dict(tokens=t, hidden=h, ffn=f, experts=e, top_k=k, lora_rank=args.lora_rank, activation=args.activation),
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "flops_fwd_bwd": flop,
+        "rows": rows,
+    }
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    s = result["shape"]
+    lines = [
+        f"SparseMoE forward+backward, T={s['tokens']} H={s['hidden']} F={s['ffn']} E={s['experts']} k={s['top_k']} "
+        f"r={s['lora_rank']} {s['activation']} {result['dtype']} on {result['device']}",
+        f"{'provider':<12} {'median ms':>10} {'best ms':>9} {'GFLOP/s':>9} {'vs dense':>9} {'vs naive':>9}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['provider']:<12} {r['median_ms']:>10.2f} {r['best_ms']:>9.2f} {r['gflops']:>9.1f} "
+            f"{r['vs_dense']:>8.2f}x {r['vs_naive_loop']:>8.2f}x"
+        )
+    return "\n".join(lines)
