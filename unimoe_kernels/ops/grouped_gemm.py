@@ -246,7 +246,7 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
     z = x.new_empty((n, w_gu.shape[1]))
     hid = x.new_empty((n, fdim))
     y = x.new_empty((n, hdim))
-    xa = ha = _empty(x)
+    xa, ha = _empty(x), _empty(x)  # distinct: a custom op's outputs may not alias each other
     lora1 = lora2 = None
     if has_lora:
         r = a_gu.shape[1]
@@ -277,8 +277,8 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
     has_lora = a_gu is not None
     tiles = (offsets, tile_expert, tile_row_start)
     dy = dy.contiguous()
-    empty = _empty(x)
-    dx = dw_gu = dw_d = da_gu = db_gu = da_d = db_d = empty
+    # Distinct empty tensors: a custom op's outputs may not alias each other.
+    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
 
     lora2 = None
     if has_lora:

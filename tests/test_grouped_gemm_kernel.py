@@ -1,0 +1,331 @@
+"""Triton grouped LoRA-expert MLP (ops/grouped_gemm.py) against reference.grouped_mlp.
+
+The oracle is reference.grouped_mlp run in fp64 on the same (upcast) inputs. fp32 must match it to
+a tight tolerance; fp16 and bf16 follow flash-attention's rule: the kernel's error against the fp64
+oracle may be at most twice the error of torch's own same-dtype reference path, plus a small floor.
+Without CUDA the kernels run in the Triton interpreter, so shapes are tiny; bigger shapes, bf16 and
+TF32 run only on a GPU (@pytest.mark.gpu).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unimoe_kernels import SparseMoE, reference
+from unimoe_kernels.ops import grouped_gemm as gg
+from unimoe_kernels.ops.grouped_gemm import grouped_mlp
+
+ACTS = reference.ACTIVATIONS
+HAS_CUDA = torch.cuda.is_available()
+
+
+def make_case(counts, h, f, r, activation, dtype, device, *, lora=True, train_base=False, seed=0):
+    """Inputs with unit-scale activations: x ~ N(0, 1), weights ~ N(0, 1/fan_in), LoRA B non-zero
+    (a zero B, PEFT's init, would hide every error in the LoRA forward path)."""
+    g = torch.Generator().manual_seed(seed)
+    e = len(counts)
+    n = sum(counts)
+    f_in = 2 * f if reference.is_glu(activation) else f
+
+    def rnd(*shape, fan_in=1):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) / fan_in**0.5).to(device=device, dtype=dtype)
+
+    case = {
+        "x": rnd(n, h),
+        "counts": torch.tensor(counts, dtype=torch.int32, device=device),
+        "w_gu": rnd(e, f_in, h, fan_in=h).requires_grad_(train_base),
+        "w_d": rnd(e, h, f, fan_in=f).requires_grad_(train_base),
+        "lora": None,
+    }
+    case["x"].requires_grad_(True)
+    if lora:
+        case["lora"] = reference.LoRAWeights(
+            rnd(e, r, h, fan_in=h).requires_grad_(), rnd(e, f_in, r, fan_in=r).requires_grad_(),
+            rnd(e, r, f, fan_in=f).requires_grad_(), rnd(e, h, r, fan_in=r).requires_grad_(),
+        )
+    return case
+
+
+def leaves(case):
+    ts = [case["x"], case["w_gu"], case["w_d"]] + (list(case["lora"]) if case["lora"] is not None else [])
+    return ts
+
+
+def run(case, activation, scale, *, backend, cast=None, **kw):
+    """(y, grads of every leaf requiring grad) of grouped_mlp; `cast` runs it on copies in that dtype."""
+    ls = leaves(case)
+    if cast is not None:
+        ls = [t.detach().to(cast).requires_grad_(t.requires_grad) for t in ls]
+    x, w_gu, w_d, *lo = ls
+    lora = reference.LoRAWeights(*lo) if lo else None
+    fn = reference.grouped_mlp if backend == "reference" else grouped_mlp
+    kwargs = dict(lora=lora, lora_scale=scale, **kw)
+    if backend != "reference":
+        kwargs["backend"] = backend
+    y = fn(x, case["counts"], w_gu, w_d, activation, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    need = [t for t in ls if t.requires_grad]
+    if y.requires_grad:
+        grads = torch.autograd.grad(y, need, dy, allow_unused=True)
+    else:  # empty batch on the reference path: nothing depends on the inputs
+        grads = [None] * len(need)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(need, grads)]
+    return y, grads
+
+
+def amax(t):
+    """Largest magnitude, 0 for an empty tensor."""
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def assert_matches(case, activation, scale=2.0, **kw):
+    """Triton (case's dtype) vs the fp64 oracle, forward and every gradient."""
+    dtype = case["x"].dtype
+    y, grads = run(case, activation, scale, backend="triton", **kw)
+    y64, grads64 = run(case, activation, scale, backend="reference", cast=torch.float64, **kw)
+    need_names = ["dx"] + (["dW_gu", "dW_d"] if case["w_gu"].requires_grad else [])
+    need_names += ["dA_gu", "dB_gu", "dA_d", "dB_d"] if case["lora"] is not None else []
+    assert len(grads) == len(need_names)
+    outs = [("y", y, y64)] + list(zip(need_names, grads, grads64))
+    if dtype == torch.float32:
+        for name, got, want in outs:
+            assert got.dtype == dtype and got.shape == want.shape, name
+            tol = 2e-5 * (1.0 + amax(want))
+            err = amax(got.double() - want)
+            assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+    else:
+        # torch's own same-dtype path sets the tolerance (flash-attention's rule).
+        y16, grads16 = run(case, activation, scale, backend="reference", cast=dtype, **kw)
+        base = [y16] + list(grads16)
+        for (name, got, want), ref in zip(outs, base):
+            assert got.dtype == dtype and got.shape == want.shape, name
+            if not got.numel():
+                continue
+            err = (got.double() - want).abs().max().item()
+            ref_err = (ref.double() - want).abs().max().item()
+            floor = 1e-3 * (1.0 + want.abs().max().item())  # fp16 ulp at unit scale
+            assert err <= 2 * ref_err + floor, f"{name}: max error {err:.3g}, torch {dtype} error {ref_err:.3g}"
+
+
+# Default shape: E=3 experts, one of them empty, H=40 and F=24 not multiples of the block, r=4.
+COUNTS = [7, 0, 13]
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("lora,train_base", [(True, False), (True, True), (False, True)])
+def test_fp32_matches_reference(activation, lora, train_base, device):
+    case = make_case(COUNTS, 40, 24, 4, activation, torch.float32, device, lora=lora, train_base=train_base)
+    assert_matches(case, activation)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_fp16_lora_frozen_base(activation, device):
+    case = make_case(COUNTS, 40, 24, 4, activation, torch.float16, device)
+    assert_matches(case, activation)
+
+
+def test_fp16_trainable_base_with_lora(device):
+    case = make_case(COUNTS, 40, 24, 4, "swiglu", torch.float16, device, train_base=True)
+    assert_matches(case, "swiglu")
+
+
+@pytest.mark.parametrize(
+    "counts,h,f,r",
+    [
+        ([70, 0, 0, 0, 0], 16, 16, 8),  # all rows in one expert, more rows than BLOCK_M (2 tiles)
+        ([0, 0, 0], 16, 16, 4),  # empty batch N=0: every tile unused, weight grads are zeros
+        ([0, 1, 0], 16, 16, 4),  # a single row (N=1)
+        ([3, 1, 0, 5, 2, 0, 4], 97, 24, 8),  # prime E=7, odd H=97: a masked K tail in every block size
+        ([65, 1], 20, 136, 3),  # F=136 > BLOCK_N (two column tiles), odd rank, tile ending 1 row past BLOCK_M
+    ],
+)
+def test_edge_shapes(counts, h, f, r, device):
+    case = make_case(counts, h, f, r, "swiglu", torch.float32, device, train_base=True)
+    assert_matches(case, "swiglu")
+
+
+def test_rank_one_lora_and_scale_zero(device):
+    # rank 1 (BLOCK_R pads to 16) and lora_scale 0: the LoRA term must vanish, but B's gradient too.
+    case = make_case([4, 5], 16, 16, 1, "silu", torch.float32, device)
+    assert_matches(case, "silu", scale=0.0)
+
+
+def test_plan_and_int64_counts_give_the_same_result(device):
+    """The plan's tile map, a tile map built from int64 counts and the default path agree exactly."""
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2], [4, 0], [2, 4], [0, 2]], device=device)
+    plan = reference.build_routing(ids, 5, block_m=gg.BLOCK_M)
+    n = ids.numel()
+    case = make_case(plan.tokens_per_expert.tolist(), 24, 16, 4, "swiglu", torch.float32, device)
+    x, w_gu, w_d, lora = case["x"].detach(), case["w_gu"].detach(), case["w_d"].detach(), case["lora"]
+    y0 = grouped_mlp(x, plan.tokens_per_expert, w_gu, w_d, lora=lora, backend="triton")
+    y1 = grouped_mlp(x, plan.tokens_per_expert.long(), w_gu, w_d, lora=lora, backend="triton", plan=plan)
+    y2 = grouped_mlp(x, plan.tokens_per_expert.long(), w_gu, w_d, lora=lora, backend="triton")
+    assert y0.shape == (n, 24)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(y2, y0, rtol=0, atol=0)
+    # A plan built for another tile height is not used as is; the result must not change.
+    plan16 = reference.build_routing(ids, 5, block_m=16)
+    torch.testing.assert_close(grouped_mlp(x, plan.tokens_per_expert, w_gu, w_d, lora=lora, backend="triton",
+                                           plan=plan16), y0, rtol=0, atol=0)
+
+
+def test_tile_map_matches_build_routing(device):
+    ids = torch.tensor([[3, 0], [3, 3], [1, 3]] * 30, device=device)  # expert 3 spans two tiles
+    plan = reference.build_routing(ids, 5, block_m=gg.BLOCK_M)
+    offsets, tile_expert, tile_row_start = gg.tile_map(plan.tokens_per_expert, ids.numel())
+    assert torch.equal(offsets.to(torch.int32), plan.expert_offsets)
+    assert torch.equal(tile_expert, plan.tile_expert)
+    assert torch.equal(tile_row_start.to(torch.int32), plan.tile_row_start)
+
+
+def test_non_contiguous_inputs(device):
+    # x_sorted as a column slice and weights as transposed views: the kernels read through strides.
+    case = make_case([5, 6], 16, 16, 4, "gelu", torch.float32, device, train_base=True)
+    x = case["x"].detach()
+    wide = torch.zeros(x.shape[0], 40, device=device)
+    wide[:, 3:19] = x
+    x_nc = wide[:, 3:19].requires_grad_()
+    w_d_t = case["w_d"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not x_nc.is_contiguous() and not w_d_t.is_contiguous()
+    y = grouped_mlp(x_nc, case["counts"], case["w_gu"], w_d_t, "gelu", lora=case["lora"], backend="triton")
+    y_ref = reference.grouped_mlp(x, case["counts"], case["w_gu"], case["w_d"], "gelu", lora=case["lora"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    dx, dwd = x_nc.grad, w_d_t.grad
+    xr = x.clone().requires_grad_()
+    wdr = case["w_d"].detach().clone().requires_grad_()
+    reference.grouped_mlp(xr, case["counts"], case["w_gu"], wdr, "gelu", lora=case["lora"]).sum().backward()
+    torch.testing.assert_close(dx, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dwd, wdr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_base_gets_no_gradient_and_lora_does(device):
+    case = make_case([6, 3], 16, 16, 4, "swiglu", torch.float32, device)
+    y = grouped_mlp(case["x"], case["counts"], case["w_gu"], case["w_d"], lora=case["lora"], backend="triton")
+    y.square().sum().backward()
+    assert case["w_gu"].grad is None and case["w_d"].grad is None
+    for t in case["lora"]:
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_lora_dropout_in_training_falls_back_to_reference(device):
+    case = make_case([6, 3], 16, 16, 4, "swiglu", torch.float32, device)
+    args = (case["x"], case["counts"], case["w_gu"], case["w_d"])
+    torch.manual_seed(5)
+    y = grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=True, backend="triton")
+    torch.manual_seed(5)
+    y_ref = reference.grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=True)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    # Outside training dropout is the identity, so the fused path runs and still matches.
+    y_eval = grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=False, backend="triton")
+    torch.testing.assert_close(y_eval, reference.grouped_mlp(*args, lora=case["lora"]), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises(device):
+    case = make_case([2, 2], 16, 16, 4, "swiglu", torch.float32, device)
+    x, c, w_gu, w_d, lora = case["x"], case["counts"], case["w_gu"], case["w_d"], case["lora"]
+    with pytest.raises(ValueError, match="x_sorted"):
+        grouped_mlp(x[:, :8], c, w_gu, w_d, backend="triton")
+    with pytest.raises(ValueError, match="down_proj"):
+        grouped_mlp(x, c, w_gu, w_d[:, :, :8], backend="triton")
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        grouped_mlp(x, c[:1], w_gu, w_d, backend="triton")
+    with pytest.raises(ValueError, match="activation"):
+        grouped_mlp(x, c, w_gu, w_d, "tanh", backend="triton")
+    with pytest.raises(ValueError, match="lora.b_down"):
+        grouped_mlp(x, c, w_gu, w_d, lora=lora._replace(b_down=lora.b_down[:, :8]), backend="triton")
+    with pytest.raises(TypeError, match="down_proj"):
+        grouped_mlp(x, c, w_gu, w_d.half(), backend="triton")
+
+
+def test_custom_op_opcheck(device):
+    case = make_case([3, 0, 2], 16, 16, 4, "swiglu", torch.float32, device, train_base=True)
+    offsets, tile_expert, tile_row_start = gg.tile_map(case["counts"], 5)
+    args = (case["x"], offsets, tile_expert, tile_row_start, case["w_gu"], case["w_d"], *case["lora"], "swiglu", 2.0)
+    # Schema, fake (meta) implementation and autograd registration; the fake-vs-real comparison
+    # is what torch.compile relies on.
+    torch.library.opcheck(gg.grouped_mlp_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile traces the op without graph breaks, forward and backward (aot_eager: no C++
+    compiler needed on CPU; the kernels themselves stay opaque custom ops)."""
+    case = make_case([4, 0, 3], 16, 16, 4, "swiglu", torch.float32, device)
+
+    def fn(x, counts, w_gu, w_d, *lo):
+        return grouped_mlp(x, counts, w_gu, w_d, lora=reference.LoRAWeights(*lo), lora_scale=2.0, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    args = (case["x"], case["counts"], case["w_gu"], case["w_d"], *case["lora"])
+    y = compiled(*args)
+    grads = torch.autograd.grad(y.square().sum(), [case["x"], *case["lora"]])
+    y_ref = fn(*args)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [case["x"], *case["lora"]])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_sparse_moe_triton_equals_torch(lora_rank, device):
+    """The whole layer, forward and backward, whichever path the router and permute kernels take."""
+    torch.manual_seed(0)
+    kw = dict(hidden_size=24, ffn_hidden_size=16, num_experts=5, top_k=2, lora_rank=lora_rank, lora_alpha=8,
+              device=device, dtype=torch.float32)
+    moe_t = SparseMoE(**kw, backend="triton")
+    moe_r = SparseMoE(**kw, backend="torch")
+    if lora_rank:
+        with torch.no_grad():  # a non-zero B so the LoRA path is exercised
+            moe_t.experts.lora_B_gate_up.normal_(0, 0.3)
+            moe_t.experts.lora_B_down.normal_(0, 0.3)
+    moe_r.load_state_dict(moe_t.state_dict())
+    x = torch.randn(3, 5, 24, device=device)
+    x_t, x_r = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_t, y_r = moe_t(x_t), moe_r(x_r)
+    torch.testing.assert_close(y_t, y_r, rtol=2e-5, atol=2e-5)
+    dy = torch.randn_like(y_t)
+    y_t.backward(dy)
+    y_r.backward(dy)
+    torch.testing.assert_close(x_t.grad, x_r.grad, rtol=2e-5, atol=2e-5)
+    for (name, p_t), p_r in zip(moe_t.named_parameters(), moe_r.parameters()):
+        assert (p_t.grad is None) == (p_r.grad is None), name
+        if p_t.grad is not None:
+            torch.testing.assert_close(p_t.grad, p_r.grad, rtol=2e-5, atol=2e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: bf16 (the interpreter does not support it), TF32, realistic tile counts, autotuning.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_precision(activation, dtype):
+    # Uneven experts incl. an empty one; H and F not multiples of 64 or 128.
+    case = make_case([300, 0, 37, 129, 1000, 64, 1, 200], 4 * 97, 200, 8, activation, dtype, "cuda", train_base=True)
+    assert_matches(case, activation)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_tf32():
+    case = make_case([300, 0, 37, 129, 500], 256, 192, 8, "swiglu", torch.float32, "cuda", train_base=True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert_matches(case, "swiglu")  # ieee dot: fp32 accuracy
+        torch.backends.cuda.matmul.allow_tf32 = True
+        y, _ = run(case, "swiglu", 2.0, backend="triton")
+        y64, _ = run(case, "swiglu", 2.0, backend="reference", cast=torch.float64)
+        # TF32 keeps 10 mantissa bits: relative error about 1e-3 at unit-scale outputs.
+        assert (y.double() - y64).abs().max().item() <= 1e-2 * (1 + y64.abs().max().item())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_gpu_all_rows_one_expert_many_tiles():
+    case = make_case([0, 5000, 0], 512, 256, 16, "swiglu", torch.bfloat16, "cuda")
+    assert_matches(case, "swiglu")
