@@ -1,0 +1,161 @@
+"""Routing plan: from the top-k expert ids to the expert-sorted order and the grouped-GEMM tile map.
+
+Data flow (T tokens, k slots per token, N = T*k flat slots t*k + j, E experts):
+
+    ids [T, k] int  --build_routing-->  RoutingPlan (types.py), all int32:
+        tokens_per_expert [E]          histogram of the ids
+        expert_offsets    [E+1]        exclusive scan: expert e owns sorted rows off[e]..off[e+1]-1
+        sorted_slots      [N]          sorted row -> slot, stable (slots keep flat order per expert)
+        slot_rows         [N]          slot -> sorted row, the inverse permutation
+        tile_expert, tile_row_start [ceil(N/block_m) + E]   one entry per block_m-row GEMM tile,
+                                       -1 / N in the unused tail (the length is host-known, no sync)
+
+permute() gathers x rows through sorted_slots // k, grouped_mlp() walks the tile map, and
+unpermute() reads y_sorted through slot_rows.
+
+Implementations (`impl`):
+    "c"     the compiled extension unimoe_kernels._C: a stable O(N + E) counting sort on CPU
+            tensors, five sync-free kernels on the current stream for CUDA tensors. Exposed as
+            the custom op torch.ops.unimoe.routing_plan_c so torch.compile traces it.
+    "torch" reference.build_routing (torch.sort, bincount, searchsorted), the oracle.
+    "auto"  "c" when _C serves the tensor's device, else "torch".
+Both give identical plans for ids in [0, E). Ids outside that range are the caller's error: the
+CPU extension raises ValueError, the others cannot check without a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .. import _ext
+from ..reference import build_routing as _build_routing_torch
+from ..types import RoutingPlan
+
+_IMPLS = ("auto", "torch", "c")
+
+
+def _num_tiles(num_slots, num_experts: int, block_m: int):
+    # types.max_tiles written with + and // only, so it also works on SymInts under torch.compile.
+    return (num_slots + block_m - 1) // block_m + num_experts
+
+
+def _c_serves(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return _ext.has_c()
+    if device.type == "cuda":
+        return _ext.has_c_cuda()
+    return False
+
+
+@torch.library.custom_op("unimoe::routing_plan_c", mutates_args=())
+def routing_plan_c(
+    ids: torch.Tensor, num_experts: int, block_m: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoutingPlan fields (counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start)
+    computed by unimoe_kernels._C; arguments are validated by build_routing."""
+    C = _ext.C
+    if C is None:
+        raise RuntimeError("unimoe::routing_plan_c needs unimoe_kernels._C, which is not built")
+    flat = ids.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):  # _C reads int32 or int64 only
+        flat = flat.to(torch.int64)
+    flat = flat.contiguous()
+    n = flat.numel()
+    tiles = _num_tiles(n, num_experts, block_m)
+    dev = flat.device
+
+    def i32(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int32, device=dev)
+
+    counts, offsets = i32(num_experts), i32(num_experts + 1)
+    sorted_slots, slot_rows = i32(n), i32(n)
+    tile_expert, tile_row_start = i32(tiles), i32(tiles)
+    args = (
+        flat.data_ptr(), flat.dtype == torch.int64, n, num_experts, block_m, tiles,
+        counts.data_ptr(), offsets.data_ptr(), sorted_slots.data_ptr(), slot_rows.data_ptr(),
+        tile_expert.data_ptr(), tile_row_start.data_ptr(),
+    )
+    if dev.type == "cpu":
+        C.routing_plan_cpu(*args)
+    elif dev.type == "cuda":
+        if not C.has_cuda():
+            raise RuntimeError("unimoe_kernels._C was built without CUDA (no nvcc at build time)")
+        # _C launches on the current device of its own (static) CUDA runtime, which follows the
+        # thread's current context: make that ids' device.
+        with torch.cuda.device(dev):
+            # Allocated on the current stream, so the caching allocator only reuses it after
+            # the kernels queued below have run on that stream.
+            workspace = torch.empty(
+                C.routing_workspace_bytes(n, num_experts), dtype=torch.uint8, device=dev
+            )
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            C.routing_plan_cuda(*args, workspace.data_ptr(), workspace.numel(), stream)
+    else:
+        raise ValueError(f"ids: unimoe::routing_plan_c runs on cpu or cuda tensors, got {dev}")
+    return counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start
+
+
+@routing_plan_c.register_fake
+def _routing_plan_c_fake(ids, num_experts, block_m):
+    n = ids.numel()
+    tiles = _num_tiles(n, num_experts, block_m)
+
+    def i32(size) -> torch.Tensor:
+        return ids.new_empty((size,), dtype=torch.int32)
+
+    return i32(num_experts), i32(num_experts + 1), i32(n), i32(n), i32(tiles), i32(tiles)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def build_routing(
+    ids: torch.Tensor, num_experts: int, block_m: int = 64, *, impl: str = "auto"
+) -> RoutingPlan:
+    """Routing plan (types.RoutingPlan) of expert ids [T, k], tiled in block_m-row GEMM tiles.
+
+    ids: [T, k] integer tensor (int32 from the gating op; any integer dtype is accepted), values
+    in [0, num_experts). impl: "auto" | "c" | "torch" (see the module docstring). No host sync.
+    """
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be 2-D [tokens, top_k], got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must have an integer dtype (int32 or int64), got {ids.dtype}")
+    _check_int("num_experts", num_experts, 1)
+    _check_int("block_m", block_m, 1)
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+
+    if impl == "auto":
+        impl = "c" if _c_serves(ids.device) else "torch"
+    if impl == "torch":
+        return _build_routing_torch(ids, num_experts, block_m)
+
+    if ids.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"ids: impl='c' needs a cpu or cuda tensor, got device {ids.device}")
+    if not _c_serves(ids.device):
+        what = "is not built" if not _ext.has_c() else "was built without CUDA"
+        raise RuntimeError(f"impl='c' on {ids.device.type} tensors: unimoe_kernels._C {what}")
+    counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start = (
+        torch.ops.unimoe.routing_plan_c(ids, num_experts, block_m)
+    )
+    return RoutingPlan(
+        tokens_per_expert=counts,
+        expert_offsets=offsets,
+        sorted_slots=sorted_slots,
+        slot_rows=slot_rows,
+        tile_expert=tile_expert,
+        tile_row_start=tile_row_start,
+        block_m=block_m,
+    )
+
+
+__all__ = ["build_routing", "routing_plan_c"]
