@@ -1,0 +1,327 @@
+"""Patch Hugging Face transformers MoE models to run their experts on this package's kernels.
+
+Data flow of a patched MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, any transformers v5 block):
+
+    block(hidden_states)                          the host's own forward, unchanged
+      router_logits, top_k_weights, top_k_index = block.gate(x)      host router, unchanged: its
+                                                  softmax-then-top-k, norm_topk_prob, its logits
+                                                  (recorded for the host's aux loss) all stay
+      y = block.experts(x, top_k_index, top_k_weights)               <- swapped: PatchedExperts, a
+                                                  GroupedExperts holding the host's own
+                                                  gate_up_proj [E, 2F, H] / down_proj [E, H, F]
+                                                  nn.Parameter objects (no copy), plus optional
+                                                  LoRA lora_A_* / lora_B_* (base then frozen)
+      (+ shared expert with its sigmoid gate, Qwen2-MoE)             host code, unchanged
+
+Only the experts module is replaced, so the parameter names of the host's state dict (and what
+`save_pretrained` writes) are the host's, the router's logits and the block's return type are the
+host's, and a model this module does not know still works as long as its experts follow the v5
+experts interface: parameters gate_up_proj [E, 2F, H] (gate rows first) and down_proj [E, H, F],
+no bias, a SiLU or exact-GELU gate activation, called as experts(hidden_states, top_k_index,
+top_k_weights). Nothing here imports transformers: modules are recognised by that interface.
+
+`unpatch_moe(model, merge_lora=...)` puts the host's experts modules back (folding the LoRA delta
+into the base weights when asked), e.g. before `save_pretrained` of a merged model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend import check_backend
+from ..modules import GroupedExperts
+
+# Host experts attributes (set by transformers' @use_experts_implementation) whose non-default value
+# means a layout GroupedExperts does not hold: weights stored [E, H, 2F], gate/up interleaved, a bias,
+# no gate projection, or a norm after each expert.
+_LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
+                 "has_post_expert_norm": False}
+_EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")
+_LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
+
+
+def _activation_of(act_fn) -> Optional[str]:
+    """'swiglu' or 'geglu' when act_fn computes silu or exact (erf) gelu, else None.
+
+    Decided by evaluating it rather than by class name, so any module or function that computes the
+    same thing qualifies and a look-alike (gelu with the tanh approximation) does not.
+    """
+    if not callable(act_fn):
+        return None
+    # Points on both sides of 0 and in the tails, in fp64 so that the tanh approximation of gelu
+    # (off by up to ~1e-3) cannot pass for the exact form.
+    probe = torch.linspace(-6.0, 6.0, 49, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out = act_fn(probe)
+    except Exception:  # an activation that cannot run on a CPU fp64 tensor is not one we know
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return None
+    for name, ref in (("swiglu", F.silu), ("geglu", F.gelu)):
+        if torch.allclose(out, ref(probe), rtol=0.0, atol=1e-12):
+            return name
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """None when `module` is a transformers-v5-style experts module that can be swapped, else why not."""
+    if isinstance(module, PatchedExperts):
+        return "already patched"
+    gate_up = module._parameters.get("gate_up_proj")
+    down = module._parameters.get("down_proj")
+    if gate_up is None or down is None:
+        if hasattr(module, "parameter_name") or hasattr(module, "parametrizations"):
+            return "its expert weights are wrapped (a PEFT ParamWrapper or a parametrization); import that adapter with integrations.peft instead"
+        return "no gate_up_proj / down_proj parameters"
+    for flag, ok in _LAYOUT_FLAGS.items():
+        if getattr(module, flag, ok) != ok:
+            return f"{flag}={getattr(module, flag)!r} (GroupedExperts needs {flag}={ok})"
+    if any(n.endswith("_bias") for n in module._parameters):
+        return "expert biases are not supported"
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} are not 3-D [E, ., .]"
+    e, f2, h = gate_up.shape
+    if f2 % 2 or tuple(down.shape) != (e, h, f2 // 2):
+        return (f"shapes gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)} are not "
+                "[E, 2F, H] and [E, H, F]")
+    if not gate_up.is_floating_point() or gate_up.dtype != down.dtype or gate_up.device != down.device:
+        return f"gate_up_proj ({gate_up.dtype}, {gate_up.device}) and down_proj ({down.dtype}, {down.device}) differ or are not floating"
+    if gate_up.device.type == "meta":
+        return "weights are on the meta device (load the model first)"
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)[1:4]
+    except (TypeError, ValueError):
+        params = []
+    if tuple(params) != _EXPERTS_CALL:
+        return f"forward is not experts{_EXPERTS_CALL} (got {tuple(params)})"
+    if _activation_of(getattr(module, "act_fn", None)) is None:
+        return f"act_fn {getattr(module, 'act_fn', None)!r} is neither silu nor exact gelu"
+    return None
+
+
+def _looks_like_experts(attr: str, module: nn.Module) -> bool:
+    if isinstance(module, PatchedExperts) or {"gate_up_proj", "down_proj"} <= set(module._parameters):
+        return True
+    # PEFT's ParamWrapper (it has `parameter_name`) or a parametrization around the expert weights:
+    # reported as unpatchable rather than walked into, so its inner module is never swapped under it.
+    wrapped = hasattr(module, "parameter_name") or "gate_up_proj" in getattr(module, "parametrizations", {})
+    return wrapped and attr == "experts"
+
+
+def _candidates(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute name, module) for every module that looks like MoE experts.
+
+    Does not descend into a match, so experts nested in a wrapper are seen once, as the wrapper.
+    """
+    for attr, child in module.named_children():
+        name = f"{prefix}.{attr}" if prefix else attr
+        if _looks_like_experts(attr, child):
+            yield name, module, attr, child
+        else:
+            yield from _candidates(child, name)
+
+
+class PatchedExperts(GroupedExperts):
+    """GroupedExperts on a host experts module's own weight Parameters (the v5 experts call).
+
+    Built by `from_host`; `host_experts` is the module it replaced (kept out of the module tree so
+    its parameters are not registered twice), which `unpatch_moe` puts back.
+    """
+
+    @classmethod
+    def from_host(
+        cls,
+        host: nn.Module,
+        *,
+        lora_rank: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        freeze_base: Optional[bool] = None,
+        backend: str = "auto",
+    ) -> "PatchedExperts":
+        reason = unsupported_reason(host)
+        if reason is not None:
+            raise ValueError(f"host experts module {type(host).__name__} cannot be patched: {reason}")
+        gate_up, down = host.gate_up_proj, host.down_proj
+        e, f2, h = gate_up.shape
+        # Built on the meta device so that no [E, 2F, H] tensor is allocated only to be thrown away:
+        # the base weights are the host's Parameters, assigned just below.
+        self = cls(
+            e, h, f2 // 2, activation=_activation_of(host.act_fn), lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, freeze_base=False, backend=backend, device="meta", dtype=gate_up.dtype,
+        )
+        self.gate_up_proj = gate_up
+        self.down_proj = down
+        if lora_rank:
+            for name in _LORA_NAMES:
+                meta = getattr(self, name)
+                setattr(self, name, nn.Parameter(torch.empty(meta.shape, dtype=gate_up.dtype, device=gate_up.device)))
+            self.reset_lora_parameters()
+        if freeze_base is None:
+            freeze_base = lora_rank > 0
+        if freeze_base:
+            gate_up.requires_grad_(False)
+            down.requires_grad_(False)
+        object.__setattr__(self, "host_experts", host)
+        # Attributes host code may read on its experts module (transformers' MoE utilities do).
+        for attr in ("config", "hidden_dim", "intermediate_dim", "act_fn"):
+            if hasattr(host, attr):
+                object.__setattr__(self, attr, getattr(host, attr))
+        return self
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's LoRA init (A like nn.Linear: kaiming uniform a=sqrt(5), B zero); the base untouched.
+
+        GroupedExperts.reset_parameters would re-initialise the base too, which here is the host's
+        trained weights.
+        """
+        if not self.lora_rank:
+            return
+        with torch.no_grad():
+            for a in (self.lora_A_gate_up, self.lora_A_down):
+                bound = 1.0 / math.sqrt(a.shape[-1])  # kaiming_uniform(a=sqrt(5)) of nn.Linear = 1/sqrt(fan_in)
+                a.uniform_(-bound, bound)
+            self.lora_B_gate_up.zero_()
+            self.lora_B_down.zero_()
+
+    def reset_parameters(self) -> None:
+        # Called by GroupedExperts.__init__ on the meta placeholders only; never re-initialise the
+        # host's weights afterwards.
+        if self.gate_up_proj.device.type != "meta":
+            self.reset_lora_parameters()
+
+    def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj + s B_gu A_gu, down_proj + s B_d A_d) per expert, detached, in the base dtype."""
+        gu, d = self.gate_up_proj.detach(), self.down_proj.detach()
+        if not self.lora_rank:
+            return gu.clone(), d.clone()
+        acc = torch.promote_types(gu.dtype, torch.float32)
+        s = self.lora_scale
+        gu = gu.to(acc) + s * torch.bmm(self.lora_B_gate_up.detach().to(acc), self.lora_A_gate_up.detach().to(acc))
+        d = d.to(acc) + s * torch.bmm(self.lora_B_down.detach().to(acc), self.lora_A_down.detach().to(acc))
+        return gu.to(self.gate_up_proj.dtype), d.to(self.down_proj.dtype)
+
+
+def patch_moe(
+    model: nn.Module,
+    *,
+    lora_rank: int = 0,
+    lora_alpha: Optional[float] = None,
+    lora_dropout: float = 0.0,
+    backend: str = "auto",
+    freeze_base: Optional[bool] = None,
+    strict: bool = False,
+) -> int:
+    """Swap every transformers-v5-style experts module of `model` for PatchedExperts; returns how many.
+
+    The swapped modules hold the host's own gate_up_proj / down_proj Parameters, so state dict names,
+    `save_pretrained` and tied optimisers see the same tensors. With lora_rank > 0 each gets
+    per-expert LoRA (lora_A_gate_up [E, r, H], lora_B_gate_up [E, 2F, r], lora_A_down [E, r, F],
+    lora_B_down [E, H, r]; scale lora_alpha / r, alpha defaulting to r) and the expert base weights
+    are frozen (freeze_base=False keeps them trainable). The host's routers, shared experts, attention
+    etc. are left as they are (and trainable as they were).
+
+    Modules that look like experts but cannot be swapped (a different layout, a bias, an unknown
+    activation, weights wrapped by PEFT) are skipped with a warning, or raise when strict=True or
+    when LoRA was asked for: LoRA on experts must never end up silently missing. Already patched
+    modules are left alone (not counted) when their LoRA rank matches the request.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+    if lora_alpha is not None and lora_rank == 0:
+        raise ValueError("lora_alpha was given but lora_rank is 0; pass lora_rank > 0 to add LoRA")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    check_backend(backend)
+
+    swapped, already, skipped = [], [], []
+    for name, parent, attr, module in list(_candidates(model)):
+        if isinstance(module, PatchedExperts):
+            if lora_rank and module.lora_rank != lora_rank:
+                skipped.append((name, f"already patched with lora_rank={module.lora_rank}, asked for {lora_rank}; "
+                                      "call unpatch_moe first"))
+            else:
+                already.append(name)
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        new = PatchedExperts.from_host(
+            module, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            freeze_base=freeze_base, backend=backend,
+        )
+        new.train(module.training)
+        setattr(parent, attr, new)
+        swapped.append(name)
+
+    if skipped:
+        detail = "; ".join(f"{n}: {r}" for n, r in skipped)
+        if strict or lora_rank:
+            raise ValueError(
+                f"patch_moe could not swap {len(skipped)} experts module(s)"
+                + (" and LoRA on experts was asked for, so they would train nothing" if lora_rank else "")
+                + f": {detail}"
+            )
+        warnings.warn(f"patch_moe left {len(skipped)} experts module(s) unpatched: {detail}", stacklevel=2)
+    if lora_rank:
+        if not swapped and not already:
+            raise ValueError(
+                f"patch_moe(lora_rank={lora_rank}) found no MoE experts module in {type(model).__name__} "
+                "(expected transformers-v5 experts with gate_up_proj [E, 2F, H] and down_proj [E, H, F]); "
+                "no LoRA would be trained"
+            )
+        _check_lora_trainable(model)
+    return len(swapped)
+
+
+def _check_lora_trainable(model: nn.Module) -> None:
+    """Every patched experts module carries LoRA that autograd will update; raise otherwise."""
+    for name, module in model.named_modules():
+        if isinstance(module, PatchedExperts):
+            frozen = [n for n in _LORA_NAMES if not module.lora_rank or not getattr(module, n).requires_grad]
+            if frozen:
+                raise ValueError(f"{name}: LoRA on experts was asked for but {frozen or 'its adapters'} would not train")
+
+
+def patched_experts(model: nn.Module) -> dict[str, PatchedExperts]:
+    """{qualified name: PatchedExperts} of a patched model, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PatchedExperts)}
+
+
+def unpatch_moe(model: nn.Module, *, merge_lora: bool = False) -> int:
+    """Put the host's experts modules back; returns how many.
+
+    merge_lora=True first adds s * B @ A into the host's gate_up_proj / down_proj (in place, in fp32
+    then cast back), so the model keeps the adapted function in the host's own format. Without it an
+    adapter is dropped (export it first with integrations.peft.export_*). The base weights get back
+    the requires_grad they had before patching only if LoRA had not frozen them: frozen stays frozen.
+    """
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if not isinstance(child, PatchedExperts):
+                continue
+            host = child.host_experts
+            if merge_lora and child.lora_rank:
+                gu, d = child.merged_weights()
+                with torch.no_grad():
+                    child.gate_up_proj.copy_(gu)
+                    child.down_proj.copy_(d)
+            host.train(child.training)
+            setattr(parent, attr, host)
+            count += 1
+    return count
+
+
+__all__ = ["patch_moe", "unpatch_moe", "patched_experts", "PatchedExperts", "unsupported_reason"]
