@@ -267,15 +267,22 @@ def _grouped_mm_probe(device_type: str, dtype: torch.dtype) -> Optional[str]:
     if not hasattr(torch, "_grouped_mm"):
         return f"this torch ({torch.__version__}) has no torch._grouped_mm"
     try:
-        # 16 x 16 elements keeps every stride a multiple of 16 bytes for any dtype of >= 1 byte.
-        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], dtype=torch.int32, device=device_type)
-        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        y.backward(torch.ones_like(y))
+        # enable_grad: the first call may come from a no_grad forward, and backward is probed too.
+        with torch.enable_grad():
+            _grouped_mm_tiny(device_type, dtype)
     except Exception as err:  # any failure means "not supported here"; the reason is reported
         return f"torch._grouped_mm does not run on {device_type} {dtype}: {type(err).__name__}: {err}"
     return None
+
+
+def _grouped_mm_tiny(device_type: str, dtype: torch.dtype) -> None:
+    """Forward and backward of a 2-expert grouped GEMM; 16 x 16 operands keep every stride a
+    multiple of 16 bytes for any dtype of >= 1 byte."""
+    x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 16], dtype=torch.int32, device=device_type)
+    y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    y.backward(torch.ones_like(y))
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
