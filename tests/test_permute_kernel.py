@@ -7,8 +7,8 @@ Gradients come from torch.autograd.grad of a random weighted sum of the outputs.
 kernels run in the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1).
 """
 
+import importlib
 import os
-import shutil
 import subprocess
 import sys
 
@@ -208,8 +208,23 @@ def test_bad_arguments():
         ops.permute(torch.randn(4, 8), plan, 2, backend="cuda")
 
 
+def _count_launches(monkeypatch):
+    """Counts of the gating / permute / combine autograd Functions applied, keyed by name."""
+    counts = {}
+    for mod_name, fn_name in (("gating", "_TopKGatingFn"), ("permute", "_PermuteFn"), ("permute", "_UnpermuteFn")):
+        fn = getattr(importlib.import_module(f"unimoe_kernels.ops.{mod_name}"), fn_name)
+        original = fn.apply
+
+        def counted(*args, _original=original, _name=fn_name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(fn, "apply", counted)
+    return counts
+
+
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-def test_sparse_moe_end_to_end(scoring):
+def test_sparse_moe_end_to_end(scoring, monkeypatch):
     # SparseMoE(backend="triton") runs the gating, permute and combine kernels (and whatever the
     # grouped GEMM's Triton path is) on CPU under the interpreter; forward, aux losses and every
     # gradient equal backend="torch". Training mode so the aux loss reaches the router through
@@ -222,6 +237,7 @@ def test_sparse_moe_end_to_end(scoring):
     tri = SparseMoE(16, 8, 5, **kw, backend="triton").train()
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(2, 5, 16)  # 10 tokens, leading dims flattened by the layer
+    launches = _count_launches(monkeypatch)
     outs = []
     for moe in (ref, tri):
         xi = x.clone().requires_grad_(True)
@@ -229,6 +245,8 @@ def test_sparse_moe_end_to_end(scoring):
         params = [p for p in moe.parameters() if p.requires_grad]
         grads = torch.autograd.grad((y * torch.linspace(-1, 1, 16)).sum(), [xi] + params)
         outs.append((y, aux.load_balancing_loss, aux.z_loss, aux.tokens_per_expert) + grads)
+    # Once each, all from the triton layer: the torch layer must not touch the kernels.
+    assert launches == {"_TopKGatingFn": 1, "_PermuteFn": 1, "_UnpermuteFn": 1}
     assert len(outs[0]) == len(outs[1]) >= 5  # x, router, and the LoRA factors get gradients
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, **FP32)
