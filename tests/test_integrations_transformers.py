@@ -1,0 +1,341 @@
+"""patch_moe on tiny random transformers MoE models (no downloads): the patched model must compute what
+the unpatched one computes (logits, router logits / aux loss, every gradient, greedy generation),
+share its weight Parameters, save in the host's format, and with LoRA equal an independent oracle:
+the unpatched model whose expert weights are parametrised as W + s * B @ A.
+
+Shapes are tiny (H=32, two layers, 2x7 tokens) so the whole file runs in seconds on CPU; the
+expert counts and k are chosen to cover a prime E (5) and k=3 (not a power of two).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+
+from unimoe_kernels import modules as moe_modules  # noqa: E402
+from unimoe_kernels.integrations.transformers import (  # noqa: E402
+    PatchedExperts, patch_moe, patched_experts, unpatch_moe, unsupported_reason,
+)
+
+VOCAB = 100
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _config(family: str, **overrides):
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **COMMON)
+    elif family == "qwen2_moe":
+        # Shared expert with its sigmoid gate; no renormalisation of the top-k weights; prime E.
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+                                          num_experts=5, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
+    elif family == "qwen3_moe":
+        # k=3: not a power of two; renormalised top-k.
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
+                                          norm_topk_prob=True, head_dim=8, **COMMON)
+    elif family == "olmoe":
+        cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=6, num_experts_per_tok=2, **COMMON)
+    else:
+        raise AssertionError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "olmoe": "OlmoeForCausalLM"}
+FAMILIES = tuple(_CLASSES)
+
+
+def _model(family: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(transformers, _CLASSES[family])(_config(family, **overrides)).float()
+    # HF's init (std 0.02) makes the router almost uniform; larger router weights give clear top-k
+    # margins, so no near-tie can flip between two summation orders.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def _tokens(batch=2, seq=7):
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids, output_router_logits=True)
+    (out.loss + out.aux_loss).backward()
+    return out, _grads(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_equals_unpatched_logits_router_logits_and_grads(family):
+    ref = _model(family)
+    model = copy.deepcopy(ref)
+    hosts = {n: (m.gate_up_proj, m.down_proj) for n, m in model.named_modules() if n.endswith("mlp.experts")}
+    assert patch_moe(model) == 2  # one MoE block per layer
+    for name, ex in patched_experts(model).items():
+        # The same nn.Parameter objects, not copies: optimisers and save_pretrained see one tensor.
+        assert ex.gate_up_proj is hosts[name][0] and ex.down_proj is hosts[name][1]
+        assert ex.gate_up_proj.requires_grad  # no LoRA: nothing frozen
+    assert list(model.state_dict()) == list(ref.state_dict())
+
+    ids = _tokens()
+    out, grads = _loss_and_grads(model, ids)
+    ref_out, ref_grads = _loss_and_grads(ref, ids)
+    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, rtol=1e-6, atol=1e-6)
+    for r, r_ref in zip(out.router_logits, ref_out.router_logits):
+        torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The experts' gradients are really there (not zeros that would match trivially).
+    assert grads["model.layers.0.mlp.experts.gate_up_proj"].abs().sum() > 0
+
+
+def test_patched_experts_run_this_package(monkeypatch):
+    """The equality above must come from our grouped MLP, not from the host's loop still running."""
+    calls = []
+    real = moe_modules.grouped_mlp
+    monkeypatch.setattr(moe_modules, "grouped_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model("mixtral")
+    patch_moe(model)
+    model(_tokens())
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_generate_matches_unpatched(family):
+    ref = _model(family)
+    model = copy.deepcopy(ref)
+    patch_moe(model)
+    # Prefill of 5 tokens then one-token decode steps through the KV cache (T=1 per MoE call).
+    prompt = _tokens(batch=2, seq=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(model.generate(prompt, **kwargs), ref.generate(prompt, **kwargs), rtol=0, atol=0)
+
+
+def test_save_pretrained_writes_host_format(tmp_path):
+    from safetensors.torch import load_file
+
+    ref = _model("qwen2_moe")
+    model = copy.deepcopy(ref)
+    patch_moe(model)
+    model.save_pretrained(tmp_path / "patched")
+    ref.save_pretrained(tmp_path / "ref")
+    saved, saved_ref = load_file(tmp_path / "patched" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert saved.keys() == saved_ref.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], saved_ref[k], rtol=0, atol=0, msg=k)
+    # And the host's own class loads it back, unpatched, computing the same logits.
+    reloaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "patched").eval()
+    ids = _tokens()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _DeltaW(nn.Module):
+    """Parametrisation W -> W + s * B @ A per expert: the independent LoRA oracle (PEFT's math)."""
+
+    def __init__(self, a, b, scale):
+        super().__init__()
+        self.a, self.b, self.scale = nn.Parameter(a.clone()), nn.Parameter(b.clone()), scale
+
+    def forward(self, w):
+        return w + self.scale * torch.bmm(self.b, self.a)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_lora_matches_delta_w_oracle_and_freezes_base(family):
+    ref = _model(family)
+    model = copy.deepcopy(ref)
+    r, alpha = 4, 8.0  # scale 2 (not 1) so a wrong scale is caught
+    assert patch_moe(model, lora_rank=r, lora_alpha=alpha) == 2
+    with torch.no_grad():  # B starts at zero; give it values so the adapter changes the function
+        for ex in patched_experts(model).values():
+            ex.lora_B_gate_up.normal_(0.0, 0.1)
+            ex.lora_B_down.normal_(0.0, 0.1)
+    oracles = {}
+    for name, ex in patched_experts(model).items():
+        assert not ex.gate_up_proj.requires_grad and not ex.down_proj.requires_grad  # base frozen
+        assert all(getattr(ex, n).requires_grad for n in ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down"))
+        host = ref.get_submodule(name)
+        host.gate_up_proj.requires_grad_(False)
+        host.down_proj.requires_grad_(False)
+        gu, d = _DeltaW(ex.lora_A_gate_up, ex.lora_B_gate_up, 2.0), _DeltaW(ex.lora_A_down, ex.lora_B_down, 2.0)
+        torch.nn.utils.parametrize.register_parametrization(host, "gate_up_proj", gu)
+        torch.nn.utils.parametrize.register_parametrization(host, "down_proj", d)
+        oracles[name] = (gu, d)
+
+    ids = _tokens()
+    out, _ = _loss_and_grads(model, ids)
+    ref_out, _ = _loss_and_grads(ref, ids)
+    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
+    plain = _model(family)(ids).logits
+    assert (out.logits - plain).abs().max() > 1e-3  # the adapter is really applied
+    for name, ex in patched_experts(model).items():
+        gu, d = oracles[name]
+        for ours, theirs in ((ex.lora_A_gate_up, gu.a), (ex.lora_B_gate_up, gu.b), (ex.lora_A_down, d.a), (ex.lora_B_down, d.b)):
+            assert ours.grad is not None and ours.grad.abs().sum() > 0
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+        assert ex.gate_up_proj.grad is None  # frozen base gets no gradient
+
+
+def test_unpatch_merges_lora_into_host_weights():
+    model = _model("olmoe")
+    patch_moe(model, lora_rank=2)
+    with torch.no_grad():
+        for ex in patched_experts(model).values():
+            ex.lora_B_gate_up.normal_(0.0, 0.1)
+            ex.lora_B_down.normal_(0.0, 0.1)
+    ids = _tokens()
+    adapted = model(ids).logits
+    host_type = type(next(iter(patched_experts(model).values())).host_experts)
+    assert unpatch_moe(model, merge_lora=True) == 2
+    assert not patched_experts(model)
+    assert all(isinstance(model.model.layers[i].mlp.experts, host_type) for i in range(2))
+    torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_finetune_of_patched_mixtral_lowers_loss():
+    """A few LoRA steps (experts' adapters + routers trainable, everything else frozen) on one batch."""
+    model = _model("mixtral").train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patch_moe(model, lora_rank=4, lora_alpha=8)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or n.endswith("mlp.gate.weight"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = _tokens(batch=4, seq=8)
+    losses = []
+    for _ in range(8):
+        out = model(ids, labels=ids, output_router_logits=True)
+        loss = out.loss + 0.01 * out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    after = dict(model.named_parameters())
+    for n, p in before.items():  # expert base weights and everything but the routers unchanged
+        if not n.endswith("mlp.gate.weight"):
+            torch.testing.assert_close(after[n].detach(), p, rtol=0, atol=0, msg=n)
+
+
+def test_patch_is_idempotent_and_counts_only_new_swaps():
+    model = _model("mixtral")
+    assert patch_moe(model) == 2
+    assert patch_moe(model) == 0
+    with pytest.raises(ValueError, match="already patched with lora_rank=0"):
+        patch_moe(model, lora_rank=4)  # LoRA asked for, existing experts carry none: never silent
+
+
+def test_lora_request_without_moe_blocks_raises():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB)
+    dense = transformers.LlamaForCausalLM(cfg)
+    assert patch_moe(dense) == 0  # nothing to do is fine without LoRA
+    with pytest.raises(ValueError, match="found no MoE experts"):
+        patch_moe(dense, lora_rank=4)
+
+
+def test_unsupported_experts_are_skipped_or_raise_with_lora():
+    # gelu with the tanh approximation is not a gate activation GroupedExperts computes.
+    model = _model("mixtral", hidden_act="gelu_pytorch_tanh")
+    assert "neither silu nor exact gelu" in unsupported_reason(model.model.layers[0].mlp.experts)
+    ids = _tokens()
+    before = model(ids).logits
+    with pytest.warns(UserWarning, match="left 2 experts module"):
+        assert patch_moe(model) == 0
+    torch.testing.assert_close(model(ids).logits, before)
+    with pytest.raises(ValueError, match="would train nothing"):
+        patch_moe(model, lora_rank=4)
+    with pytest.raises(ValueError, match="could not swap"):
+        patch_moe(model, strict=True)
+
+
+def test_exact_gelu_experts_patch_as_geglu():
+    ref = _model("olmoe", hidden_act="gelu")
+    model = copy.deepcopy(ref)
+    assert patch_moe(model) == 2
+    assert next(iter(patched_experts(model).values())).activation == "geglu"
+    ids = _tokens()
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _ToyExperts(nn.Module):
+    """A model outside transformers that follows the v5 experts interface: patch_moe must take it."""
+
+    def __init__(self, e=3, h=8, f=5):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * f, h) * 0.3)
+        self.down_proj = nn.Parameter(torch.randn(e, h, f) * 0.3)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                g, u = (self.gate_up_proj[e] @ hidden_states[t]).chunk(2)
+                out[t] += top_k_weights[t, j] * (self.down_proj[e] @ (self.act_fn(g) * u))
+        return out
+
+
+def test_generic_v5_experts_interface():
+    block = nn.ModuleDict({"experts": _ToyExperts()})
+    ref = copy.deepcopy(block)
+    assert patch_moe(block) == 1
+    # Edge routing: one token (T=1 row), expert 2 unused by every token, a token whose two slots
+    # name the same expert twice.
+    for x, idx in ((torch.randn(1, 8), torch.tensor([[1, 0]])),
+                   (torch.randn(4, 8), torch.tensor([[0, 1], [1, 0], [0, 0], [1, 1]]))):
+        w = torch.rand(idx.shape)
+        torch.testing.assert_close(block["experts"](x, idx, w), ref["experts"](x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    model = _model("mixtral")
+    with pytest.raises(TypeError, match="model"):
+        patch_moe("not a model")
+    with pytest.raises(ValueError, match="lora_rank"):
+        patch_moe(model, lora_rank=-1)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        patch_moe(model, lora_alpha=16)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        patch_moe(model, lora_rank=2, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        patch_moe(model, backend="cuda")
+    assert not patched_experts(model)  # a rejected call changed nothing
+
+
+def test_triton_backend_matches_unpatched():
+    """The Triton kernels (interpreter on CPU) behind a patched block, fwd and grads of x and LoRA."""
+    ref = _model("mixtral", num_hidden_layers=1)
+    model = copy.deepcopy(ref)
+    patch_moe(model, lora_rank=2, backend="triton")
+    ex = patched_experts(model)["model.layers.0.mlp.experts"]
+    with torch.no_grad():
+        ex.lora_B_gate_up.normal_(0.0, 0.1)
+        ex.lora_B_down.normal_(0.0, 0.1)
+    host = ref.model.layers[0].mlp.experts
+    gu, d = _DeltaW(ex.lora_A_gate_up, ex.lora_B_gate_up, ex.lora_scale), _DeltaW(ex.lora_A_down, ex.lora_B_down, ex.lora_scale)
+    torch.nn.utils.parametrize.register_parametrization(host, "gate_up_proj", gu)
+    torch.nn.utils.parametrize.register_parametrization(host, "down_proj", d)
+    ids = _tokens(batch=1, seq=6)
+    out, _ = _loss_and_grads(model, ids)
+    ref_out, _ = _loss_and_grads(ref, ids)
+    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ex.lora_B_down.grad, d.b.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(ex.lora_A_gate_up.grad, gu.a.grad, rtol=1e-3, atol=1e-5)
