@@ -1,0 +1,72 @@
+"""Named MoE shapes (DESIGN.md section 7), each in a full GPU size and a tiny CPU size.
+
+The tiny sizes keep each model's E / k structure (and LoRA rank) and scale T, H and F down so the
+whole benchmarks/ directory runs in seconds on 2 CPU cores. Two changes of structure, said here
+once: qwen3-next's E=512 becomes 32 on CPU (a 512-iteration Python loop per call in the naive
+baseline is the only cost that does not shrink with T and H); olmoe gives no T in DESIGN.md, so
+the full size uses T=16384 (an assumption of this file, half of the Qwen3 shapes' T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    name: str
+    T: int  # tokens per call (batch x sequence, flattened)
+    H: int  # hidden size
+    F: int  # expert FFN size (per expert; gate_up is 2F for SwiGLU)
+    E: int  # experts
+    k: int  # experts per token
+    r: int = 0  # LoRA rank on every expert projection (0: no LoRA, base trainable)
+    lora_alpha: Optional[float] = None  # None: alpha = r (scale 1)
+    activation: str = "swiglu"
+    note: str = ""
+
+    @property
+    def lora(self) -> bool:
+        return self.r > 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+FULL = {
+    c.name: c
+    for c in (
+        # Uni-MoE 8e: LoRA r=8 alpha=16 on every expert, base frozen.
+        ShapeConfig("uni-moe-8e", T=8192, H=4096, F=11008, E=8, k=2, r=8, lora_alpha=16.0),
+        ShapeConfig("mixtral", T=16384, H=4096, F=14336, E=8, k=2),
+        ShapeConfig("qwen3-30b-a3b", T=32768, H=2048, F=768, E=128, k=8),
+        ShapeConfig("olmoe", T=16384, H=2048, F=1024, E=64, k=8, note="T not given in DESIGN.md; 16384 chosen"),
+        ShapeConfig("qwen3-next", T=32768, H=2048, F=512, E=512, k=10),
+        # The PEFT MoE-LoRA case of ANCHORS.md (fwd+bwd 4.97 ms / 2.02 GB there, best 2.56 ms / 1.30 GB).
+        ShapeConfig("peft-moe-lora", T=4096, H=2048, F=768, E=128, k=8, r=16),
+    )
+}
+
+# Tiny versions: T 128..256, H 64, F keeping roughly the model's F/H ratio (at least 16), same E
+# and k except qwen3-next (E 512 -> 32, see the module docstring). All of H, F, r stay multiples of
+# 4 so fp32 rows are 16-byte aligned and torch._grouped_mm can run on CPU too.
+TINY = {
+    "uni-moe-8e": replace(FULL["uni-moe-8e"], T=128, H=64, F=160),
+    "mixtral": replace(FULL["mixtral"], T=256, H=64, F=224),
+    "qwen3-30b-a3b": replace(FULL["qwen3-30b-a3b"], T=128, H=64, F=24),
+    "olmoe": replace(FULL["olmoe"], T=128, H=64, F=32, note=""),
+    "qwen3-next": replace(FULL["qwen3-next"], T=128, H=64, F=16, E=32, note="E shrunk 512 -> 32 on CPU"),
+    "peft-moe-lora": replace(FULL["peft-moe-lora"], T=128, H=64, F=24),
+}
+
+SIZES = {"tiny": TINY, "full": FULL}
+NAMES = tuple(FULL)
+
+
+def get(name: str, size: str) -> ShapeConfig:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    if name not in FULL:
+        raise ValueError(f"config name must be one of {NAMES}, got {name!r}")
+    return SIZES[size][name]

@@ -1,0 +1,142 @@
+"""Benchmark results: the side-by-side text summary, the JSON writer, and loading for render_results.py.
+
+    harness.RESULTS (list of Record) --summary_lines--> terminal table at the end of `pytest benchmarks`
+                                     --save (GPU, UNIMOE_BENCH_SAVE=1)--> benchmarks/results/<date>_<device>.json
+    benchmarks/results/*.json --load_all--> render_results.py --> RESULTS.md (+ results.png)
+
+A JSON file holds one run: {"schema", "device", "torch", "triton", "cuda", "date", "dtype", "records"}.
+Only GPU runs are saved: CPU timings of the tiny shapes are smoke tests, not results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+SAVE_ENV = "UNIMOE_BENCH_SAVE"  # "1": save to benchmarks/results/; any other non-"0" value: that directory
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCHEMA = 1
+
+
+def _fmt(v: Optional[float], width: int, prec: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:{width}.{prec}f}"
+
+
+def _groups(records) -> dict:
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.group, r.config, r.size, r.mode), []).append(r)
+    return groups
+
+
+def summary_lines(records: Iterable) -> list[str]:
+    """Side-by-side table per (group, config, size, mode): time, TFLOP/s, GB/s, ratios, peak memory.
+
+    "ours x" is provider time / ours time: how many times faster ours is than that provider.
+    """
+    records = list(records)
+    lines = ["", "=" * 30 + " unimoe_kernels benchmarks: providers side by side " + "=" * 30]
+    if not any(r.ms for r in records):
+        lines.append("timing disabled (--benchmark-disable): every provider below was checked against reference.py only")
+    groups = _groups(records)
+    # A reason that skips a provider in every group (an anchor that does not import) is said once.
+    everywhere = {
+        (r.provider, r.skipped) for r in records if r.skipped
+        if all(any(o.provider == r.provider and o.skipped == r.skipped for o in rows) for rows in groups.values())
+    }
+    for provider, reason in sorted(everywhere):
+        lines.append(f"skipped {provider} everywhere: {reason}")
+    header = f"  {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'vs dense':>8} {'ours x':>7} {'peak MB':>8}"
+    for (group, config, size, mode), rows in groups.items():
+        ours = next((r for r in rows if r.provider == "ours" and r.ms), None)
+        ran = [r for r in rows if not r.skipped]
+        lines.append("")
+        lines.append(f"[{group}] {config} ({size}) {mode}")
+        if any(r.ms for r in ran):
+            lines.append(header)
+            for r in ran:
+                ratio = r.ms / ours.ms if (ours and r.ms) else None
+                lines.append(
+                    f"  {r.provider:<16} {_fmt(r.ms, 9, 3)} {_fmt(r.tflops, 8, 3)} {_fmt(r.gbps, 8, 2)} "
+                    f"{_fmt(r.vs_dense, 8, 2)} {_fmt(ratio, 7, 2)} {_fmt(r.peak_mem_mb, 8, 1)}"
+                )
+        elif ran:
+            lines.append("  checked against reference.py: " + ", ".join(r.provider for r in ran))
+        reasons: dict = {}
+        for r in rows:
+            if r.skipped and (r.provider, r.skipped) not in everywhere:
+                reasons.setdefault(r.skipped, []).append(r.provider)
+        for reason, names in reasons.items():
+            lines.append(f"  skipped {', '.join(names)}: {reason}")
+    lines.append("")
+    lines.append("ms: median per call; TFLOP/s: expert-GEMM FLOPs (baselines.flops, router and dispatch "
+                 "not counted); vs dense: dense-MLP time of the same FLOPs / this time; ours x: this "
+                 "time / ours (how many times faster ours is); peak MB: allocated beyond the resident inputs.")
+    if not torch.cuda.is_available():
+        lines.append("")
+        lines.append("CPU run: tiny shapes, fp32, a smoke test of the harness; 'ours' is the torch path on CPU "
+                     "(Triton runs only on CUDA tensors); peak memory is measured on GPU only.")
+    return lines
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata() -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        "schema": SCHEMA,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save(records: Iterable, directory: Path, metadata: Optional[dict] = None) -> Path:
+    """Write one run's records to directory/<date>_<device>.json and return the path."""
+    meta = dict(metadata or run_metadata())
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower() or "device"
+    stamp = meta["date"].replace(":", "").replace("+0000", "Z")[:17]
+    path = directory / f"{stamp}_{slug}.json"
+    meta["records"] = [asdict(r) for r in records]
+    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def save_from_env(records: Iterable) -> str:
+    """Save when UNIMOE_BENCH_SAVE asks and a GPU ran the benchmarks; returns a line for the terminal."""
+    value = os.environ.get(SAVE_ENV, "0")
+    if not torch.cuda.is_available():
+        return f"{SAVE_ENV}={value}: nothing saved, no GPU (CPU timings of tiny shapes are not results)"
+    directory = RESULTS_DIR if value == "1" else Path(value)
+    timed = [r for r in records if r.ms or r.skipped]
+    if not any(r.ms for r in timed):
+        return f"{SAVE_ENV}={value}: nothing saved, no timings (--benchmark-disable?)"
+    return f"benchmark results saved to {save(timed, directory)}"
+
+
+def load_all(directory: Path = RESULTS_DIR) -> list[dict]:
+    """Every run saved in directory, oldest first; files of another schema are skipped."""
+    runs = []
+    for path in sorted(Path(directory).glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("schema") == SCHEMA:
+            data["file"] = path.name
+            runs.append(data)
+    return runs
