@@ -609,8 +609,36 @@ def train_alternating(
     return history
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "unimoe_kernels.altmoe.AltMoEPredictor/1"
+
+
+def save_predictor(predictor: AltMoEPredictor, path, extra: Optional[dict] = None) -> None:
+    """Config + state dict (+ any plain-data `extra`, e.g. how the demo data was made) in one file
+    that load_predictor reads back with torch.load(weights_only=True)."""
+    torch.save({"format": CHECKPOINT_FORMAT, "config": predictor.config.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
+                "extra": extra or {}}, path)
+
+
+def load_predictor(path, map_location="cpu") -> Tuple[AltMoEPredictor, dict]:
+    """(predictor in eval mode on map_location, extra) from a save_predictor file."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an AltMoEPredictor checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    predictor = AltMoEPredictor(AltMoEConfig.from_dict(blob["config"]), device=map_location)
+    predictor.load_state_dict(blob["state_dict"])
+    return predictor.eval(), blob.get("extra", {})
+
+
 __all__ = [
     "AltMoEConfig", "AltMoEPredictor", "AltMoEOutput", "AltMoELoss", "info_nce", "altmoe_loss",
     "encode_modalities", "RandomEncoder", "SyntheticPairs", "DirectionSampler", "DirectionOptim",
-    "TrainHistory", "train_alternating", "direction_name", "lr_lambda", "TASKS",
+    "TrainHistory", "train_alternating", "direction_name", "lr_lambda", "TASKS", "save_predictor",
+    "load_predictor",
 ]
