@@ -14,7 +14,8 @@ from a SparseMoE's own parameters, written the way another codebase writes it:
     peft_delta_w_moe     W_eff = W + s * B @ A materialised per expert, then a loop over
                          expert-sorted rows                (PEFT target_parameters on 3-D experts)
     grouped_mm_moe       expert-sorted rows, torch._grouped_mm for base and LoRA GEMMs (transformers
-                         v5 "grouped_mm" experts), index_add combine
+                         v5 "grouped_mm" experts), index_add combine; grouped_mm_mlp is its expert
+                         MLP alone, for the grouped_mlp op benchmark
     dense_mlp            the dense SwiGLU chain over T*k rows: same FLOPs as the MoE, no routing;
                          the roofline the benchmarks divide by
 
@@ -290,43 +291,67 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> Optional[s
     return _grouped_mm_probe(torch.device(device).type, dtype)
 
 
-def grouped_mm_moe(moe, x: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm over expert-sorted rows (base and LoRA GEMMs), weighted index_add combine.
+def grouped_mm_mlp(
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "swiglu",
+    *,
+    lora=None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """Expert MLP over expert-grouped rows x_sorted [N, H] with torch._grouped_mm -> [N, H].
 
-    Raises NotImplementedError when this torch build lacks torch._grouped_mm, when it does not run
-    on x's device and dtype, or when a GEMM dimension breaks its 16-byte stride rule.
+    The arguments are those of reference.grouped_mlp (lora: (A_gu, B_gu, A_d, B_d) or None); the
+    LoRA terms are two more grouped GEMMs each, through the rank-r intermediate. Raises
+    NotImplementedError when torch._grouped_mm is missing, does not run on x_sorted's device and
+    dtype, or when a GEMM dimension breaks its 16-byte stride rule.
     """
-    x2 = _flatten(moe, x, "grouped_mm_moe")
-    why = grouped_mm_supported(x2.device, x2.dtype)
+    why = grouped_mm_supported(x_sorted.device, x_sorted.dtype)
     if why is not None:
         raise NotImplementedError(why)
-    ex = moe.experts
-    esize = x2.element_size()
-    # Every GEMM operand's row stride is one of H, F (and 2F) or r elements.
-    for name, dim in (("hidden_size", moe.hidden_size), ("ffn_hidden_size", ex.ffn_hidden_size), ("lora_rank", ex.lora_rank)):
+    esize = x_sorted.element_size()
+    # Every operand's row stride is one of H, F (or 2F) or r elements.
+    dims = (("hidden_size", down_proj.shape[1]), ("ffn_hidden_size", down_proj.shape[2]),
+            ("lora_rank", 0 if lora is None else lora[0].shape[1]))
+    for name, dim in dims:
         if dim and (dim * esize) % 16:
             raise NotImplementedError(
                 f"torch._grouped_mm needs 16-byte aligned strides: {name}={dim} x {esize} bytes is not a multiple of 16"
             )
-    weights, ids = route(moe, x2)
-    k = moe.top_k
-    order, counts = _sorted_rows(ids, moe.num_experts)
-    offs = torch.cumsum(counts, 0).to(torch.int32)  # end offset of each expert's rows
-    tokens = order // k
-    x_sorted = x2.index_select(0, tokens)
-    s = ex.lora_scale
-    lora = _lora(moe)
+    offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # end offset of each expert's rows
 
     def gmm(a, w):  # a [N, K] @ w[e]^T for w [E, out, K]
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
 
-    hid = gmm(x_sorted, ex.gate_up_proj)
+    hid = gmm(x_sorted, gate_up_proj)
     if lora is not None:
-        hid = hid + gmm(gmm(x_sorted, lora[0]), lora[1]) * s
-    hid = _act(hid, ex.activation)
-    y = gmm(hid, ex.down_proj)
+        hid = hid + gmm(gmm(x_sorted, lora[0]), lora[1]) * lora_scale
+    hid = _act(hid, activation)
+    y = gmm(hid, down_proj)
     if lora is not None:
-        y = y + gmm(gmm(hid, lora[2]), lora[3]) * s
+        y = y + gmm(gmm(hid, lora[2]), lora[3]) * lora_scale
+    return y
+
+
+def grouped_mm_moe(moe, x: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm over expert-sorted rows (base and LoRA GEMMs), weighted index_add combine.
+
+    Raises NotImplementedError where grouped_mm_mlp cannot run (see there).
+    """
+    x2 = _flatten(moe, x, "grouped_mm_moe")
+    ex = moe.experts
+    why = grouped_mm_supported(x2.device, x2.dtype)
+    if why is not None:  # before routing, so an unsupported device costs nothing
+        raise NotImplementedError(why)
+    weights, ids = route(moe, x2)
+    order, counts = _sorted_rows(ids, moe.num_experts)
+    tokens = order // moe.top_k
+    y = grouped_mm_mlp(
+        x2.index_select(0, tokens), counts, ex.gate_up_proj, ex.down_proj, ex.activation,
+        lora=_lora(moe), lora_scale=ex.lora_scale,
+    )
     y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(-1)
     out = torch.zeros_like(x2).index_add(0, tokens, y)
     return out.view(x.shape)
@@ -353,5 +378,5 @@ PROVIDERS = {
 
 __all__ = [
     "FlopCount", "flops", "route", "naive_loop_moe", "onehot_dispatch_moe", "peft_delta_w_moe",
-    "grouped_mm_moe", "grouped_mm_supported", "dense_mlp", "PROVIDERS",
+    "grouped_mm_moe", "grouped_mm_mlp", "grouped_mm_supported", "dense_mlp", "PROVIDERS",
 ]
