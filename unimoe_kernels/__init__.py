@@ -5,11 +5,12 @@ reference.py; both have the same semantics. Nothing here touches the GPU at impo
 
 from . import ops, reference
 from .modules import GroupedExperts, SparseMoE, TopKRouter
+from .parallel import gather_state_dict, shard_state_dict
 from .types import GatingOutput, MoEAux, RoutingPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseMoE", "TopKRouter", "GroupedExperts", "MoEAux", "GatingOutput", "RoutingPlan",
-    "ops", "reference", "__version__",
+    "ops", "reference", "__version__", "shard_state_dict", "gather_state_dict",
 ]

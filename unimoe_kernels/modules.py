@@ -10,6 +10,13 @@ SparseMoE.forward for x [..., H]:
     y = attach_aux_loss(y, coef * lbl + z_coef * z)        value unchanged, gradient reaches router
     return y.view_as(x) (and MoEAux when asked)
 
+With ep_group (expert parallelism, ops/dispatch.py, docs/expert_parallel.md) the experts step becomes
+
+    x_local, state = dispatch(x2, plan, k, ep_group)       permute into the send buffer, all-to-all,
+                                                           regroup by local expert
+    y_local = experts.mlp(x_local, state...)               this rank's E/P experts only
+    y = combine(y_local, state, weights)                   reverse regroup, all-to-all, combine
+
 Parameter names and shapes follow Hugging Face transformers v5 (nn.Linear's [out, in] layout), so
 state dicts move between this package and the host model without renaming.
 """
@@ -24,6 +31,7 @@ import torch.nn as nn
 
 from . import reference
 from .backend import check_backend
+from .ops.dispatch import combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, topk_gating
 from .ops.grouped_gemm import grouped_mlp
 from .ops.permute import permute, unpermute
@@ -209,14 +217,20 @@ class GroupedExperts(nn.Module):
             return None
         return reference.LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
 
+    def mlp(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, plan: Optional[RoutingPlan] = None) -> torch.Tensor:
+        """Expert MLPs over rows grouped by expert: x_sorted [N, H], tokens_per_expert [E] -> [N, H].
+
+        `plan` (optional) lends its tile map to the Triton path (ops.grouped_mlp)."""
+        return grouped_mlp(
+            x_sorted, tokens_per_expert, self.gate_up_proj, self.down_proj, self.activation,
+            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            training=self.training, backend=self.backend, plan=plan,
+        )
+
     def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], a routing plan of its T*k slots and combine weights [T, k] -> [T, H]."""
         x_sorted = permute(x, plan, weights.shape[1], backend=self.backend)
-        y_sorted = grouped_mlp(
-            x_sorted, plan.tokens_per_expert, self.gate_up_proj, self.down_proj, self.activation,
-            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-            training=self.training, backend=self.backend,
-        )
+        y_sorted = self.mlp(x_sorted, plan.tokens_per_expert)
         return unpermute(y_sorted, plan, weights, backend=self.backend)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -253,6 +267,12 @@ def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
+class _NotAProcessGroup(TypeError, NotImplementedError):
+    """A wrong ep_group type is a TypeError. It is also a NotImplementedError because SparseMoE
+    raised that for every ep_group before expert parallelism existed, and callers (tests/test_layer.py
+    among them) may still catch it; drop the second base once they expect TypeError."""
+
+
 class SparseMoE(nn.Module):
     """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts (DESIGN.md section 4 for every argument).
 
@@ -261,6 +281,16 @@ class SparseMoE(nn.Module):
     losses reach the router through backward even if the caller ignores them. token_groups (an
     integer per token, e.g. a modality id in [0, max_token_groups)) accumulates per-group expert
     loads, read with routing_stats().
+
+    Expert parallelism: with ep_group (a torch.distributed ProcessGroup of P ranks, E divisible by P)
+    rank r holds experts r*E/P .. (r+1)*E/P - 1 (experts.* parameters are [E/P, ...]) and the router
+    whole; the forward is collective over the group (every rank must call it, and backward through
+    it, even with an empty batch). Dropless by default (one host sync per forward for the all-to-all
+    split sizes); with capacity_factor, or ep_capacity (rows per source rank and expert, which also
+    serves ranks with different batch sizes), each (rank, expert) pair moves a fixed number of rows
+    and no host sync happens. The router's gradient holds only this rank's tokens: sum or average it
+    over the group (DDP/FSDP over the data-parallel ranks) and never all-reduce the expert parameters
+    over the EP group. Aux losses and MoEAux statistics are per rank. See docs/expert_parallel.md.
     """
 
     def __init__(
@@ -282,6 +312,7 @@ class SparseMoE(nn.Module):
         router_jitter: float = 0.0,
         capacity_factor: Optional[float] = None,
         ep_group=None,
+        ep_capacity: Optional[int] = None,
         backend: str = "auto",
         max_token_groups: int = 16,
         router_kwargs: Optional[dict] = None,
@@ -289,8 +320,22 @@ class SparseMoE(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        ep_size, ep_rank = 1, 0
         if ep_group is not None:
-            raise NotImplementedError("ep_group (expert parallelism) is not implemented yet; pass ep_group=None")
+            try:
+                ep_size, ep_rank = group_size_and_rank(ep_group, "ep_group")
+            except TypeError as err:
+                raise _NotAProcessGroup(str(err)) from None
+            if not isinstance(num_experts, int) or num_experts % ep_size:
+                raise ValueError(f"num_experts={num_experts!r} must be divisible by the size of ep_group ({ep_size}): "
+                                 "every rank holds num_experts / ep_size experts")
+        if ep_capacity is not None:
+            if ep_group is None:
+                raise ValueError("ep_capacity (rows per source rank and expert) needs ep_group")
+            if isinstance(ep_capacity, bool) or not isinstance(ep_capacity, int) or ep_capacity < 1:
+                raise ValueError(f"ep_capacity must be a positive int or None, got {ep_capacity!r}")
+            if capacity_factor is not None:
+                raise ValueError("give capacity_factor or ep_capacity, not both: both set the per-expert capacity")
         if aux_loss_coef < 0 or z_loss_coef < 0:
             raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got {aux_loss_coef}, {z_loss_coef}")
         if capacity_factor is not None and capacity_factor <= 0:
@@ -298,12 +343,15 @@ class SparseMoE(nn.Module):
         _check_positive("max_token_groups", max_token_groups)
         self.hidden_size, self.ffn_hidden_size, self.num_experts, self.top_k = hidden_size, ffn_hidden_size, num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef, self.capacity_factor = aux_loss_coef, z_loss_coef, capacity_factor
+        self.ep_group, self.ep_size, self.ep_rank, self.ep_capacity = ep_group, ep_size, ep_rank, ep_capacity
+        self.num_local_experts = num_experts // ep_size
+        self.expert_offset = ep_rank * self.num_local_experts  # global id of this rank's first expert
         self.router = TopKRouter(
             hidden_size, num_experts, top_k, scoring=scoring, normalize_topk=normalize_topk,
             router_jitter=router_jitter, backend=backend, device=device, dtype=dtype, **(router_kwargs or {}),
         )
         self.experts = GroupedExperts(
-            num_experts, hidden_size, ffn_hidden_size, activation=activation, lora_rank=lora_rank,
+            self.num_local_experts, hidden_size, ffn_hidden_size, activation=activation, lora_rank=lora_rank,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_base=freeze_base, backend=backend,
             device=device, dtype=dtype,
         )
@@ -345,8 +393,10 @@ class SparseMoE(nn.Module):
         kwargs.setdefault("device", weights[0][0].device)
         kwargs.setdefault("dtype", weights[0][0].dtype)
         moe = cls(h, f, len(mlps), top_k, **kwargs)
+        first = moe.expert_offset  # with ep_group, only this rank's experts are copied
         with torch.no_grad():
-            for e, (gate, up, down) in enumerate(weights):
+            for e in range(moe.num_local_experts):
+                gate, up, down = weights[first + e]
                 moe.experts.gate_up_proj[e, :f].copy_(gate)
                 moe.experts.gate_up_proj[e, f:].copy_(up)
                 moe.experts.down_proj[e].copy_(down)
@@ -360,10 +410,19 @@ class SparseMoE(nn.Module):
         plan = build_routing(gating.ids, self.num_experts)
         weights = gating.weights
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        capacity = self.ep_capacity
         if self.capacity_factor is not None:
             capacity = reference.expert_capacity(gating.ids.numel(), self.num_experts, self.capacity_factor)
+        if capacity is not None:
             weights, dropped = reference.apply_capacity(weights, gating.ids, plan, capacity)
-        y = self.experts.forward_routed(x2, plan, weights)
+        if self.ep_group is None:
+            y = self.experts.forward_routed(x2, plan, weights)
+        else:
+            # Capacity-limited layers move exactly `capacity` rows per (rank, expert): no host sync.
+            # capacity_factor's capacity comes from this rank's T, so all ranks need the same T then.
+            x_local, state = dispatch(x2, plan, self.top_k, self.ep_group, capacity=capacity, backend=self.experts.backend)
+            y_local = self.experts.mlp(x_local, state.tokens_per_local_expert, plan=state.local_plan)
+            y = combine(y_local, state, weights, backend=self.experts.backend)
 
         lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
         zl = reference.z_loss(gating.logits)
