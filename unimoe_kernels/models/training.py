@@ -1,0 +1,237 @@
+"""Training stages, evaluation data and checkpoints of the reference Uni-MoE (models/unimoe.py).
+
+    train_stage(model, stage, steps, out_dir=...):
+        params = model.setup_stage(stage)            (converts FFNs for stages 2 and 3)
+        resume from out_dir/trainer.json when it holds the same stage
+        for step: batches = stage_batches(stage, step)  (seeded by (seed, stage, step): replayable)
+                  loss = model.loss(batches); backward; clip; AdamW with warmup + cosine lr
+                  checkpoint every `save_every` steps and at the end
+    checkpoint dir: model.safetensors (weights), optimizer.safetensors (AdamW moments, flattened
+        as "<param index>.<key>"), trainer.json (config, ffn_mode, stage, step, loss history, ...)
+
+Data per stage: 0 text QA + "describe"; 1 "describe" on image + video + audio (one mixed batch);
+2 one modality's QA per step, round-robin (that modality's FFN copies learn); 3 QA of every
+modality mixed in each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from . import synthetic_data as sd
+from .unimoe import UniMoE, UniMoEConfig
+
+MEDIA = ("image", "video", "audio")
+# Per-stage defaults for the tiny model (measured on 2 CPU cores; see jobs/demo.py).
+DEFAULT_STEPS = {0: 300, 1: 300, 2: 160, 3: 200}
+DEFAULT_LR = {0: 3e-3, 1: 2e-3, 2: 1e-3, 3: 3e-3}
+WARMUP = 10          # steps of linear warmup: AdamW's first moments are noisy
+MIN_LR_RATIO = 0.1   # cosine decays to 10% of the peak, not to zero, so the last steps still learn
+
+
+def _seed(seed: int, stage: int, step: int) -> int:
+    # Large odd multipliers keep (seed, stage, step) triples from colliding.
+    return (seed * 1_000_003 + stage * 10_007 + step) % (2**63 - 1)
+
+
+def stage_batches(cfg: UniMoEConfig, stage: int, step: int, batch_size: int, seed: int = 0) -> List[sd.Batch]:
+    """The batches of one training step (a list; build_inputs pads them into one sequence batch)."""
+    g = torch.Generator().manual_seed(_seed(seed, stage, step))
+    if stage == 0:
+        return [sd.make_batch(cfg.data, "text", batch_size, g, sd.TASKS["text"] + ("describe",))]
+    if stage == 1:
+        per = max(batch_size // len(MEDIA), 1)
+        return [sd.make_batch(cfg.data, m, per, g, ("describe",)) for m in MEDIA]
+    if stage == 2:
+        m = cfg.expert_modalities[step % len(cfg.expert_modalities)]
+        return [sd.make_batch(cfg.data, m, batch_size, g)]
+    if stage == 3:
+        per = max(batch_size // len(sd.MODALITIES), 1)
+        return [sd.make_batch(cfg.data, m, per, g) for m in sd.MODALITIES]
+    raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+
+
+def eval_batches(cfg: UniMoEConfig, per_modality: int = 64, seed: int = 12345, modalities=sd.MODALITIES) -> List[sd.Batch]:
+    """A fixed QA evaluation set, one batch per modality, from a generator no training step uses."""
+    g = torch.Generator().manual_seed(seed + 2**40)  # offset: outside the range _seed produces for small seeds
+    return [sd.make_batch(cfg.data, m, per_modality, g) for m in modalities]
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    if step < WARMUP:
+        return peak * (step + 1) / WARMUP
+    t = (step - WARMUP) / max(steps - WARMUP, 1)
+    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = opt.state_dict()
+    tensors = {}
+    for idx, st in state["state"].items():
+        for key, v in st.items():
+            tensors[f"{idx}.{key}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def _unflat_optimizer(tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for name, v in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(path: str, model: UniMoE, optimizer: Optional[torch.optim.Optimizer] = None, **trainer_state) -> None:
+    """Write model (+ optimizer) safetensors and trainer.json into directory `path`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    meta = {"config": model.cfg.to_dict(), "ffn_mode": model.ffn_mode, **trainer_state}
+    if optimizer is not None:
+        tensors, groups = _flat_optimizer(optimizer)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, "optimizer.safetensors"))
+        meta["optimizer_param_groups"] = groups
+    tmp = os.path.join(path, "trainer.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(meta, fh)
+    os.replace(tmp, os.path.join(path, "trainer.json"))  # trainer.json last and atomic: it marks a complete checkpoint
+
+
+def read_trainer_state(path: str) -> Optional[dict]:
+    f = os.path.join(path, "trainer.json")
+    if not os.path.exists(f):
+        return None
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def load_model(path: str, device=None) -> UniMoE:
+    """The model saved in checkpoint directory `path` (its config and stage structure, its weights)."""
+    from safetensors.torch import load_file
+
+    meta = read_trainer_state(path)
+    if meta is None:
+        raise FileNotFoundError(f"no checkpoint in {path!r} (trainer.json missing)")
+    model = UniMoE(UniMoEConfig(**meta["config"]))
+    model.set_ffn_mode(meta["ffn_mode"])
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    return model.to(device) if device is not None else model
+
+
+def _load_optimizer(path: str, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    from safetensors.torch import load_file
+
+    f = os.path.join(path, "optimizer.safetensors")
+    if os.path.exists(f):
+        optimizer.load_state_dict(_unflat_optimizer(load_file(f), meta["optimizer_param_groups"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_stage(
+    model: UniMoE,
+    stage: int,
+    steps: Optional[int] = None,
+    *,
+    batch_size: int = 32,
+    lr: Optional[float] = None,
+    seed: int = 0,
+    out_dir: Optional[str] = None,
+    save_every: int = 0,
+    resume: bool = True,
+    progress: bool = False,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> dict:
+    """Train `model` for stage `stage` up to `steps` total steps; returns the run's record.
+
+    With out_dir, a checkpoint of the same stage found there is resumed (weights, AdamW moments,
+    step, loss history), so an interrupted run continues exactly where it stopped. Returns
+    {"stage", "steps", "history" (loss per step), "tokens" (sequence positions processed by this
+    call), "seconds" (of this call)}.
+    """
+    steps = DEFAULT_STEPS[stage] if steps is None else steps
+    lr = DEFAULT_LR[stage] if lr is None else lr
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    params = model.setup_stage(stage)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    start, history = 0, []
+    meta = read_trainer_state(out_dir) if (out_dir and resume) else None
+    if meta is not None and meta.get("stage") == stage:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")))
+        _load_optimizer(out_dir, opt, meta)
+        start, history = meta["step"], list(meta["history"])
+
+    def save(step: int) -> None:
+        if out_dir:
+            save_checkpoint(out_dir, model, opt, stage=stage, step=step, steps=steps, history=history,
+                            batch_size=batch_size, lr=lr, seed=seed)
+
+    model.train()
+    it = range(start, steps)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(it, desc=f"stage {stage}", unit="step", initial=start, total=steps)
+            it = bar
+        except ImportError:
+            pass
+    tokens, t0 = 0, time.perf_counter()
+    for step in it:
+        torch.manual_seed(_seed(seed, stage, step))  # LoRA dropout replays on resume
+        batches = stage_batches(model.cfg, stage, step, batch_size, seed)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        embeds, labels, groups, mod, _ = model.build_inputs(batches)
+        logits = model(embeds, groups, mod)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # 1.0: the LLaMA / Uni-MoE recipes' clip
+        opt.step()
+        value = loss.item()  # the trainer logs every step; not part of the layers' forward/backward
+        history.append(value)
+        tokens += embeds.shape[0] * embeds.shape[1]
+        if bar is not None:
+            bar.set_postfix(loss=f"{value:.3f}")
+        if on_step is not None:
+            on_step(step, value)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    save(steps)
+    return {"stage": stage, "steps": steps, "history": history, "tokens": tokens, "seconds": seconds}
+
+
+__all__ = [
+    "stage_batches", "eval_batches", "lr_at", "train_stage", "save_checkpoint", "load_model",
+    "read_trainer_state", "DEFAULT_STEPS", "DEFAULT_LR",
+]
