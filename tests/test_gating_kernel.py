@@ -200,6 +200,17 @@ def test_bad_arguments(kwargs, exc, word):
         ops.topk_gating(torch.randn(4, 6), backend="triton", **kwargs)
 
 
+def test_integer_like_arguments(device):
+    # numpy integers (e.g. from a config parsed with numpy) are ints; a float top_k is not.
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(4, 6, device=device)
+    out = ops.topk_gating(logits, np.int64(2), n_groups=np.int64(3), topk_groups=np.int64(2), backend="triton")
+    ref = reference.topk_gating(logits, 2, n_groups=3, topk_groups=2)
+    assert torch.equal(out.ids, ref.ids)
+    with pytest.raises(TypeError, match="top_k"):
+        ops.topk_gating(logits, 2.0, backend="triton")
+
+
 def test_bad_logits():
     with pytest.raises(ValueError, match="logits"):
         ops.topk_gating(torch.randn(4), 1, backend="triton")

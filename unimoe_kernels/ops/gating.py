@@ -17,6 +17,7 @@ through d(scores) here and through the returned logits tensor.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -145,8 +146,14 @@ def topk_gating(
         raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
-    if not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    try:
+        # operator.index accepts numpy / 0-d integer types but not floats or bools-as-configs.
+        top_k, n_groups = operator.index(top_k), operator.index(n_groups)
+        topk_groups = None if topk_groups is None else operator.index(topk_groups)
+    except TypeError:
+        raise TypeError(
+            f"top_k, n_groups and topk_groups must be ints, got {top_k!r}, {n_groups!r}, {topk_groups!r}"
+        ) from None
     check_gating_args(logits.shape[1], top_k, n_groups, topk_groups, scoring)
     if expert_bias is not None:
         if expert_bias.shape != (logits.shape[1],):
