@@ -2,7 +2,7 @@
 
     harness.RESULTS (list of Record) --summary_lines--> terminal table at the end of `pytest benchmarks`
                                      --save (GPU, UNIMOE_BENCH_SAVE=1)--> benchmarks/results/<date>_<device>.json
-    benchmarks/results/*.json --load_all--> render_results.py --> RESULTS.md (+ results.png)
+    benchmarks/results/*.json --render_results.py--> RESULTS.md (+ results.png)
 
 A JSON file holds one run: {"schema", "device", "torch", "triton", "cuda", "date", "dtype", "records"}.
 Only GPU runs are saved: CPU timings of the tiny shapes are smoke tests, not results.
@@ -129,14 +129,3 @@ def save_from_env(records: Iterable) -> str:
     if not any(r.ms for r in timed):
         return f"{SAVE_ENV}={value}: nothing saved, no timings (--benchmark-disable?)"
     return f"benchmark results saved to {save(timed, directory)}"
-
-
-def load_all(directory: Path = RESULTS_DIR) -> list[dict]:
-    """Every run saved in directory, oldest first; files of another schema are skipped."""
-    runs = []
-    for path in sorted(Path(directory).glob("*.json")):
-        data = json.loads(path.read_text())
-        if data.get("schema") == SCHEMA:
-            data["file"] = path.name
-            runs.append(data)
-    return runs
