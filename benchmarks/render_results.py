@@ -141,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default: <dir>/RESULTS.md)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     args = parser.parse_args(argv)
+    if not args.dir.is_dir():
+        parser.error(f"--dir {args.dir} is not a folder")
     runs = load_runs(args.dir)
     out = args.out or args.dir / "RESULTS.md"
     out.write_text(render_markdown(runs))
