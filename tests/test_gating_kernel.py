@@ -63,6 +63,8 @@ CASES = [
     (11, 6, 2, dict(scaling_factor=2.5), "scaling_factor after renormalisation"),
     (12, 16, 4, dict(scoring="sigmoid", expert_bias=True, n_groups=4, topk_groups=2, scaling_factor=2.5),
      "DeepSeek-V3 style: sigmoid + bias, 4 groups of 4, best 2 groups"),
+    (10, 256, 8, dict(scoring="sigmoid", expert_bias=True, n_groups=8, topk_groups=4, scaling_factor=2.5),
+     "DeepSeek-V3 router: E=256, 8 groups, best 4, k=8; BLOCK_T=8 so two programs"),
     (12, 12, 3, dict(n_groups=12, topk_groups=5), "groups of one expert: group score is that expert's"),
     (12, 12, 4, dict(expert_bias=True, n_groups=3, topk_groups=1), "one group kept: all k from it"),
     (12, 15, 2, dict(n_groups=5), "n_groups without topk_groups keeps every group (odd group size 3)"),
