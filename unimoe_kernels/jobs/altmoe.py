@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--dims", type=_dims, default=_dims("image=64,text=48"),
                    help="modality=embedding width of each frozen encoder (default image=64,text=48)")
     t.add_argument("--latent-dim", type=int, default=16, help="size of the hidden factor both encoders see")
-    t.add_argument("--noise", type=float, default=0.1, help="per-modality observation noise of the factor")
+    # 0.3: measured R@1 0.96 on the 1000-item test gallery after 600 steps against a ceiling (the
+    # oracle on the raw factors) of 0.998; at 0.1 the task is solved within 100 steps.
+    t.add_argument("--noise", type=float, default=0.3, help="per-modality observation noise of the factor")
     t.add_argument("--n-train", type=int, default=8192)
     t.add_argument("--n-val", type=int, default=512)
     t.add_argument("--n-test", type=int, default=1000)
@@ -182,9 +184,10 @@ def run_train(args: argparse.Namespace) -> dict:
     ckpt = os.path.join(args.out, "checkpoint.pt")
     save_predictor(predictor, ckpt, extra={"synthetic": task.spec(), "split_seeds": seeds})
 
-    test_recall = {}
+    test_recall, oracle = {}, {}
     for (src, tgt), d in zip(config.directions, predictor.directions):
         test_recall[d] = evaluate_direction(predictor, test[src], VectorStore.load(galleries[tgt], map_location=device), d)
+        oracle[d] = task.oracle_recall(args.n_test, seeds["test"], src, tgt)
     plot = _plot(history.evals, os.path.join(args.out, "recall.png"))
 
     report = {
@@ -193,16 +196,17 @@ def run_train(args: argparse.Namespace) -> dict:
         "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
         "config": config.to_dict(), "parameters": sum(p.numel() for p in predictor.parameters()),
         "train_seconds": train_s, "chance_recall_at_1": 1.0 / args.n_test, "test_gallery_size": args.n_test,
-        "test_recall": test_recall, "steps_per_direction": history.steps_per_direction,
+        "test_recall": test_recall, "oracle_recall": oracle, "steps_per_direction": history.steps_per_direction,
         "history": history.evals, "checkpoint": ckpt, "galleries": galleries, "plot": plot,
     }
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
 
     _print(f"trained in {train_s:.1f} s; test gallery {args.n_test} (chance R@1 {1.0 / args.n_test:.4f})")
-    _print(f"{'direction':<20} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'steps':>6}")
+    _print(f"{'direction':<20} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'steps':>6} {'oracle R@1':>11}")
     for d, r in test_recall.items():
-        _print(f"{d:<20} {r['R@1']:7.3f} {r['R@5']:7.3f} {r['R@10']:7.3f} {history.steps_per_direction[d]:6d}")
+        _print(f"{d:<20} {r['R@1']:7.3f} {r['R@5']:7.3f} {r['R@10']:7.3f} {history.steps_per_direction[d]:6d} "
+               f"{oracle[d]['R@1']:11.3f}")
     _print(f"report: {os.path.join(args.out, 'report.json')}; plot: {plot}")
     return report
 

@@ -35,9 +35,13 @@ class SearchResult(NamedTuple):
 
 
 class VectorStore:
-    """Gallery embeddings [N, D] (stored L2-normalised, fp32) with int64 ids [N] and a modality tag."""
+    """Gallery embeddings [N, D] (stored L2-normalised, fp32) with int64 ids [N] and a modality tag.
 
-    def __init__(self, embeddings: torch.Tensor, ids: Optional[torch.Tensor] = None, *, modality: str = ""):
+    assume_normalized skips the normalisation (load() uses it so a round trip is bit-exact:
+    normalising unit vectors again moves their last bits)."""
+
+    def __init__(self, embeddings: torch.Tensor, ids: Optional[torch.Tensor] = None, *, modality: str = "",
+                 assume_normalized: bool = False):
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor [N, D], got {type(embeddings).__name__}")
         if embeddings.dim() != 2 or embeddings.shape[1] < 1:
@@ -52,7 +56,8 @@ class VectorStore:
         ids = torch.as_tensor(ids)
         if ids.shape != (n,) or ids.is_floating_point():
             raise ValueError(f"ids must be an integer tensor [N={n}], got {ids.dtype} {tuple(ids.shape)}")
-        self.embeddings = F.normalize(embeddings.detach().float(), dim=-1)
+        emb = embeddings.detach().float()
+        self.embeddings = emb if assume_normalized else F.normalize(emb, dim=-1)
         self.ids = ids.to(device=embeddings.device, dtype=torch.int64)
         self.modality = str(modality)
 
@@ -68,7 +73,7 @@ class VectorStore:
         return self.embeddings.device
 
     def to(self, device) -> "VectorStore":
-        return VectorStore(self.embeddings.to(device), self.ids.to(device), modality=self.modality)
+        return VectorStore(self.embeddings.to(device), self.ids.to(device), modality=self.modality, assume_normalized=True)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -109,7 +114,7 @@ class VectorStore:
             emb, ids = blob.get("embeddings"), blob.get("ids")
         if fmt != STORE_FORMAT:
             raise ValueError(f"{path} is not a saved VectorStore (format {fmt!r}, expected {STORE_FORMAT!r})")
-        return cls(emb.to(map_location), ids.to(map_location), modality=modality)
+        return cls(emb.to(map_location), ids.to(map_location), modality=modality, assume_normalized=True)
 
     # -- search --------------------------------------------------------------------------------
 
