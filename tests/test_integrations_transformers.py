@@ -339,3 +339,17 @@ def test_triton_backend_matches_unpatched():
     torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ex.lora_B_down.grad, d.b.grad, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(ex.lora_A_gate_up.grad, gu.a.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_example_script_runs(tmp_path, monkeypatch, capsys):
+    """examples/patch_transformers_lora.py (linked from the README) trains and writes a PEFT adapter."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "patch_transformers_lora.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--steps", "3", "--device", "cpu", "--out", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
