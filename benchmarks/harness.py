@@ -365,5 +365,8 @@ def first_call(fn: Callable, args: Sequence):
     try:
         return fn(*args)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None
+        pass
+    # Outside the except block: the exception's frames (and the tensors they hold) are gone now,
+    # so the cache can really be emptied for the next provider.
+    torch.cuda.empty_cache()
+    return None
