@@ -353,3 +353,29 @@ def test_example_script_runs(tmp_path, monkeypatch, capsys):
     losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+
+
+def _low_precision_rule(family, dtype, device, backend):
+    """flash-attention's rule (DESIGN.md section 6): the patched model's error against the fp32 model
+    is at most twice the unpatched model's own error in the same dtype, plus a floor."""
+    ref32 = _model(family).to(device)
+    low = copy.deepcopy(ref32).to(dtype)
+    patched = copy.deepcopy(low)
+    assert patch_moe(patched, backend=backend) == 2
+    ids = _tokens().to(device)
+    want = ref32(ids).logits
+    err_host = (low(ids).logits.float() - want).abs().max()
+    err_ours = (patched(ids).logits.float() - want).abs().max()
+    floor = 1e-3 if dtype == torch.float16 else 1e-2  # a few ulps of logits of size ~1 (fp16 / bf16 eps)
+    assert err_ours <= 2 * err_host + floor, (float(err_ours), float(err_host))
+
+
+def test_triton_fp16_qwen2_moe_within_twice_host_error():
+    # Qwen2-MoE: the router hands the experts weights in the model dtype (fp16), plus a shared expert.
+    _low_precision_rule("qwen2_moe", torch.float16, torch.device("cpu"), "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_on_gpu_within_twice_host_error(family):
+    _low_precision_rule(family, torch.bfloat16, torch.device("cuda"), "auto")
