@@ -268,7 +268,11 @@ _DENSE_MS: dict = {}
 
 
 def dense_ms(cfg: ShapeConfig, size: str, mode: str, enabled: bool = True) -> Optional[float]:
-    """Median time of baselines.dense_mlp over T*k rows (the MoE's base FLOPs, no routing); cached."""
+    """Median time of baselines.dense_mlp over T*k rows (the MoE's base FLOPs, no routing); cached.
+
+    The layer benchmark's own `dense` provider fills the cache (record()), so vs_dense and the
+    summary's dense row come from the same measurement; only a run without it times the MLP here.
+    """
     if not enabled:
         return None
     key = (cfg.name, size, mode)
@@ -324,6 +328,9 @@ def dense_callable(cfg: ShapeConfig, mode: str) -> DenseBench:
 def record(benchmark, rec: Record, flop_count: Optional[int] = None, bytes_moved: Optional[int] = None,
            dense: Optional[float] = None) -> Record:
     """Fill the derived metrics, put them in benchmark.extra_info and RESULTS."""
+    if rec.provider == "dense" and rec.ms:
+        _DENSE_MS[(rec.config, rec.size, rec.mode)] = rec.ms
+        dense = rec.ms
     if rec.ms:
         if flop_count:
             rec.tflops = flop_count / (rec.ms * 1e-3) / 1e12
@@ -335,7 +342,7 @@ def record(benchmark, rec: Record, flop_count: Optional[int] = None, bytes_moved
     # the order of their parametrisation, ours last, so ours carries a ratio to every baseline).
     for other in RESULTS:
         if (other.group, other.config, other.size, other.mode) == (rec.group, rec.config, rec.size, rec.mode) \
-                and other.ms and rec.ms and other.provider != rec.provider:
+                and other.ms and rec.ms and other.provider not in (rec.provider, "dense"):  # dense: vs_dense
             rec.extra[f"speedup_vs_{other.provider}"] = other.ms / rec.ms
     info = {
         "group": rec.group, "config": rec.config, "size": rec.size, "mode": rec.mode, "provider": rec.provider,
