@@ -54,6 +54,8 @@ SCENARIOS_2 = {
     "ep_capacity_uneven": _scenario(experts=4, tokens=[7, 2], ep_capacity=2, route="hot_expert_0"),
     # The Triton kernels (interpreter on CPU) for permute/regroup/grouped MLP inside the EP path.
     "triton": _scenario(experts=4, tokens=[4, 3], backend="triton"),
+    # The Triton path with the empty edges: rank 0 has no tokens, rank 1's experts get no rows.
+    "triton_empty_and_idle": _scenario(experts=4, tokens=[0, 5], backend="triton", route="avoid_last_rank"),
 }
 
 SCENARIOS_4 = {

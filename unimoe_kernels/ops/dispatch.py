@@ -95,7 +95,10 @@ def group_size_and_rank(group, argument: str = "group") -> tuple[int, int]:
                         f"got {type(group).__name__}")
     if not dist.is_initialized():
         raise RuntimeError(f"{argument}: torch.distributed is not initialised (call init_process_group first)")
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:  # get_rank returns -1 on processes outside the group
+        raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return dist.get_world_size(group), rank
 
 
 def _a2a(x: torch.Tensor, out_splits: Optional[List[int]], in_splits: Optional[List[int]], group) -> torch.Tensor:
