@@ -175,6 +175,8 @@ def train_stage(
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    # Seeded so a stage's fresh parameters (stage 3's routers and LoRA A) depend on `seed` only.
+    torch.manual_seed(_seed(seed, stage, -1))
     params = model.setup_stage(stage)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     start, history = 0, []

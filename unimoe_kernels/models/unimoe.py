@@ -106,6 +106,21 @@ class UniMoEConfig:
         return d
 
 
+# Named configurations: "demo" is the tiny default the demo trains; "micro" is smaller still, for tests
+# (4 image patches, 4 audio queries, width 32) so every stage runs in about a second on one core.
+PRESETS = {
+    "demo": {},
+    "micro": dict(hidden_size=32, num_heads=2, ffn_hidden_size=64, encoder_width=32, vit_layers=2,
+                  patch_size=8, audio_layers=1, audio_queries=4),
+}
+
+
+def preset_config(name: str, **overrides) -> UniMoEConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return UniMoEConfig(**{**PRESETS[name], **overrides})
+
+
 class RMSNorm(nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
@@ -470,6 +485,6 @@ def answer_accuracy(model: UniMoE, batches: Sequence[sd.Batch], use_cache: bool 
 
 
 __all__ = [
-    "UniMoEConfig", "UniMoE", "RMSNorm", "Attention", "SwiGLUMLP", "ModalityFFNs", "DecoderLayer",
+    "UniMoEConfig", "UniMoE", "PRESETS", "preset_config", "RMSNorm", "Attention", "SwiGLUMLP", "ModalityFFNs", "DecoderLayer",
     "KVCache", "rope", "answer_accuracy", "FFN_MODES", "MOE_IMPLS", "PAD_GROUP",
 ]

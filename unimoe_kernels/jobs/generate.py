@@ -1,0 +1,66 @@
+"""`python -m unimoe_kernels generate`: greedy answers of a trained reference Uni-MoE.
+
+    load_model(--ckpt, default OUT/stage3) -> fresh synthetic questions per --modality (seeded)
+    -> model.generate (KV cache unless --no-cache; naive loop MoE with --naive)
+    -> one line per example: modality, question, truth, answer; then accuracy and tokens/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from .train import add_common, set_threads
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--ckpt", default=None, help="checkpoint directory (default OUT/stage3)")
+    p.add_argument("--modality", default="all", help="image | video | audio | text | all")
+    p.add_argument("-n", "--num", type=int, default=4, help="examples per modality")
+    p.add_argument("--max-new-tokens", type=int, default=3)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--naive", action="store_true", help="run every SparseMoE through the naive loop over experts")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..models import synthetic_data as sd
+    from ..models.training import load_model
+
+    set_threads(args.threads)
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    mods = sd.MODALITIES if args.modality == "all" else (args.modality,)
+    for m in mods:
+        if m not in sd.MODALITIES:
+            raise ValueError(f"--modality must be one of {sd.MODALITIES} or 'all', got {m!r}")
+    ckpt = args.ckpt or os.path.join(args.out, "stage3")
+    model = load_model(ckpt).eval()
+    if args.naive:
+        if model.ffn_mode != "moe":
+            raise ValueError(f"--naive needs a stage-3 (MoE) checkpoint; {ckpt!r} is {model.ffn_mode!r}")
+        model.set_moe_impl("naive")
+    g = torch.Generator().manual_seed(args.seed)
+    words = lambda ids: " ".join(sd.VOCAB[i] for i in ids if i != sd.PAD)  # noqa: E731
+    hits = total = new_tokens = 0
+    seconds = 0.0
+    rows = []
+    for m in mods:
+        batch = sd.make_batch(model.cfg.data, m, args.num, g)
+        t0 = time.perf_counter()
+        out = model.generate(batch, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache)
+        seconds += time.perf_counter() - t0
+        new_tokens += out.numel()
+        for i in range(args.num):
+            truth, pred = batch.answer[i].tolist(), out[i].tolist()
+            ok = pred[: len(truth)] == truth
+            hits, total = hits + ok, total + 1
+            rows.append({"modality": m, "prompt": words(batch.prompt[i].tolist()), "truth": words(truth), "answer": words(pred), "correct": ok})
+            print(f"[{m:>5}] {rows[-1]['prompt']:<32} truth: {rows[-1]['truth']:<12} answer: {rows[-1]['answer']:<12} {'ok' if ok else 'WRONG'}")
+    result = {"accuracy": hits / total, "tokens_per_s": new_tokens / seconds if seconds > 0 else None, "rows": rows}
+    print(f"accuracy {hits}/{total}, {result['tokens_per_s']:.0f} generated tokens/s "
+          f"({'naive loop' if args.naive else 'SparseMoE'}, {'no cache' if args.no_cache else 'KV cache'})")
+    return result
