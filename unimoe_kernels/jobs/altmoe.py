@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is fastest for the demo's tiny matmuls "
+                        "on a busy machine")
 
     r = sub.add_parser("retrieve", help="cross-modal search with a trained connector and saved galleries")
     r.add_argument("--run", default=DEFAULT_OUT, help="directory of a `train` run (default runs/altmoe)")
@@ -110,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--show", type=int, default=3, help="print the top hits of this many queries per direction")
     r.add_argument("--json", default=None, help="where to write the results (default <run>/retrieve.json)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def _device(name: str) -> torch.device:
@@ -259,6 +263,10 @@ def run_retrieve(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.altmoe_command == "train":
         return run_train(args)
     if args.altmoe_command == "retrieve":

@@ -557,7 +557,8 @@ def train_alternating(
     set_lrs(0)
     sampler = DirectionSampler(directions, schedule, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    perms = {d: torch.randperm(n_train, generator=gen) for d in directions}
+    # Index permutations live on the data's device: one copy per epoch, none per step.
+    perms = {d: torch.randperm(n_train, generator=gen).to(device) for d in directions}
     cursor = {d: 0 for d in directions}
     loss_sums = {d: torch.zeros(3, device=device) for d in directions}
     loss_counts = {d: 0 for d in directions}
@@ -592,9 +593,9 @@ def train_alternating(
         d = sampler.next()
         src, tgt = predictor.config.directions[directions.index(d)]
         if cursor[d] + batch_size > n_train:
-            perms[d] = torch.randperm(n_train, generator=gen)
+            perms[d] = torch.randperm(n_train, generator=gen).to(device)
             cursor[d] = 0
-        idx = perms[d][cursor[d]:cursor[d] + batch_size].to(device)
+        idx = perms[d][cursor[d]:cursor[d] + batch_size]
         cursor[d] += batch_size
 
         set_lrs(step - 1)
