@@ -107,7 +107,6 @@ def grouped_mm_kernel(
 
     w_e = w_ptr + e64 * stride_we
     # Forward GLU: gate and up tiles share the x tile; the up rows of W sit w_up_off further on.
-    two_acc: tl.constexpr = GLU and EPILOGUE == 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -121,7 +120,7 @@ def grouped_mm_kernel(
         w_mask = mask_k[:, None] & mask_n[None, :]
         wt = tl.load(w_e + w_off, mask=w_mask, other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
-        if two_acc:
+        if GLU and EPILOGUE == 1:
             wu = tl.load(w_e + w_up_off + w_off, mask=w_mask, other=0.0)
             acc_up = tl.dot(xt, wu, acc_up, input_precision=DOT_PRECISION)
 
@@ -137,7 +136,7 @@ def grouped_mm_kernel(
         b_mask = mask_r[:, None] & mask_n[None, :]
         bt = tl.load(b_e + b_off, mask=b_mask, other=0.0)
         acc += scale * tl.dot(xat, bt, input_precision=DOT_PRECISION)
-        if two_acc:
+        if GLU and EPILOGUE == 1:
             bu = tl.load(b_e + b_up_off + b_off, mask=b_mask, other=0.0)
             acc_up += scale * tl.dot(xat, bu, input_precision=DOT_PRECISION)
 
