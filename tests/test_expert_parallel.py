@@ -31,7 +31,14 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # a hung collective fails i
 # ----------------------------------------------------------------------------------------------
 
 BASE = dict(hidden=8, ffn=6, top_k=2, lora_rank=2, freeze_base=False, activation="swiglu",
-            aux=0.01, zloss=1e-3, capacity_factor=None, ep_capacity=None, route=None, backend="torch")
+            aux=0.01, zloss=1e-3, capacity_factor=None, ep_capacity=None, route=None, backend="torch",
+            dtype=torch.float32)
+
+# Comparison rule for fp16/bf16: max error <= atol + rtol * max |oracle| (benchmarks/harness.py's),
+# because the EP layer sums an expert's rows from all ranks in one GEMM where the oracle adds
+# per-rank gradients in the low precision. bf16 keeps 8 mantissa bits, fp16 11. fp32 is compared
+# elementwise to 1e-5 (summation order only).
+LOW_PRECISION_TOL = {torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 3e-2)}
 
 
 def _scenario(**kw):
@@ -56,6 +63,8 @@ SCENARIOS_2 = {
     "triton": _scenario(experts=4, tokens=[4, 3], backend="triton"),
     # The Triton path with the empty edges: rank 0 has no tokens, rank 1's experts get no rows.
     "triton_empty_and_idle": _scenario(experts=4, tokens=[0, 5], backend="triton", route="avoid_last_rank"),
+    # fp16 rows through gloo.
+    "fp16": _scenario(experts=4, tokens=[4, 6], dtype=torch.float16),
 }
 
 SCENARIOS_4 = {
@@ -66,7 +75,17 @@ SCENARIOS_4 = {
 }
 
 
-def _make_full(s: dict, world_size: int) -> SparseMoE:
+def _gpu_scenarios(world_size: int) -> dict:
+    """NCCL on every visible GPU (one GPU: a group of 1, the exchange is a device copy), bf16,
+    Triton kernels (backend auto on CUDA)."""
+    gpu = dict(experts=4 * world_size, dtype=torch.bfloat16, backend="auto", hidden=64, ffn=32)
+    return {
+        "gpu_uneven": _scenario(tokens=[40 + 17 * r for r in range(world_size)], **gpu),
+        "gpu_capacity": _scenario(tokens=[48] * world_size, capacity_factor=1.0, route="hot_expert_0", **gpu),
+    }
+
+
+def _make_full(s: dict, world_size: int, device) -> SparseMoE:
     torch.manual_seed(0)
     moe = SparseMoE(
         s["hidden"], s["ffn"], s["experts"], s["top_k"], activation=s["activation"], lora_rank=s["lora_rank"],
@@ -85,17 +104,17 @@ def _make_full(s: dict, world_size: int) -> SparseMoE:
         elif s["route"] == "hot_expert_0":
             moe.router.weight[:, 0] = 0.0
             moe.router.weight[0, 0] = 5.0
-    return moe.train()
+    return moe.to(device=device, dtype=s["dtype"]).train()
 
 
-def _inputs(s: dict) -> tuple[list, list]:
+def _inputs(s: dict, device) -> tuple[list, list]:
     g = torch.Generator().manual_seed(1)
     xs, gs = [], []
     for t in s["tokens"]:
         x = torch.randn(t, s["hidden"], generator=g)
         x[:, 0] = 3.0
-        xs.append(x)
-        gs.append(torch.randn(t, s["hidden"], generator=g))
+        xs.append(x.to(device=device, dtype=s["dtype"]))
+        gs.append(torch.randn(t, s["hidden"], generator=g).to(device=device, dtype=s["dtype"]))
     return xs, gs
 
 
@@ -120,16 +139,25 @@ def _oracle(full: SparseMoE, s: dict, xs, gs):
     return outs, dxs, dropped, torch.stack(counts).sum(0), grads
 
 
-def _close(what: str, got, want, atol=1e-5, rtol=1e-5):
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+def _close(what: str, got, want):
+    if got.dtype not in LOW_PRECISION_TOL:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+        return
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    if want.numel() == 0:
+        return
+    atol, rtol = LOW_PRECISION_TOL[got.dtype]
+    err = (got.float() - want.float()).abs().max().item()
+    bound = atol + rtol * want.float().abs().max().item()
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-def _run_scenario(name: str, s: dict, rank: int, world_size: int, group) -> None:
+def _run_scenario(name: str, s: dict, rank: int, world_size: int, group, device) -> None:
     import torch.distributed as dist
 
-    full = _make_full(s, world_size)
+    full = _make_full(s, world_size, device)
     full_state = {k: v.clone() for k, v in full.state_dict().items()}
-    xs, gs = _inputs(s)
+    xs, gs = _inputs(s, device)
     outs, dxs, dropped, counts, grads = _oracle(full, s, xs, gs)
     e_local = s["experts"] // world_size
     # The scenario must exercise what it claims, or it could pass vacuously.
@@ -142,6 +170,7 @@ def _run_scenario(name: str, s: dict, rank: int, world_size: int, group) -> None
         s["hidden"], s["ffn"], s["experts"], s["top_k"], activation=s["activation"], lora_rank=s["lora_rank"],
         freeze_base=s["freeze_base"], aux_loss_coef=s["aux"], z_loss_coef=s["zloss"],
         capacity_factor=s["capacity_factor"], ep_capacity=s["ep_capacity"], ep_group=group, backend=s["backend"],
+        device=device, dtype=s["dtype"],
     )
     assert ep.experts.gate_up_proj.shape[0] == e_local
     ep.load_state_dict(shard_state_dict(full_state, rank, world_size))
@@ -195,17 +224,22 @@ def _check_errors(rank: int, world_size: int, group) -> None:
         raise AssertionError("capacity=0 was accepted")
 
 
-def _worker(rank: int, world_size: int, init_method: str, scenario_names: list, table: str) -> None:
+def _worker(rank: int, world_size: int, init_method: str, table: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # P processes share 2 cores
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    if table == "gpu":
+        backend, device = "nccl", torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+        torch.set_num_threads(1)  # P processes share 2 cores
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     try:
         group = dist.new_group(list(range(world_size)))  # a sub-group, as a real EP group is
-        scenarios = SCENARIOS_2 if table == "2" else SCENARIOS_4
-        for name in scenario_names:
+        scenarios = {"2": SCENARIOS_2, "4": SCENARIOS_4}.get(table) or _gpu_scenarios(world_size)
+        for name, scenario in scenarios.items():
             try:
-                _run_scenario(name, scenarios[name], rank, world_size, group)
+                _run_scenario(name, scenario, rank, world_size, group, device)
             except Exception as err:  # name the scenario in the parent's error
                 raise AssertionError(f"scenario {name!r}, rank {rank}: {err}\n{traceback.format_exc()}") from err
         if table == "2":
@@ -215,7 +249,7 @@ def _worker(rank: int, world_size: int, init_method: str, scenario_names: list, 
         dist.destroy_process_group()
 
 
-def _spawn(world_size: int, tmp_path, scenario_names: list, table: str) -> None:
+def _spawn(world_size: int, tmp_path, table: str) -> None:
     mp = pytest.importorskip("torch.multiprocessing")
     import torch.distributed as dist
 
@@ -223,7 +257,7 @@ def _spawn(world_size: int, tmp_path, scenario_names: list, table: str) -> None:
         pytest.skip("torch.distributed with gloo is not available")
     init = "file://" + os.path.join(str(tmp_path), "rendezvous")
     ctx = mp.start_processes(
-        _worker, args=(world_size, init, scenario_names, table), nprocs=world_size, join=False, start_method="spawn"
+        _worker, args=(world_size, init, table), nprocs=world_size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1.0):
@@ -235,11 +269,20 @@ def _spawn(world_size: int, tmp_path, scenario_names: list, table: str) -> None:
 
 
 def test_expert_parallel_2_ranks(tmp_path):
-    _spawn(2, tmp_path, list(SCENARIOS_2), "2")
+    _spawn(2, tmp_path, "2")
 
 
 def test_expert_parallel_4_ranks(tmp_path):
-    _spawn(4, tmp_path, list(SCENARIOS_4), "4")
+    _spawn(4, tmp_path, "4")
+
+
+@pytest.mark.gpu
+def test_expert_parallel_nccl_gpu(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available in this torch build")
+    _spawn(torch.cuda.device_count(), tmp_path, "gpu")
 
 
 # ----------------------------------------------------------------------------------------------
