@@ -21,6 +21,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .configs import ANCHOR_CLAIMS
+
 SAVE_ENV = "UNIMOE_BENCH_SAVE"  # "1": save to benchmarks/results/; any other non-"0" value: that directory
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
@@ -60,6 +62,9 @@ def summary_lines(records: Iterable) -> list[str]:
         ran = [r for r in rows if not r.skipped]
         lines.append("")
         lines.append(f"[{group}] {config} ({size}) {mode}")
+        claim = ANCHOR_CLAIMS.get((config, mode)) if (group, size) == ("layer", "full") else None
+        if claim:
+            lines.append(f"  {claim}")
         if any(r.ms for r in ran):
             lines.append(header)
             for r in ran:

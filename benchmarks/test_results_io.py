@@ -76,3 +76,10 @@ def test_save_from_env_needs_a_gpu(monkeypatch, tmp_path):
         assert "saved to" in msg and list(tmp_path.glob("*.json"))
     else:
         assert "nothing saved, no GPU" in msg and not list(tmp_path.glob("*.json"))
+
+
+def test_summary_shows_anchor_claims_for_full_sizes_only():
+    full = [Record("layer", "peft-moe-lora", "full", "fwd+bwd", "ours", ms=3.0)]
+    tiny = [Record("layer", "peft-moe-lora", "tiny", "fwd+bwd", "ours", ms=3.0)]
+    assert any("4.97 ms" in line for line in results.summary_lines(full))
+    assert not any("4.97 ms" in line for line in results.summary_lines(tiny))
