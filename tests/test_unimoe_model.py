@@ -318,13 +318,15 @@ def test_jobs_train_resume_generate(tmp_path, capsys):
 def test_demo_job_writes_report(tmp_path):
     out = str(tmp_path / "demo")
     args = ["demo", "--out", out, "--preset", "micro", "--steps-scale", "0.02", "--batch-size", "8",
-            "--eval-examples", "2", "--bench-rounds", "1", "--bench-steps", "1", "--no-progress"]
+            "--eval-examples", "2", "--bench-rounds", "1", "--bench-steps", "1", "--no-progress",
+            "--stack", "micro", "--stack-device", "cpu"]
     assert main(args) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert [s["stage"] for s in report["stages"]] == [0, 1, 2, 3]
     thr = report["throughput"]
     for key in ("train_tokens_per_s", "generate_tokens_per_s"):
         assert thr[key]["fused"] > 0 and thr[key]["naive"] > 0
+    assert report["layer_stack"]["shape"] == "micro" and report["layer_stack"]["speedup_vs_naive"] > 0
     load = report["expert_load"]
     assert len(load["fraction"]) == len(sd.MODALITIES) and len(load["fraction"][0]) == 4
     for row, counts in zip(load["fraction"], load["counts"]):

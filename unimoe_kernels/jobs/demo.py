@@ -5,6 +5,9 @@
         training tokens/s   (forward + backward + AdamW)  SparseMoE layers vs baselines.naive_loop_moe
         generation tokens/s (greedy, KV cache)            SparseMoE layers vs baselines.naive_loop_moe
     expert load per token modality: routing_stats() of the MoE layers over the evaluation set
+    layer stack (--stack): a residual stack of LoRA SparseMoE layers at uni-moe-8e proportions,
+        forward + backward tokens/s, SparseMoE vs the naive loop (where the kernels matter: in the
+        tiny model the encoders and attention dominate, so the model-level ratio is diluted)
     -> OUT/report.json, OUT/*.png (when matplotlib imports), a summary on stdout
 
 Throughput timings turn LoRA dropout off in both variants: the naive loop cannot draw the same
@@ -37,6 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-steps", type=int, default=4, help="training steps (or generate calls) per round")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--stack", default="auto", choices=("auto", "none", *STACK_SHAPES),
+                   help="layer-stack shape to time (auto: cpu-small on CPU, uni-moe-8e on CUDA)")
+    p.add_argument("--stack-device", default="auto", help="auto (cuda when present) | cpu | cuda")
+
+
+# Residual stacks of SparseMoE layers (LoRA r=8 on every expert, frozen base, top-2 of 8), timed
+# forward + backward. uni-moe-8e is DESIGN.md's named config (H=4096, F=11008); cpu-small keeps its
+# F/H ratio at 1/16 of the width so a CPU round takes about a second.
+STACK_SHAPES = {
+    "cpu-small": dict(tokens=1024, hidden=256, ffn=704, experts=8, top_k=2, lora_rank=8, layers=2),
+    "uni-moe-8e": dict(tokens=8192, hidden=4096, ffn=11008, experts=8, top_k=2, lora_rank=8, layers=2),
+    "micro": dict(tokens=64, hidden=32, ffn=48, experts=4, top_k=2, lora_rank=4, layers=1),  # tests only
+}
 
 
 def _median_rate(fns: dict, rounds: int) -> dict:
@@ -103,6 +119,46 @@ def measure_throughput(model, cfg, batch_size: int, rounds: int, steps: int, eva
     }
 
 
+def measure_layer_stack(shape: str, device: torch.device, rounds: int) -> dict:
+    """Training tokens/s of a residual SparseMoE stack: ours vs baselines.naive_loop_moe, same weights."""
+    from .. import baselines
+    from ..models.unimoe import RMSNorm
+    from ..modules import SparseMoE
+
+    c = STACK_SHAPES[shape]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # lora_dropout 0: the naive loop cannot replay dropout masks, and both should do the same work.
+    moes = [SparseMoE(c["hidden"], c["ffn"], c["experts"], c["top_k"], lora_rank=c["lora_rank"], lora_alpha=2.0 * c["lora_rank"],
+                      device=device, dtype=dtype) for _ in range(c["layers"])]
+    norms = [RMSNorm(c["hidden"], 1e-6).to(device, dtype) for _ in range(c["layers"])]
+    with torch.no_grad():
+        for m in moes:  # nonzero B, so the LoRA terms are real work in both variants
+            m.experts.lora_B_gate_up.copy_(0.02 * torch.randn(m.experts.lora_B_gate_up.shape, generator=gen))
+            m.experts.lora_B_down.copy_(0.02 * torch.randn(m.experts.lora_B_down.shape, generator=gen))
+    x0 = torch.randn(c["tokens"], c["hidden"], generator=gen).to(device, dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(naive: bool):
+        x = x0.clone().requires_grad_(True)
+        h = x
+        for m, n in zip(moes, norms):
+            h = h + (baselines.naive_loop_moe(m, n(h)) if naive else m(n(h)))
+        h.float().pow(2).mean().backward()
+        sync()
+        return c["tokens"]
+
+    with torch.no_grad():
+        h = norms[0](x0)
+        torch.testing.assert_close(moes[0](h), baselines.naive_loop_moe(moes[0], h), rtol=2e-2, atol=2e-2)
+    rates = _median_rate({"fused": lambda: step(False), "naive": lambda: step(True)}, rounds)
+    return {"shape": shape, **c, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            "train_tokens_per_s": rates, "speedup_vs_naive": rates["fused"] / rates["naive"]}
+
+
 @torch.no_grad()
 def expert_load(model, eval_set) -> dict:
     """Fraction of each token modality's expert slots that went to each expert (rows sum to 1)."""
@@ -135,7 +191,12 @@ def _plots(report: dict, out: str) -> list:
     offset = 0
     for s in report["stages"]:
         h = s["history"]
-        ax.plot(range(offset, offset + len(h)), h, label=f"stage {s['stage']}", linewidth=0.8)
+        line, = ax.plot(range(offset, offset + len(h)), h, linewidth=0.5, alpha=0.35)
+        # Running mean over 8 steps: stage 2 alternates modalities step by step (4 expert FFNs), so
+        # its raw curve zigzags between easy and hard data.
+        w = min(8, len(h))
+        smooth = [sum(h[max(0, i - w + 1): i + 1]) / len(h[max(0, i - w + 1): i + 1]) for i in range(len(h))]
+        ax.plot(range(offset, offset + len(h)), smooth, color=line.get_color(), linewidth=1.5, label=f"stage {s['stage']}")
         offset += len(h)
     ax.set_yscale("log")
     ax.set_xlabel("step (stages back to back)")
@@ -163,12 +224,15 @@ def _plots(report: dict, out: str) -> list:
     plt.close(fig)
 
     thr = report["throughput"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, title in ((axes[0], "train_tokens_per_s", "training tokens/s"), (axes[1], "generate_tokens_per_s", "generation tokens/s")):
-        vals = thr[key]
+    panels = [(thr["train_tokens_per_s"], "model: training tokens/s"), (thr["generate_tokens_per_s"], "model: generation tokens/s")]
+    if report.get("layer_stack"):
+        st = report["layer_stack"]
+        panels.append((st["train_tokens_per_s"], f"{st['shape']} MoE stack ({st['device']}):\nfwd+bwd tokens/s"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    for ax, (vals, title) in zip(axes, panels):
         ax.bar(["SparseMoE", "naive loop"], [vals["fused"], vals["naive"]], color=["tab:blue", "tab:gray"])
-        ax.set_title(title)
-    fig.suptitle(f"stage-3 model on {report['device']}")
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"this package's layers vs the naive loop over experts (model on {report['device']})", fontsize=10)
     fig.tight_layout()
     files.append(os.path.join(out, "throughput.png"))
     fig.savefig(files[-1], dpi=120)
@@ -224,6 +288,12 @@ def run(args: argparse.Namespace) -> dict:
     print("timing the stage-3 model: SparseMoE layers vs the naive loop over experts ...")
     throughput = measure_throughput(model, model.cfg, args.batch_size, args.bench_rounds, args.bench_steps, eval_set)
     load = expert_load(model, eval_set)
+    stack = None
+    if args.stack != "none":
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.stack_device == "auto" else args.stack_device)
+        shape = args.stack if args.stack != "auto" else ("uni-moe-8e" if dev.type == "cuda" else "cpu-small")
+        print(f"timing a {shape} SparseMoE layer stack on {dev} ...")
+        stack = measure_layer_stack(shape, dev, args.bench_rounds)
     final = stages[-1]["eval"]
     report = {
         "preset": args.preset, "config": model.cfg.to_dict(),
@@ -231,7 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "stages": stages, "final_accuracy": final["accuracy"], "chance": final["chance"],
         "accuracy_over_chance": final["accuracy"] / final["chance"],
-        "throughput": throughput, "expert_load": load,
+        "throughput": throughput, "layer_stack": stack, "expert_load": load,
         "seconds": {"training": t_train},
     }
     report["seconds"]["total"] = time.perf_counter() - t_start
@@ -244,6 +314,11 @@ def run(args: argparse.Namespace) -> dict:
           f"{thr['train_tokens_per_s']['naive']:.0f} ({thr['train_speedup_vs_naive']:.2f}x)")
     print(f"generation tokens/s: SparseMoE {thr['generate_tokens_per_s']['fused']:.0f} vs naive loop "
           f"{thr['generate_tokens_per_s']['naive']:.0f} ({thr['generate_speedup_vs_naive']:.2f}x)")
+    if stack is not None:
+        print(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} F={stack['ffn']} "
+              f"E={stack['experts']} k={stack['top_k']} r={stack['lora_rank']}, {stack['dtype']} on {stack['device']}) "
+              f"fwd+bwd tokens/s: SparseMoE {stack['train_tokens_per_s']['fused']:.0f} vs naive loop "
+              f"{stack['train_tokens_per_s']['naive']:.0f} ({stack['speedup_vs_naive']:.2f}x)")
     print(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; cols: {', '.join(load['experts'])}):")
     for m, row in zip(load["token_modalities"], load["fraction"]):
         print(f"  {m:>5}: " + " ".join(f"{v:.2f}" for v in row))
