@@ -222,6 +222,15 @@ def _check_errors(rank: int, world_size: int, group) -> None:
         assert "capacity" in str(err), err
     else:
         raise AssertionError("capacity=0 was accepted")
+    # capacity_factor gives C from each rank's own T: different T on the ranks is caught before
+    # the row exchange (which would abort gloo) on both ranks.
+    moe = SparseMoE(8, 8, 4, 2, capacity_factor=1.0, ep_group=group)
+    try:
+        moe(torch.randn(4 + 4 * rank, 8))
+    except RuntimeError as err:
+        assert "different capacities" in str(err), err
+    else:
+        raise AssertionError("different capacities on the ranks were not detected")
 
 
 def _worker(rank: int, world_size: int, init_method: str, table: str) -> None:

@@ -419,8 +419,12 @@ class SparseMoE(nn.Module):
             y = self.experts.forward_routed(x2, plan, weights)
         else:
             # Capacity-limited layers move exactly `capacity` rows per (rank, expert): no host sync.
-            # capacity_factor's capacity comes from this rank's T, so all ranks need the same T then.
-            x_local, state = dispatch(x2, plan, self.top_k, self.ep_group, capacity=capacity, backend=self.experts.backend)
+            # capacity_factor's capacity comes from this rank's T, so all ranks need the same T
+            # then; dispatch verifies it on the device (ep_capacity is the same C everywhere).
+            x_local, state = dispatch(
+                x2, plan, self.top_k, self.ep_group, capacity=capacity,
+                check_capacity=self.capacity_factor is not None, backend=self.experts.backend,
+            )
             y_local = self.experts.mlp(x_local, state.tokens_per_local_expert, plan=state.local_plan)
             y = combine(y_local, state, weights, backend=self.experts.backend)
 

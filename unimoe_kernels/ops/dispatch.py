@@ -173,6 +173,7 @@ def dispatch(
     group,
     *,
     capacity: Optional[int] = None,
+    check_capacity: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, DispatchState]:
     """Send this rank's expert rows to the ranks owning the experts; returns (x_local, state).
@@ -182,7 +183,9 @@ def dispatch(
     every rank routed to this rank's experts, grouped by local expert (state.tokens_per_local_expert
     rows each), in the order (local expert, source rank, source slot order). capacity=None is
     dropless (one host sync for the split sizes); capacity=C moves exactly C rows per (source rank,
-    expert) pair with no host sync (module docstring). Differentiable in x.
+    expert) pair with no host sync (module docstring); every rank must pass the same C, which
+    check_capacity=True verifies on the device with one tiny extra all-to-all (a mismatch would
+    otherwise abort gloo or hang NCCL in the row exchange). Differentiable in x.
     """
     world_size, _ = group_size_and_rank(group)
     e_local = _check_plan_args(x, plan, top_k, world_size)
@@ -190,6 +193,8 @@ def dispatch(
     if capacity is not None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int (rows per rank and expert) or None, got {capacity!r}")
+        if check_capacity:
+            _check_same_capacity(capacity, world_size, group, x.device)
         return _dispatch_padded(x, plan, top_k, group, world_size, e_local, capacity, anchor)
 
     counts = plan.tokens_per_expert.view(world_size, e_local)
@@ -212,6 +217,16 @@ def dispatch(
         send_splits=send_splits, recv_splits=recv_splits, capacity=None, padded_rows=None, token=token,
     )
     return x_local, state
+
+
+def _check_same_capacity(capacity: int, world_size: int, group, device: torch.device) -> None:
+    theirs = _a2a(torch.full((world_size,), capacity, dtype=torch.int64, device=device), None, None, group)
+    # Asynchronous on GPU (a device-side assert at the next sync), immediate on CPU; no host read.
+    torch._assert_async(
+        (theirs == capacity).all(),
+        "dispatch: the ranks of the group use different capacities (with capacity_factor, C comes from each "
+        "rank's token count: give every rank the same batch size, or a fixed ep_capacity)",
+    )
 
 
 def _dispatch_padded(x, plan, top_k, group, world_size, e_local, capacity, anchor):
