@@ -400,6 +400,12 @@ def test_cli_train_then_retrieve(tmp_path, capsys):
         assert len(result[d]["top_hits"]) == 2 and len(result[d]["top_hits"][0]["ids"]) == 10
     text = capsys.readouterr().out
     assert "img_to_txt" in text and "R@1" in text
+    # Unpaired queries of one modality (a bare tensor file): top hits, no recall.
+    torch.save(torch.randn(4, 16), tmp_path / "q.pt")
+    assert main(["retrieve", "--run", str(out), "--queries", str(tmp_path / "q.pt"), "--direction", "txt_to_img",
+                 "--show", "4", "--top-k", "3", "--json", str(tmp_path / "r.json")]) == 0
+    hits = json.loads((tmp_path / "r.json").read_text())["results"]["txt_to_img"]
+    assert "recall" not in hits and [len(h["ids"]) for h in hits["top_hits"]] == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="--direction"):
         main(["retrieve", "--run", str(out), "--direction", "img_to_img"])
 
@@ -446,3 +452,14 @@ def test_triton_backend_matches_torch_backend(device):
             compared += 1
     # in_proj, heads and dir_embed of b_to_a, task_embed, router, both expert tensors, both norms.
     assert compared >= 10
+
+
+def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from unimoe_kernels.jobs.altmoe import _plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` raise ImportError
+    history = [{"step": 0, "recall": {"a_to_b": {"R@1": 0.0, "R@10": 0.1}}}]
+    assert "skipped" in _plot(history, str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
