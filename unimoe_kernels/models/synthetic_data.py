@@ -71,7 +71,8 @@ class DataSpec:
     audio_seconds: float = 0.5
     n_fft: int = 128                 # 31 Hz bins at 4 kHz: the six pitches are 3+ bins apart
     hop: int = 64                    # 32 frames for 0.5 s, so a 4-beat rhythm spans 4+ frames per beat
-    noise: float = 0.1               # additive noise std on images and audio
+    noise: float = 0.1               # additive noise std on images and audio: 10% of the signal peak, so
+                                     # nothing is read off a single clean pixel, yet every answer is visible
 
     @property
     def audio_samples(self) -> int:

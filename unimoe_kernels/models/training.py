@@ -178,6 +178,8 @@ def train_stage(
     # Seeded so a stage's fresh parameters (stage 3's routers and LoRA A) depend on `seed` only.
     torch.manual_seed(_seed(seed, stage, -1))
     params = model.setup_stage(stage)
+    # beta2 0.98 (not 0.999): second moments adapt within ~50 steps, which matters for stages of a
+    # few hundred steps; no weight decay, as LoRA recipes (PEFT, Uni-MoE) train adapters without it.
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     start, history = 0, []
     meta = read_trainer_state(out_dir) if (out_dir and resume) else None

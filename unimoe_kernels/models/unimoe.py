@@ -59,8 +59,8 @@ class UniMoEConfig:
     num_layers: int = 2
     num_heads: int = 4
     ffn_hidden_size: int = 128
-    rope_theta: float = 10000.0
-    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0        # LLaMA's RoPE base
+    rms_eps: float = 1e-6              # LLaMA's RMSNorm epsilon
     moe_every: int = 1                 # layer i has an MoE FFN iff (i + 1) % moe_every == 0
     expert_modalities: tuple = sd.MODALITIES  # one expert per modality, built from its stage-2 FFN
     top_k: int = 2
@@ -345,7 +345,8 @@ class UniMoE(nn.Module):
         """Media embeddings [B, M, D] in the LLM's input space, or None for text."""
         if batch.modality == "text":
             return None
-        media = batch.media.to(self.embed_tokens.weight.device)
+        w = self.embed_tokens.weight
+        media = batch.media.to(w.device, w.dtype)  # synthetic media are fp32; the model may be bf16
         if batch.modality == "image":
             return self.vision_connector(self.image_encoder(media))
         if batch.modality == "video":
