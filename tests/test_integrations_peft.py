@@ -237,3 +237,24 @@ def test_patch_moe_refuses_experts_wrapped_by_peft():
     pm = _peft_model(_base(), r=2, lora_alpha=2)
     with pytest.raises(ValueError, match="wrapped"):
         patch_moe(pm, lora_rank=2)
+
+
+def test_peft_on_attention_must_not_silently_freeze_expert_lora():
+    """get_peft_model freezes every parameter it did not create, our expert LoRA included: training
+    must then raise, and mark_lora_trainable brings the experts back into training."""
+    from unimoe_kernels.integrations.transformers import mark_lora_trainable
+
+    model = _base()
+    patch_moe(model, lora_rank=2)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).train()
+    ids = _ids()
+    with pytest.raises(RuntimeError, match="mark_lora_trainable"):
+        pm(ids, labels=ids)
+    with torch.no_grad():  # inference with frozen adapters is fine
+        pm(ids)
+    assert mark_lora_trainable(pm) == 2
+    pm(ids, labels=ids).loss.backward()
+    ex = patched_experts(pm)["base_model.model.model.layers.0.mlp.experts"]
+    assert ex.lora_B_gate_up.grad is not None and ex.lora_B_gate_up.grad.abs().sum() > 0  # (A's is 0 while B = 0)
+    q_lora = [p for n, p in pm.named_parameters() if "q_proj.lora_A" in n]
+    assert q_lora and all(p.grad is not None for p in q_lora)  # PEFT's own adapters train alongside

@@ -134,7 +134,27 @@ class PatchedExperts(GroupedExperts):
 
     Built by `from_host`; `host_experts` is the module it replaced (kept out of the module tree so
     its parameters are not registered twice), which `unpatch_moe` puts back.
+
+    With LoRA, a forward that builds a graph (training mode, grad enabled) raises when any LoRA
+    factor has requires_grad=False: something froze the adapters after patching (PEFT's
+    get_peft_model freezes every parameter it did not create), and training on would leave the
+    experts silently unadapted. mark_lora_trainable(model) undoes that; set
+    `require_trainable_lora = False` on the module to freeze them on purpose.
     """
+
+    require_trainable_lora = True
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.lora_rank and self.require_trainable_lora and self.training and torch.is_grad_enabled():
+            frozen = [n for n in _LORA_NAMES if not getattr(self, n).requires_grad]
+            if frozen:
+                raise RuntimeError(
+                    f"expert LoRA factors {frozen} have requires_grad=False while training: the experts would "
+                    "not be adapted. Call unimoe_kernels.integrations.transformers.mark_lora_trainable(model) "
+                    "(e.g. after peft.get_peft_model), or set require_trainable_lora = False on this module "
+                    "to freeze them on purpose"
+                )
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def from_host(
@@ -294,6 +314,19 @@ def _check_lora_trainable(model: nn.Module) -> None:
                 raise ValueError(f"{name}: LoRA on experts was asked for but {frozen or 'its adapters'} would not train")
 
 
+def mark_lora_trainable(model: nn.Module) -> int:
+    """Set requires_grad on every expert LoRA factor of the patched experts; returns how many modules.
+
+    For use after anything that freezes parameters it does not know, such as peft.get_peft_model
+    (PEFT for attention + this package for experts in one model).
+    """
+    mods = [m for m in model.modules() if isinstance(m, PatchedExperts) and m.lora_rank]
+    for m in mods:
+        for n in _LORA_NAMES:
+            getattr(m, n).requires_grad_(True)
+    return len(mods)
+
+
 def patched_experts(model: nn.Module) -> dict[str, PatchedExperts]:
     """{qualified name: PatchedExperts} of a patched model, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, PatchedExperts)}
@@ -324,4 +357,4 @@ def unpatch_moe(model: nn.Module, *, merge_lora: bool = False) -> int:
     return count
 
 
-__all__ = ["patch_moe", "unpatch_moe", "patched_experts", "PatchedExperts", "unsupported_reason"]
+__all__ = ["patch_moe", "unpatch_moe", "patched_experts", "mark_lora_trainable", "PatchedExperts", "unsupported_reason"]
