@@ -2,7 +2,8 @@
 
     load_model(--ckpt, default OUT/stage3) -> fresh synthetic questions per --modality (seeded)
     -> model.generate (KV cache unless --no-cache; naive loop MoE with --naive)
-    -> one line per example: modality, question, truth, answer; then accuracy and tokens/s
+    -> one line per example: modality, question (<image> etc. marks where the media embeddings go),
+       truth, answer; then accuracy and generated tokens/s (positions decoded, after a warm-up call)
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> dict:
     hits = total = new_tokens = 0
     seconds = 0.0
     rows = []
+    # Warm-up call (first-call allocation and dispatch), so tokens/s measures steady state.
+    model.generate(sd.make_batch(model.cfg.data, mods[0], 1, torch.Generator().manual_seed(args.seed + 1)), 1)
     for m in mods:
         batch = sd.make_batch(model.cfg.data, m, args.num, g)
         t0 = time.perf_counter()
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
             truth, pred = batch.answer[i].tolist(), out[i].tolist()
             ok = pred[: len(truth)] == truth
             hits, total = hits + ok, total + 1
-            rows.append({"modality": m, "prompt": words(batch.prompt[i].tolist()), "truth": words(truth), "answer": words(pred), "correct": ok})
+            prompt = words(batch.prompt[i].tolist()).replace("<bos>", "<bos>" if m == "text" else f"<bos> <{m}>")
+            rows.append({"modality": m, "prompt": prompt, "truth": words(truth), "answer": words(pred), "correct": ok})
             print(f"[{m:>5}] {rows[-1]['prompt']:<32} truth: {rows[-1]['truth']:<12} answer: {rows[-1]['answer']:<12} {'ok' if ok else 'WRONG'}")
     result = {"accuracy": hits / total, "tokens_per_s": new_tokens / seconds if seconds > 0 else None, "rows": rows}
     print(f"accuracy {hits}/{total}, {result['tokens_per_s']:.0f} generated tokens/s "
