@@ -379,3 +379,24 @@ def test_triton_fp16_qwen2_moe_within_twice_host_error():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_on_gpu_within_twice_host_error(family):
     _low_precision_rule(family, torch.bfloat16, torch.device("cuda"), "auto")
+
+
+def test_only_moe_layers_are_patched_and_dense_mlps_left_alone():
+    # decoder_sparse_step=2: layer 0 has a dense Qwen2MoeMLP, layer 1 the MoE block.
+    ref = _model("qwen2_moe", decoder_sparse_step=2)
+    model = copy.deepcopy(ref)
+    assert patch_moe(model) == 1
+    assert list(patched_experts(model)) == ["model.layers.1.mlp.experts"]
+    assert type(model.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
+    ids = _tokens()
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_with_trainable_base_and_mode_kept():
+    model = _model("mixtral").train()
+    patch_moe(model, lora_rank=2, freeze_base=False)
+    ex = patched_experts(model)["model.layers.0.mlp.experts"]
+    assert ex.training and ex.gate_up_proj.requires_grad and ex.lora_A_down.requires_grad
+    ids = _tokens()
+    model(ids, labels=ids).loss.backward()
+    assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.abs().sum() > 0
