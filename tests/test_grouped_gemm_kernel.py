@@ -210,17 +210,63 @@ def test_frozen_base_gets_no_gradient_and_lora_does(device):
         assert t.grad is not None and t.grad.abs().sum() > 0
 
 
-def test_lora_dropout_in_training_falls_back_to_reference(device):
+def masked_reference(x, counts, w_gu, w_d, activation, lora, scale, m_x, m_h):
+    """Independent oracle of LoRA dropout with explicit masks: m_x [N, H] scales the LoRA input x,
+    m_h [N, F] the LoRA input h (PEFT: the base path sees the undropped input)."""
+    outs, start = [], 0
+    for e, rows in enumerate(counts.tolist()):
+        sl = slice(start, start + rows)
+        start += rows
+        xe = x[sl]
+        z = xe @ w_gu[e].T + scale * ((xe * m_x[sl]) @ lora.a_gate_up[e].T) @ lora.b_gate_up[e].T
+        h = reference.apply_activation(z, activation)
+        outs.append(h @ w_d[e].T + scale * ((h * m_h[sl]) @ lora.a_down[e].T) @ lora.b_down[e].T)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_lora_dropout_matches_masked_reference(activation, device):
+    """Fused dropout, forward and every gradient, against the oracle fed the kernels' own masks."""
+    p, scale, f = 0.3, 2.0, 24
+    case = make_case(COUNTS, 40, f, 4, activation, torch.float32, device, train_base=True)
+    n, h = case["x"].shape
+    seeds = torch.tensor([1234, 987654321], dtype=torch.int64, device=device)
+    m_x = gg.dropout_mask(seeds[0:1], n, h, p)
+    m_h = gg.dropout_mask(seeds[1:2], n, f, p)
+    for m in (m_x, m_h):  # a real dropout mask: only 0 and 1/(1-p), about a fraction p dropped
+        assert m.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
+        assert abs((m == 0).double().mean().item() - p) < 0.1  # 480+ draws: 4 standard deviations
+    assert not torch.equal(m_x[:, :f], m_h)  # the two LoRA inputs get independent masks
+
+    offsets, tile_expert, tile_row_start = gg.tile_map(case["counts"], n)
+    ls = leaves(case)
+    y = gg.grouped_mlp_fwd(ls[0], offsets, tile_expert, tile_row_start, *ls[1:], activation, scale, seeds, p)[0]
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, ls, dy)
+    ls64 = [t.detach().double().requires_grad_() for t in ls]
+    y64 = masked_reference(ls64[0], case["counts"], ls64[1], ls64[2], activation,
+                           reference.LoRAWeights(*ls64[3:]), scale, m_x.double(), m_h.double())
+    grads64 = torch.autograd.grad(y64, ls64, dy.double())
+    names = ["y", "dx", "dW_gu", "dW_d", "dA_gu", "dB_gu", "dA_d", "dB_d"]
+    for name, got, want in zip(names, [y, *grads], [y64, *grads64]):
+        err, tol = amax(got.double() - want), 2e-5 * (1.0 + amax(want))
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+def test_lora_dropout_public_path(device):
     case = make_case([6, 3], 16, 16, 4, "swiglu", torch.float32, device)
     args = (case["x"], case["counts"], case["w_gu"], case["w_d"])
+    kw = dict(lora=case["lora"], lora_dropout=0.5, backend="triton")
     torch.manual_seed(5)
-    y = grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=True, backend="triton")
+    y1 = grouped_mlp(*args, training=True, **kw)
     torch.manual_seed(5)
-    y_ref = reference.grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=True)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    # Outside training dropout is the identity, so the fused path runs and still matches.
-    y_eval = grouped_mlp(*args, lora=case["lora"], lora_dropout=0.5, training=False, backend="triton")
+    y2 = grouped_mlp(*args, training=True, **kw)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # seeds come from torch's generator
+    y_eval = grouped_mlp(*args, training=False, **kw)  # dropout is the identity outside training
     torch.testing.assert_close(y_eval, reference.grouped_mlp(*args, lora=case["lora"]), rtol=1e-5, atol=1e-5)
+    assert (y1 - y_eval).abs().max() > 1e-3  # and inside training it does act
+    with pytest.raises(ValueError, match="lora_dropout"):
+        grouped_mlp(*args, training=True, **dict(kw, lora_dropout=1.0))
 
 
 def test_bad_input_raises(device):
@@ -240,10 +286,13 @@ def test_bad_input_raises(device):
         grouped_mlp(x, c, w_gu, w_d.half(), backend="triton")
 
 
-def test_custom_op_opcheck(device):
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_custom_op_opcheck(dropout, device):
     case = make_case([3, 0, 2], 16, 16, 4, "swiglu", torch.float32, device, train_base=True)
     offsets, tile_expert, tile_row_start = gg.tile_map(case["counts"], 5)
-    args = (case["x"], offsets, tile_expert, tile_row_start, case["w_gu"], case["w_d"], *case["lora"], "swiglu", 2.0)
+    seeds = torch.tensor([7, 8], device=device) if dropout else None
+    args = (case["x"], offsets, tile_expert, tile_row_start, case["w_gu"], case["w_d"], *case["lora"], "swiglu", 2.0,
+            seeds, dropout)
     # Schema, fake (meta) implementation and autograd registration; the fake-vs-real comparison
     # is what torch.compile relies on.
     torch.library.opcheck(gg.grouped_mlp_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -352,29 +401,32 @@ def compile_(fn, dtype, consts, num_warps, num_stages):
         if n in consts:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = {"offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32"}.get(n, "*" + dtype)
+            sig[n] = {"offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
+                      "seed_ptr": "*i64"}.get(n, "*" + dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[n] = "fp32" if n == "scale" else "i32"
+            sig[n] = "fp32" if n in ("scale", "drop_p", "drop_scale") else "i32"
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     assert k.metadata.shared <= 227 * 1024, (fn.__name__, dtype, consts, k.metadata.shared)
     return k
 
 n = 0
-# bf16 in every epilogue (GLU forward, GLU backward with gelu, non-GLU relu, plain); fp32 (ieee
-# dot, the largest shared-memory footprint) in the GLU forward only, to keep this test short.
-variants = [("bf16", v) for v in ((1, True, 0), (2, True, 1), (1, False, 2), (0, False, 0))] + [("fp32", (1, True, 0))]
-for dtype, (epi, glu, act) in variants:
+# bf16 in every epilogue (GLU forward, GLU backward with gelu and dropout on the LoRA term, non-GLU
+# relu, plain with dropout on the X tiles); fp32 (ieee dot, the largest shared-memory footprint) in
+# the GLU forward only, to keep this test short.
+variants = [("bf16", v) for v in ((1, True, 0, 0), (2, True, 1, 2), (1, False, 2, 0), (0, False, 0, 1))]
+variants += [("fp32", (1, True, 0, 0))]
+for dtype, (epi, glu, act, drop) in variants:
     prec = "ieee" if dtype == "fp32" else "tf32"
-    k = compile_(K.grouped_mm_kernel, dtype, dict(HAS_LORA=True, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
+    k = compile_(K.grouped_mm_kernel, dtype, dict(HAS_LORA=True, DROPOUT=drop, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
                  DOT_PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16), 4, 3)
     if dtype == "bf16":
         assert "warp_group_dot" in k.asm["ttgir"]  # Hopper tensor cores, not a fallback
     n += 1
 for dtype in ("bf16", "fp32"):
     prec = "ieee" if dtype == "fp32" else "tf32"
-    compile_(K.grouped_xty_kernel, dtype, dict(DOT_PRECISION=prec, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32), 8, 3)
+    compile_(K.grouped_xty_kernel, dtype, dict(DROPOUT_Y=dtype == "bf16", DOT_PRECISION=prec, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32), 8, 3)
     n += 1
 print("compiled", n)
 '''

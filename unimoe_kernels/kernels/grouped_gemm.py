@@ -18,6 +18,12 @@ grouped_xty_kernel: out[e] = scale * X[rows of e]^T @ Y[rows of e] for every exp
     (expert, output tile), looping over the expert's rows: dW, dA and dB of base and LoRA weights.
     An expert with no rows writes zeros.
 
+LoRA dropout (PEFT semantics: dropout on the LoRA input only) is regenerated, never stored: the
+keep mask of element (row, col) of an [N, C] LoRA input is tl.rand(seed, row * C + col) >= p, with
+the seed read from device memory (no host sync). DROPOUT 1 applies it to the X tiles as they load
+(x -> x A^T, h -> h A_d^T, and Y in the dA kernels); DROPOUT 2 applies it to the LoRA part of the
+output (dx and dh), which is the transpose of the first use.
+
 Index arithmetic on rows and experts is int64 because row * stride passes 2^31 for large N*H.
 """
 
@@ -62,6 +68,12 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, rows, cols, ncols, p):
+    """Keep mask [len(rows), len(cols)] of LoRA dropout for an input with ncols columns."""
+    return tl.rand(seed, rows[:, None] * ncols + cols[None, :]) >= p
+
+
+@triton.jit
 def grouped_mm_kernel(
     x_ptr, stride_xm, stride_xk,  # [N, K] expert-sorted rows, any float dtype
     w_ptr, stride_we, stride_wk, stride_wn,  # [E, K, NOUT] view of the weight (strides may be transposed)
@@ -79,8 +91,12 @@ def grouped_mm_kernel(
     # past 2^31 arrives as an int64 argument.
     w_up_off, b_up_off, z_up_off, out_up_off,
     scale,  # LoRA scale (fp32)
+    seed_ptr,  # [1] int64 dropout seed (read only when DROPOUT > 0)
+    drop_p,  # dropout probability (fp32)
+    drop_scale,  # 1 / (1 - drop_p) (fp32)
     n_bucket,  # unused in the body: part of the autotune key (rows rounded to a power of two)
     HAS_LORA: tl.constexpr,
+    DROPOUT: tl.constexpr,  # 0 none, 1 on the X tiles (columns: K), 2 on the LoRA term (columns: NOUT)
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
@@ -116,6 +132,9 @@ def grouped_mm_kernel(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )
+        if DROPOUT == 1:
+            keep = _dropout_keep(tl.load(seed_ptr), rows, offs_k, K, drop_p)
+            xt = tl.where(keep, xt * drop_scale, 0.0).to(x_ptr.dtype.element_ty)
         w_off = offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
         w_mask = mask_k[:, None] & mask_n[None, :]
         wt = tl.load(w_e + w_off, mask=w_mask, other=0.0)
@@ -135,7 +154,11 @@ def grouped_mm_kernel(
         b_off = offs_r[:, None] * stride_br + offs_n[None, :].to(tl.int64) * stride_bn
         b_mask = mask_r[:, None] & mask_n[None, :]
         bt = tl.load(b_e + b_off, mask=b_mask, other=0.0)
-        acc += scale * tl.dot(xat, bt, input_precision=DOT_PRECISION)
+        lora_acc = tl.dot(xat, bt, input_precision=DOT_PRECISION)
+        if DROPOUT == 2:
+            keep = _dropout_keep(tl.load(seed_ptr), rows, offs_n, NOUT, drop_p)
+            lora_acc = tl.where(keep, lora_acc * drop_scale, 0.0)
+        acc += scale * lora_acc
         if GLU and EPILOGUE == 1:
             bu = tl.load(b_e + b_up_off + b_off, mask=b_mask, other=0.0)
             acc_up += scale * tl.dot(xat, bu, input_precision=DOT_PRECISION)
@@ -181,7 +204,11 @@ def grouped_xty_kernel(
     offsets_ptr,  # [E+1] int32|int64 expert row offsets
     P, Q,
     scale,  # fp32 factor on the result (LoRA scale for dA, dB; 1 for dW)
+    seed_ptr,  # [1] int64 dropout seed of Y (read only when DROPOUT_Y)
+    drop_p,  # dropout probability (fp32)
+    drop_scale,  # 1 / (1 - drop_p) (fp32)
     n_bucket,  # unused in the body: part of the autotune key
+    DROPOUT_Y: tl.constexpr,  # Y is a LoRA input under dropout (dA = s (dy B)^T dropout(h))
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -206,7 +233,26 @@ def grouped_xty_kernel(
                      mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         yt = tl.load(y_ptr + rows[:, None] * stride_ym + offs_q[None, :] * stride_yq,
                      mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+        if DROPOUT_Y:
+            keep = _dropout_keep(tl.load(seed_ptr), rows, offs_q, Q, drop_p)
+            yt = tl.where(keep, yt * drop_scale, 0.0).to(y_ptr.dtype.element_ty)
         acc = tl.dot(xt, yt, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + expert * stride_oe + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :] * stride_oq
     tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+@triton.jit
+def dropout_mask_kernel(
+    seed_ptr,  # [1] int64
+    out_ptr,  # [N, C] fp32: 1 / (1 - p) where kept, 0 where dropped
+    N, C, drop_p, drop_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The LoRA dropout mask the GEMM kernels regenerate, written out (tests and debugging)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = _dropout_keep(tl.load(seed_ptr), rows, cols, C, drop_p)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], tl.where(keep, drop_scale, 0.0), mask=mask)

@@ -19,13 +19,19 @@ Data flow (N expert-sorted rows, expert e owns rows offsets[e] .. offsets[e+1]-1
 
 Saved between forward and backward: x (the input, alive anyway as the permute output), z [N, 2F|F]
 in x's dtype (needed to differentiate the activation; h = act(z) is recomputed in the backward
-epilogue instead of being saved, which saves N*F elements), and xa, ha ([N, r] each, tiny). Base
+epilogue instead of being saved, which saves N*F elements), xa, ha ([N, r] each, tiny) and, with
+LoRA dropout, two int64 seeds (the masks are regenerated, never stored). Base
 weight gradients are computed only when the base requires grad; with a frozen base (the LoRA recipe)
 no dW kernel runs and B·A is never materialised.
 
-Dispatch: backend.resolve(backend, device) == "triton" runs the kernels, anything else runs
-reference.grouped_mlp. LoRA dropout > 0 while training falls back to the reference path (on GPU
-that path reads the counts on the host once); the fused kernels do not implement dropout yet.
+LoRA dropout (training, p > 0) acts on the LoRA inputs x and h only, as in PEFT. Its masks are never
+stored: two philox seeds are drawn on the device per call and every kernel that reads a LoRA input
+(x A^T, h A_d^T, dA) or writes its gradient (the LoRA part of dx and dh) regenerates the mask of
+element (row, col) from (seed, row * cols + col). xa and ha saved for backward already include it.
+The masks differ from torch's F.dropout draws (another generator), not in distribution.
+
+Dispatch: backend.resolve(backend, device) == "triton" runs the kernels, anything else (and fp64,
+for gradcheck) runs reference.grouped_mlp.
 
 The tile map (which expert and first row each BLOCK_M tile has) comes from the routing plan when its
 block_m matches the kernel's, else it is built on the device from tokens_per_expert with no host sync.
@@ -100,14 +106,14 @@ def _kernels(pinned: bool):
         return mm, xty, mm, xty
     mm_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _MM_TUNE],
-        key=["n_bucket", "K", "NOUT", "EPILOGUE", "GLU", "HAS_LORA"],
+        key=["n_bucket", "K", "NOUT", "EPILOGUE", "GLU", "HAS_LORA", "DROPOUT"],
     )(mm)
     xty_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for p, q, k, w, s in _XTY_TUNE
         ],
-        key=["n_bucket", "P", "Q"],
+        key=["n_bucket", "P", "Q", "DROPOUT_Y"],
     )(xty)
     return mm_tuned, xty_tuned, mm, xty
 
@@ -140,6 +146,7 @@ def _grouped_mm(
     store_z: bool = False,
     up_offsets: tuple = (0, 0, 0, 0),
     small_n: bool = False,
+    dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: on X tiles | 2: on the LoRA term)
 ) -> None:
     offsets, tile_expert, tile_row_start = tiles
     n, k = x.shape
@@ -158,10 +165,11 @@ def _grouped_mm(
         z_, z_.stride(0), z_.stride(1),
         h_, h_.stride(0), h_.stride(1),
         offsets, tile_expert, tile_row_start,
-        k, nout, r, *up_offsets, float(scale), _n_bucket(n),
+        k, nout, r, *up_offsets, float(scale),
+        *_dropout_args(dropout, offsets), _n_bucket(n),
     )
     meta = dict(
-        HAS_LORA=lora is not None, EPILOGUE=epilogue, ACT=act, GLU=glu, STORE_Z=store_z,
+        HAS_LORA=lora is not None, DROPOUT=dropout[2] if dropout is not None else 0, EPILOGUE=epilogue, ACT=act, GLU=glu, STORE_Z=store_z,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_rank_block(r),
     )
     n_tiles = tile_expert.numel()
@@ -177,8 +185,19 @@ def _grouped_mm(
         tuned[lambda m: (n_tiles, -(-nout // m["BLOCK_N"]))](*args, **meta)
 
 
-def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, scale: float = 1.0) -> None:
-    """out[e] = scale * x[rows of e]^T @ y[rows of e]; x [N, P], y [N, Q], out [E, P, Q]."""
+def _dropout_args(dropout: Optional[tuple], dummy: torch.Tensor) -> tuple:
+    """(seed pointer, p, 1 / (1 - p)) kernel arguments; a dummy pointer when there is no dropout."""
+    if dropout is None:
+        return dummy, 0.0, 1.0
+    seed, p = dropout[0], float(dropout[1])
+    return seed, p, 1.0 / (1.0 - p)
+
+
+def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, scale: float = 1.0,
+                 dropout: Optional[tuple] = None) -> None:
+    """out[e] = scale * x[rows of e]^T @ dropout(y[rows of e]); x [N, P], y [N, Q], out [E, P, Q].
+
+    dropout: (seed [1] int64, p) when y is a LoRA input under dropout."""
     e, p, q = out.shape
     n = x.shape[0]
     pinned = _pinned()
@@ -187,15 +206,16 @@ def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: t
         x, x.stride(0), x.stride(1),
         y, y.stride(0), y.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
-        offsets, p, q, float(scale), _n_bucket(n),
+        offsets, p, q, float(scale), *_dropout_args(dropout, offsets), _n_bucket(n),
     )
     prec = _dot_precision(x.dtype)
+    drop = dropout is not None
     interp = _backend.interpreting()
     if min(p, q) <= 64 and not interp:
         # A LoRA gradient: one side is the rank, so that side gets one small tile.
         bp = _rank_block(p) if p <= 64 else 128
         bq = _rank_block(q) if q <= 64 else 128
-        raw[(e, -(-p // bp) * -(-q // bq))](*args, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64,
+        raw[(e, -(-p // bp) * -(-q // bq))](*args, DROPOUT_Y=drop, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64,
                                            num_warps=4, num_stages=3)
     elif pinned:
         cfg = dict(_XTY_INTERPRET if interp else _XTY_PINNED)
@@ -203,9 +223,24 @@ def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: t
             cfg["BLOCK_P"] = min(cfg["BLOCK_P"], max(16, _next_pow2(p)))
             cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], max(16, _next_pow2(q)))
         grid = (e, -(-p // cfg["BLOCK_P"]) * -(-q // cfg["BLOCK_Q"]))
-        raw[grid](*args, DOT_PRECISION=prec, **cfg)
+        raw[grid](*args, DROPOUT_Y=drop, DOT_PRECISION=prec, **cfg)
     else:
-        tuned[lambda m: (e, -(-p // m["BLOCK_P"]) * -(-q // m["BLOCK_Q"]))](*args, DOT_PRECISION=prec)
+        tuned[lambda m: (e, -(-p // m["BLOCK_P"]) * -(-q // m["BLOCK_Q"]))](*args, DROPOUT_Y=drop, DOT_PRECISION=prec)
+
+
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """[rows, cols] fp32 LoRA dropout mask (0 or 1 / (1 - p)) that the kernels use for `seed` [1] int64.
+
+    Row r of a LoRA input of the forward (x_sorted for seeds[0], h for seeds[1]) is multiplied by
+    row r of this mask; for tests and debugging, the kernels never store it.
+    """
+    from ..kernels import grouped_gemm as kern
+
+    out = torch.empty((rows, cols), device=seed.device, dtype=torch.float32)
+    block_m, block_c = 64, 64  # any size works; the mask depends only on (seed, row, col)
+    kern.dropout_mask_kernel[(-(-rows // block_m), -(-cols // block_c))](
+        seed, out, rows, cols, float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_C=block_c)
+    return out
 
 
 def tile_map(tokens_per_expert: torch.Tensor, num_rows: int, block_m: int = BLOCK_M):
@@ -237,12 +272,21 @@ def _empty(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty((0,))
 
 
-def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale):
+def _seed_pair(seeds, p):
+    """Dropout descriptors (seed, p) of the LoRA inputs x and h, or (None, None) without dropout."""
+    if seeds is None or p <= 0.0:
+        return None, None
+    return (seeds[0:1], p), (seeds[1:2], p)
+
+
+def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
+              seeds, dropout_p):
     n, hdim = x.shape
     fdim = w_d.shape[2]
     act, glu = _ACT_CODE[activation]
     has_lora = a_gu is not None
     tiles = (offsets, tile_expert, tile_row_start)
+    drop_x, drop_h = _seed_pair(seeds, dropout_p)
     z = x.new_empty((n, w_gu.shape[1]))
     hid = x.new_empty((n, fdim))
     y = x.new_empty((n, hdim))
@@ -252,7 +296,8 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
         r = a_gu.shape[1]
         xa = x.new_empty((n, r))
         # x A^T: A [E, r, H] read as [E, K=H, r].
-        _grouped_mm(x, a_gu.transpose(1, 2), xa, tiles, nout=r, small_n=True)
+        _grouped_mm(x, a_gu.transpose(1, 2), xa, tiles, nout=r, small_n=True,
+                    dropout=None if drop_x is None else (*drop_x, 1))
         lora1 = (xa, b_gu.transpose(1, 2), scale)
     # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
     w1 = w_gu.transpose(1, 2)
@@ -263,19 +308,21 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
     )
     if has_lora:
         ha = x.new_empty((n, a_d.shape[1]))
-        _grouped_mm(hid, a_d.transpose(1, 2), ha, tiles, nout=a_d.shape[1], small_n=True)
+        _grouped_mm(hid, a_d.transpose(1, 2), ha, tiles, nout=a_d.shape[1], small_n=True,
+                    dropout=None if drop_h is None else (*drop_h, 1))
         lora2 = (ha, b_d.transpose(1, 2), scale)
     _grouped_mm(hid, w_d.transpose(1, 2), y, tiles, nout=hdim, lora=lora2)
     return y, z, xa, ha
 
 
 def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
-              activation, scale, need_dx, need_dw_gu, need_dw_d, need_lora):
+              activation, scale, seeds, dropout_p, need_dx, need_dw_gu, need_dw_d, need_lora):
     n, hdim = x.shape
     fdim = w_d.shape[2]
     act, glu = _ACT_CODE[activation]
     has_lora = a_gu is not None
     tiles = (offsets, tile_expert, tile_row_start)
+    drop_x, drop_h = _seed_pair(seeds, dropout_p)
     dy = dy.contiguous()
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
@@ -293,13 +340,14 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
     _grouped_mm(
         dy, w_d, dz, tiles, nout=fdim, lora=lora2, epilogue=2, act=act, glu=glu, z=z, h=hid,
         up_offsets=(0, 0, fdim * z.stride(1), fdim * dz.stride(1)),
+        dropout=None if drop_h is None else (*drop_h, 2),
     )
     if need_dw_d:
         dw_d = torch.empty_like(w_d)
         _grouped_xty(dy, hid, dw_d, offsets)
     if has_lora and need_lora:
         da_d = torch.empty_like(a_d)
-        _grouped_xty(lora2[0], hid, da_d, offsets, scale)
+        _grouped_xty(lora2[0], hid, da_d, offsets, scale, dropout=drop_h)
         db_d = torch.empty_like(b_d)
         _grouped_xty(dy, ha, db_d, offsets, scale)
 
@@ -311,13 +359,15 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         lora1 = (dzb, a_gu, scale)  # A_gu [E, r, H] = [E, R, NOUT]
     if need_dx:
         dx = x.new_empty((n, hdim))
-        _grouped_mm(dz, w_gu, dx, tiles, nout=hdim, lora=lora1)  # W_gu [E, 2F|F, H] = [E, K, H]
+        # W_gu [E, 2F|F, H] = [E, K, H]
+        _grouped_mm(dz, w_gu, dx, tiles, nout=hdim, lora=lora1,
+                    dropout=None if drop_x is None or lora1 is None else (*drop_x, 2))
     if need_dw_gu:
         dw_gu = torch.empty_like(w_gu)
         _grouped_xty(dz, x, dw_gu, offsets)
     if has_lora and need_lora:
         da_gu = torch.empty_like(a_gu)
-        _grouped_xty(lora1[0], x, da_gu, offsets, scale)
+        _grouped_xty(lora1[0], x, da_gu, offsets, scale, dropout=drop_x)
         db_gu = torch.empty_like(b_gu)
         _grouped_xty(dz, xa, db_gu, offsets, scale)
     return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d
@@ -342,15 +392,17 @@ def grouped_mlp_fwd(
     b_down: Optional[torch.Tensor],
     activation: str,
     scale: float,
+    seeds: Optional[torch.Tensor],
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [N, H], z [N, 2F|F], xa [N, r] or [0], ha [N, r] or [0]) of the fused Triton forward."""
     return _fwd_impl(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
-                     a_gate_up, b_gate_up, a_down, b_down, activation, scale)
+                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
-      activation, scale):
+      activation, scale, seeds, dropout_p):
     n = x.shape[0]
     lora = a_gate_up is not None
     return (
@@ -379,6 +431,8 @@ def grouped_mlp_bwd(
     b_down: Optional[torch.Tensor],
     activation: str,
     scale: float,
+    seeds: Optional[torch.Tensor],
+    dropout_p: float,
     need_dx: bool,
     need_dw_gate_up: bool,
     need_dw_down: bool,
@@ -386,13 +440,13 @@ def grouped_mlp_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d); results not asked for are [0]."""
     return _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
-                     a_gate_up, b_gate_up, a_down, b_down, activation, scale,
+                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p,
                      need_dx, need_dw_gate_up, need_dw_down, need_lora)
 
 
 @grouped_mlp_bwd.register_fake
 def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up,
-      a_down, b_down, activation, scale, need_dx, need_dw_gate_up, need_dw_down, need_lora):
+      a_down, b_down, activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora):
     def maybe(flag, like):
         return torch.empty_like(like) if flag and like is not None else x.new_empty((0,))
 
@@ -404,20 +458,22 @@ def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down
 
 
 def _setup_context(ctx, inputs, output):
-    (x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale) = inputs
+    (x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds,
+     dropout_p) = inputs
     _, z, xa, ha = output
-    ctx.activation, ctx.scale = activation, scale
+    ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
     ctx.has_lora = a_gu is not None
-    ctx.save_for_backward(x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d)
+    ctx.save_for_backward(x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
+                          seeds)
 
 
 def _backward(ctx, dy, _dz, _dxa, _dha):
-    x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d = ctx.saved_tensors
+    x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = ctx.has_lora and any(need[6:10])
     grads = grouped_mlp_bwd(
         dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
-        ctx.activation, ctx.scale, need[0], need[4], need[5], need_lora,
+        ctx.activation, ctx.scale, seeds, ctx.dropout_p, need[0], need[4], need[5], need_lora,
     )
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = grads
     return (
@@ -425,7 +481,7 @@ def _backward(ctx, dy, _dz, _dxa, _dha):
         dw_gu if need[4] else None, dw_d if need[5] else None,
         da_gu if need_lora and need[6] else None, db_gu if need_lora and need[7] else None,
         da_d if need_lora and need[8] else None, db_d if need_lora and need[9] else None,
-        None, None,
+        None, None, None, None,
     )
 
 
@@ -495,9 +551,9 @@ def grouped_mlp(
     its expert offsets and tile map to the Triton path so they are not rebuilt.
     """
     _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     use_triton = _backend.resolve(backend, x_sorted.device) == "triton"
-    if lora is not None and lora_dropout > 0 and training:
-        use_triton = False  # dropout on the LoRA input is not fused yet (module docstring)
     if not use_triton or x_sorted.dtype == torch.float64:
         # fp64 (gradcheck) has no tensor-core dot; the reference path is exact for it.
         return reference.grouped_mlp(
@@ -510,11 +566,16 @@ def grouped_mlp(
     else:
         offsets, tile_expert, tile_row_start = tile_map(tokens_per_expert, n)
     a_gu, b_gu, a_d, b_d = lora if lora is not None else (None, None, None, None)
+    seeds, p = None, 0.0
+    if lora is not None and lora_dropout > 0 and training:
+        # Two philox seeds (LoRA inputs x and h) drawn from torch's generator on the device: no
+        # host sync, reproducible under torch.manual_seed; the masks are regenerated in backward.
+        seeds, p = torch.randint(0, 2**62, (2,), device=x_sorted.device, dtype=torch.int64), float(lora_dropout)
     y, _, _, _ = grouped_mlp_fwd(
         x_sorted, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d,
-        activation, float(lora_scale),
+        activation, float(lora_scale), seeds, p,
     )
     return y
 
 
-__all__ = ["grouped_mlp", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "BLOCK_M"]
+__all__ = ["grouped_mlp", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "dropout_mask", "BLOCK_M"]
