@@ -299,10 +299,14 @@ def test_jobs_train_resume_generate(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="stage 0"):
         main(["train", "--stage", "1", "--steps", "2", *common])
     for stage in range(4):
-        assert main(["train", "--stage", str(stage), "--steps", "2", *common]) == 0
+        extra = ["--freeze-encoders"] if stage == 1 else []
+        assert main(["train", "--stage", str(stage), "--steps", "2", *common, *extra]) == 0
         meta = json.load(open(os.path.join(out, f"stage{stage}", "trainer.json")))
         assert meta["stage"] == stage and meta["step"] == 2 and len(meta["history"]) == 2
         assert meta["ffn_mode"] == {0: "dense", 1: "dense", 2: "modality", 3: "moe"}[stage]
+    s0, s1 = T.load_model(os.path.join(out, "stage0")), T.load_model(os.path.join(out, "stage1"))
+    assert torch.equal(s0.image_encoder.patch_embed.weight, s1.image_encoder.patch_embed.weight)  # --freeze-encoders
+    assert not torch.equal(s0.vision_connector.fc1.weight, s1.vision_connector.fc1.weight)
     # Resume stage 3 to 4 steps: the first two losses are kept, two more are added.
     first = json.load(open(os.path.join(out, "stage3", "trainer.json")))["history"]
     assert main(["train", "--stage", "3", "--steps", "4", *common]) == 0
@@ -359,3 +363,37 @@ def test_bf16_model_on_triton_kernels_matches_naive_loop(chain):
     params = model.setup_stage(3)
     model.loss(batches).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+def test_attention_is_causal_and_rope_is_relative(chain):
+    model = chain[0].eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, model.cfg.hidden_size)
+    with torch.no_grad():
+        base = model(x)
+        y = x.clone()
+        y[:, 6:] = torch.randn(2, 3, model.cfg.hidden_size)  # change only the last 3 positions
+        changed = model(y)
+    torch.testing.assert_close(base[:, :6], changed[:, :6], rtol=1e-5, atol=1e-5)
+    assert (base[:, 6:] - changed[:, 6:]).abs().max() > 1e-3
+    # RoPE: q.k depends on positions only through their difference.
+    from unimoe_kernels.models.unimoe import rope
+
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    dot = lambda pq, pk: (rope(q, torch.tensor([pq]), 1e4) * rope(k, torch.tensor([pk]), 1e4)).sum()  # noqa: E731
+    torch.testing.assert_close(dot(3, 1), dot(10, 8), rtol=1e-5, atol=1e-5)
+    assert (dot(3, 1) - dot(3, 2)).abs() > 1e-4
+
+
+def test_custom_encoders_plug_in():
+    from unimoe_kernels.models.encoders import AudioEncoder, ImageEncoder
+
+    cfg = preset_config("micro")
+    image = ImageEncoder(cfg.data.image_size, 8, width=24, layers=2, heads=2)    # a different feature width
+    audio = AudioEncoder(cfg.data.audio_bins, cfg.data.audio_frames, width=40, layers=1, heads=2)
+    model = UniMoE(cfg, image_encoder=image, audio_encoder=audio)
+    assert model.vision_connector.fc1.in_features == 24 and model.audio_connector.kv_proj.in_features == 40
+    loss = model.loss(T.stage_batches(cfg, 1, 0, 6))
+    assert torch.isfinite(loss)
+    with pytest.raises(TypeError, match="image_encoder"):
+        UniMoE(cfg, image_encoder=torch.nn.Identity())

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", help="model size for a fresh stage-0 model: demo | micro")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of this stage in OUT/stage{s}")
+    p.add_argument("--freeze-encoders", action="store_true",
+                   help="stage 1 trains the connectors only (for pretrained encoders; the stand-ins are random)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--eval-examples", type=int, default=64, help="evaluation examples per modality")
 
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> dict:
 
     set_threads(args.threads)
     model, origin = initial_model(args)
+    if args.freeze_encoders:
+        model.cfg.train_encoders = False  # saved with the checkpoint's config
     print(f"stage {args.stage}: {origin}")
     here = stage_dir(args.out, args.stage)
     record = train_stage(

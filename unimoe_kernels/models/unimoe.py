@@ -243,15 +243,25 @@ class DecoderLayer(nn.Module):
 class UniMoE(nn.Module):
     """Encoders + connectors + LLaMA-style decoder whose selected FFNs become SparseMoE in stage 3."""
 
-    def __init__(self, cfg: Optional[UniMoEConfig] = None):
+    def __init__(self, cfg: Optional[UniMoEConfig] = None, *, image_encoder: Optional[nn.Module] = None,
+                 audio_encoder: Optional[nn.Module] = None):
+        """image_encoder / audio_encoder replace the stand-ins (e.g. a wrapped pretrained CLIP-ViT or
+        Whisper encoder). They must keep the stand-ins' interface: image_encoder(images [B, 3, S, S])
+        -> [B, P, width] and .encode_video(frames [B, F, 3, S, S]) -> [B, P, width]; audio_encoder(
+        spectrogram [B, frames, bins]) -> [B, T, width]; both with a `width` attribute, which sizes
+        the connectors. Checkpoints saved by this module then hold their weights too.
+        """
         super().__init__()
         cfg = cfg or UniMoEConfig()
         self.cfg = cfg
         spec = cfg.data
-        self.image_encoder = ImageEncoder(spec.image_size, cfg.patch_size, cfg.encoder_width, cfg.vit_layers)
-        self.audio_encoder = AudioEncoder(spec.audio_bins, spec.audio_frames, cfg.encoder_width, cfg.audio_layers)
-        self.vision_connector = VisionConnector(cfg.encoder_width, cfg.hidden_size)
-        self.audio_connector = AudioConnector(cfg.encoder_width, cfg.hidden_size, cfg.audio_queries, cfg.encoder_width)
+        self.image_encoder = image_encoder or ImageEncoder(spec.image_size, cfg.patch_size, cfg.encoder_width, cfg.vit_layers)
+        self.audio_encoder = audio_encoder or AudioEncoder(spec.audio_bins, spec.audio_frames, cfg.encoder_width, cfg.audio_layers)
+        for name, enc in (("image_encoder", self.image_encoder), ("audio_encoder", self.audio_encoder)):
+            if not isinstance(getattr(enc, "width", None), int):
+                raise TypeError(f"{name} must have an int `width` attribute (its feature size), got {type(enc).__name__}")
+        self.vision_connector = VisionConnector(self.image_encoder.width, cfg.hidden_size)
+        self.audio_connector = AudioConnector(self.audio_encoder.width, cfg.hidden_size, cfg.audio_queries, cfg.encoder_width)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
