@@ -123,7 +123,11 @@ def read_trainer_state(path: str) -> Optional[dict]:
 
 
 def load_model(path: str, device=None) -> UniMoE:
-    """The model saved in checkpoint directory `path` (its config and stage structure, its weights)."""
+    """The model saved in checkpoint directory `path` (its config and stage structure, its weights).
+
+    It is rebuilt with the stand-in encoders; a model made with custom encoders is rebuilt by its
+    owner (UniMoE(cfg, image_encoder=...), set_ffn_mode) and given model.safetensors directly.
+    """
     from safetensors.torch import load_file
 
     meta = read_trainer_state(path)
