@@ -32,6 +32,8 @@ from .train import add_common, set_threads, stage_dir
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
+    p.epilog = ("Stages found complete in OUT are reused (an interrupted demo resumes where it stopped); "
+                "delete OUT to train from scratch.")
     p.add_argument("--preset", default="demo", help="model size: demo | micro")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's default step count")
     p.add_argument("--batch-size", type=int, default=32)
@@ -292,7 +294,8 @@ def run(args: argparse.Namespace) -> dict:
         stages.append({"stage": stage, "steps": steps, "seconds": time.perf_counter() - t0,
                        "train_tokens_per_s": rec["tokens"] / rec["seconds"] if rec["seconds"] > 0 else None,
                        "history": rec["history"], "eval": acc})
-        print(f"stage {stage}: loss {rec['history'][0]:.3f} -> {statistics.mean(rec['history'][-10:]):.3f}, "
+        # Means of the first and last 10 steps: single steps are noisy (and stage 2 alternates modalities).
+        print(f"stage {stage}: loss {statistics.mean(rec['history'][:10]):.3f} -> {statistics.mean(rec['history'][-10:]):.3f}, "
               f"answer accuracy {acc['accuracy']:.3f} (chance {acc['chance']:.3f}) {acc['per_modality']}")
     t_train = time.perf_counter() - t_start
 
