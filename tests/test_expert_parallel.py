@@ -206,6 +206,25 @@ def _run_scenario(name: str, s: dict, rank: int, world_size: int, group, device)
         torch.testing.assert_close(gathered["mlp." + key], value, atol=0, rtol=0)
 
 
+class _DenseMLP(nn.Module):
+    def __init__(self, h: int, f: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+
+def _check_from_dense(rank: int, world_size: int, group) -> None:
+    # Upcycling with ep_group copies each rank's own experts out of the list of dense MLPs.
+    torch.manual_seed(0)
+    mlps = [_DenseMLP(8, 6) for _ in range(4)]
+    full = SparseMoE.from_dense(mlps, top_k=2, backend="torch")
+    ep = SparseMoE.from_dense(mlps, top_k=2, ep_group=group)
+    with torch.no_grad():
+        ep.router.weight.copy_(full.router.weight)  # the router is freshly initialised by both
+        x = torch.randn(5 + rank, 8)
+        _close(f"from_dense rank {rank}", ep(x), full(x))
+
+
 def _check_errors(rank: int, world_size: int, group) -> None:
     # 3 experts cannot be split over 2 ranks.
     try:
@@ -252,6 +271,7 @@ def _worker(rank: int, world_size: int, init_method: str, table: str) -> None:
             except Exception as err:  # name the scenario in the parent's error
                 raise AssertionError(f"scenario {name!r}, rank {rank}: {err}\n{traceback.format_exc()}") from err
         if table == "2":
+            _check_from_dense(rank, world_size, group)
             _check_errors(rank, world_size, group)
         dist.barrier()
     finally:
