@@ -169,17 +169,19 @@ def _grouped_mm(
         *_dropout_args(dropout, offsets), _n_bucket(n),
     )
     meta = dict(
-        HAS_LORA=lora is not None, DROPOUT=dropout[2] if dropout is not None else 0, EPILOGUE=epilogue, ACT=act, GLU=glu, STORE_Z=store_z,
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_R=_rank_block(r),
+        HAS_LORA=lora is not None, DROPOUT=dropout[2] if dropout is not None else 0, EPILOGUE=epilogue,
+        ACT=act, GLU=glu, STORE_Z=store_z, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BLOCK_M,
+        BLOCK_R=_rank_block(r),
     )
     n_tiles = tile_expert.numel()
+    interp = _backend.interpreting()
     if small_n:
-        # Rank-sized outputs (x A^T, dy B): one column tile of the rank, no autotuning needed.
-        cfg = dict(BLOCK_N=_rank_block(nout), BLOCK_K=128 if pinned and _backend.interpreting() else 64,
-                   num_warps=4, num_stages=1 if _backend.interpreting() else 3)
+        # Rank-sized outputs (x A^T, dy B): one column tile of the rank, no autotuning needed; a
+        # bandwidth-bound pass over x, so BLOCK_K 64 with 3 stages keeps loads in flight on GPU.
+        cfg = dict(BLOCK_N=_rank_block(nout), BLOCK_K=128 if interp else 64, num_warps=4, num_stages=1 if interp else 3)
         raw[(n_tiles, 1)](*args, **meta, **cfg)
     elif pinned:
-        cfg = _MM_INTERPRET if _backend.interpreting() else _MM_PINNED
+        cfg = _MM_INTERPRET if interp else _MM_PINNED
         raw[(n_tiles, -(-nout // cfg["BLOCK_N"]))](*args, **meta, **cfg)
     else:
         tuned[lambda m: (n_tiles, -(-nout // m["BLOCK_N"]))](*args, **meta)
@@ -215,8 +217,8 @@ def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: t
         # A LoRA gradient: one side is the rank, so that side gets one small tile.
         bp = _rank_block(p) if p <= 64 else 128
         bq = _rank_block(q) if q <= 64 else 128
-        raw[(e, -(-p // bp) * -(-q // bq))](*args, DROPOUT_Y=drop, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64,
-                                           num_warps=4, num_stages=3)
+        raw[(e, -(-p // bp) * -(-q // bq))](
+            *args, DROPOUT_Y=drop, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64, num_warps=4, num_stages=3)
     elif pinned:
         cfg = dict(_XTY_INTERPRET if interp else _XTY_PINNED)
         if interp:
