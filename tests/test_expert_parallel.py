@@ -57,8 +57,10 @@ SCENARIOS_2 = {
     # Padded capacity mode from capacity_factor (same T on both ranks): expert 0 is hot, so it
     # overflows its capacity ceil(1.0 * 6*2 / 4) = 3 and slots are dropped.
     "capacity_factor": _scenario(experts=4, tokens=[6, 6], capacity_factor=1.0, route="hot_expert_0"),
-    # Explicit ep_capacity with different batch sizes per rank (and one empty rank-expert pair).
-    "ep_capacity_uneven": _scenario(experts=4, tokens=[7, 2], ep_capacity=2, route="hot_expert_0"),
+    # Explicit ep_capacity with different batch sizes per rank (and one empty rank-expert pair), on
+    # the Triton kernels (interpreter on CPU): the grouped MLP then builds its tile map from the
+    # padded counts.
+    "ep_capacity_uneven": _scenario(experts=4, tokens=[7, 2], ep_capacity=2, route="hot_expert_0", backend="triton"),
     # The Triton kernels (interpreter on CPU) for permute/regroup/grouped MLP inside the EP path.
     "triton": _scenario(experts=4, tokens=[4, 3], backend="triton"),
     # The Triton path with the empty edges: rank 0 has no tokens, rank 1's experts get no rows.
