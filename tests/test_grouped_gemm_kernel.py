@@ -269,6 +269,20 @@ def test_lora_dropout_public_path(device):
         grouped_mlp(*args, training=True, **dict(kw, lora_dropout=1.0))
 
 
+@pytest.mark.parametrize("activation,dropout", [("swiglu", 0.0), ("relu", 0.0), ("geglu", 0.2)])
+def test_recompute_gives_identical_results(activation, dropout, device):
+    """recompute=True reruns GEMM 1 in backward with the same kernel: bit-identical outputs and grads."""
+    results = []
+    for recompute in (False, True):
+        case = make_case([5, 0, 9], 24, 16, 4, activation, torch.float32, device, train_base=True)
+        torch.manual_seed(3)  # the same dropout seeds for both runs
+        y = grouped_mlp(case["x"], case["counts"], case["w_gu"], case["w_d"], activation, lora=case["lora"],
+                        lora_dropout=dropout, training=True, backend="triton", recompute=recompute)
+        results.append([y, *torch.autograd.grad(y, leaves(case), torch.ones_like(y))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_input_raises(device):
     case = make_case([2, 2], 16, 16, 4, "swiglu", torch.float32, device)
     x, c, w_gu, w_d, lora = case["x"], case["counts"], case["w_gu"], case["w_d"], case["lora"]
@@ -292,7 +306,7 @@ def test_custom_op_opcheck(dropout, device):
     offsets, tile_expert, tile_row_start = gg.tile_map(case["counts"], 5)
     seeds = torch.tensor([7, 8], device=device) if dropout else None
     args = (case["x"], offsets, tile_expert, tile_row_start, case["w_gu"], case["w_d"], *case["lora"], "swiglu", 2.0,
-            seeds, dropout)
+            seeds, dropout, dropout == 0.0)  # also covers save_preact=False (recompute in backward)
     # Schema, fake (meta) implementation and autograd registration; the fake-vs-real comparison
     # is what torch.compile relies on.
     torch.library.opcheck(gg.grouped_mlp_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

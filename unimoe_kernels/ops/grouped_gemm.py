@@ -18,7 +18,7 @@ Data flow (N expert-sorted rows, expert e owns rows offsets[e] .. offsets[e+1]-1
       dW_gu = dz^T x, dA_gu = s dzb^T x, dB_gu = s dz^T xa
 
 Saved between forward and backward: x (the input, alive anyway as the permute output), z [N, 2F|F]
-in x's dtype (needed to differentiate the activation; h = act(z) is recomputed in the backward
+in x's dtype (unless recompute=True, which runs GEMM 1 again in backward instead) (needed to differentiate the activation; h = act(z) is recomputed in the backward
 epilogue instead of being saved, which saves N*F elements), xa, ha ([N, r] each, tiny) and, with
 LoRA dropout, two int64 seeds (the masks are regenerated, never stored). Base
 weight gradients are computed only when the base requires grad; with a frozen base (the LoRA recipe)
@@ -281,33 +281,41 @@ def _seed_pair(seeds, p):
     return (seeds[0:1], p), (seeds[1:2], p)
 
 
+def _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z):
+    """hid = act(x W_gu^T + s xa B_gu^T) ([N, F]); also the pre-activation into z [N, 2F|F] unless z is None."""
+    fdim = hid.shape[1]
+    # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
+    w1 = w_gu.transpose(1, 2)
+    lora1 = (xa, b_gu.transpose(1, 2), scale) if b_gu is not None else None
+    b1 = lora1[1] if lora1 is not None else w1
+    z_ = z if z is not None else hid
+    _grouped_mm(
+        x, w1, hid, tiles, nout=fdim, lora=lora1, epilogue=1, act=act, glu=glu, z=z_, store_z=z is not None,
+        up_offsets=(fdim * w1.stride(2), fdim * b1.stride(2), fdim * z_.stride(1), 0),
+    )
+
+
 def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
-              seeds, dropout_p):
+              seeds, dropout_p, save_preact):
     n, hdim = x.shape
     fdim = w_d.shape[2]
     act, glu = _ACT_CODE[activation]
     has_lora = a_gu is not None
     tiles = (offsets, tile_expert, tile_row_start)
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
-    z = x.new_empty((n, w_gu.shape[1]))
+    # Without save_preact z is the [0] placeholder and backward recomputes it (1-D marks that).
+    z = x.new_empty((n, w_gu.shape[1])) if save_preact else _empty(x)
     hid = x.new_empty((n, fdim))
     y = x.new_empty((n, hdim))
     xa, ha = _empty(x), _empty(x)  # distinct: a custom op's outputs may not alias each other
-    lora1 = lora2 = None
+    lora2 = None
     if has_lora:
         r = a_gu.shape[1]
         xa = x.new_empty((n, r))
         # x A^T: A [E, r, H] read as [E, K=H, r].
         _grouped_mm(x, a_gu.transpose(1, 2), xa, tiles, nout=r, small_n=True,
                     dropout=None if drop_x is None else (*drop_x, 1))
-        lora1 = (xa, b_gu.transpose(1, 2), scale)
-    # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
-    w1 = w_gu.transpose(1, 2)
-    b1 = lora1[1] if has_lora else w1
-    _grouped_mm(
-        x, w1, hid, tiles, nout=fdim, lora=lora1, epilogue=1, act=act, glu=glu, z=z, store_z=True,
-        up_offsets=(fdim * w1.stride(2), fdim * b1.stride(2), fdim * z.stride(1), 0),
-    )
+    _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z if save_preact else None)
     if has_lora:
         ha = x.new_empty((n, a_d.shape[1]))
         _grouped_mm(hid, a_d.transpose(1, 2), ha, tiles, nout=a_d.shape[1], small_n=True,
@@ -326,6 +334,11 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
     tiles = (offsets, tile_expert, tile_row_start)
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
     dy = dy.contiguous()
+    if z.dim() == 1:
+        # Pre-activation not saved (recompute=True): GEMM 1 again, its h output discarded here
+        # because the dh kernel below recomputes h from z anyway.
+        z = x.new_empty((n, w_gu.shape[1]))
+        _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, x.new_empty((n, fdim)), z)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
 
@@ -396,20 +409,21 @@ def grouped_mlp_fwd(
     scale: float,
     seeds: Optional[torch.Tensor],
     dropout_p: float,
+    save_preact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y [N, H], z [N, 2F|F], xa [N, r] or [0], ha [N, r] or [0]) of the fused Triton forward."""
+    """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0])."""
     return _fwd_impl(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
-                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p)
+                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p, save_preact)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
-      activation, scale, seeds, dropout_p):
+      activation, scale, seeds, dropout_p, save_preact=True):
     n = x.shape[0]
     lora = a_gate_up is not None
     return (
         x.new_empty((n, down_proj.shape[1])),
-        x.new_empty((n, gate_up_proj.shape[1])),
+        x.new_empty((n, gate_up_proj.shape[1])) if save_preact else x.new_empty((0,)),
         x.new_empty((n, a_gate_up.shape[1])) if lora else x.new_empty((0,)),
         x.new_empty((n, a_down.shape[1])) if lora else x.new_empty((0,)),
     )
@@ -461,7 +475,7 @@ def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down
 
 def _setup_context(ctx, inputs, output):
     (x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds,
-     dropout_p) = inputs
+     dropout_p, _save_preact) = inputs
     _, z, xa, ha = output
     ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
     ctx.has_lora = a_gu is not None
@@ -483,7 +497,7 @@ def _backward(ctx, dy, _dz, _dxa, _dha):
         dw_gu if need[4] else None, dw_d if need[5] else None,
         da_gu if need_lora and need[6] else None, db_gu if need_lora and need[7] else None,
         da_d if need_lora and need[8] else None, db_d if need_lora and need[9] else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -546,11 +560,14 @@ def grouped_mlp(
     training: bool = False,
     backend: str = "auto",
     plan: Optional[RoutingPlan] = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Expert MLP over expert-grouped rows x_sorted [N, H] -> y_sorted [N, H].
 
     Semantics of reference.grouped_mlp; tokens_per_expert [E] must sum to N. `plan` (optional) lends
-    its expert offsets and tile map to the Triton path so they are not rebuilt.
+    its expert offsets and tile map to the Triton path so they are not rebuilt; it must describe
+    these rows. recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1
+    again there instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
     """
     _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
     if not 0.0 <= lora_dropout < 1.0:
@@ -575,7 +592,7 @@ def grouped_mlp(
         seeds, p = torch.randint(0, 2**62, (2,), device=x_sorted.device, dtype=torch.int64), float(lora_dropout)
     y, _, _, _ = grouped_mlp_fwd(
         x_sorted, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d,
-        activation, float(lora_scale), seeds, p,
+        activation, float(lora_scale), seeds, p, not recompute,
     )
     return y
 
