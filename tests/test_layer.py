@@ -311,5 +311,5 @@ def test_bad_forward_input():
         moe(torch.randn(3, 8, device="meta"))
     with pytest.raises(ValueError, match="top_k_weights"):
         moe.experts(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 1))
-    with pytest.raises(NotImplementedError, match="ep_group"):
+    with pytest.raises(TypeError, match="ep_group"):
         SparseMoE(8, 8, 4, 2, ep_group=object())

@@ -267,12 +267,6 @@ def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
-class _NotAProcessGroup(TypeError, NotImplementedError):
-    """A wrong ep_group type is a TypeError. It is also a NotImplementedError because SparseMoE
-    raised that for every ep_group before expert parallelism existed, and callers (tests/test_layer.py
-    among them) may still catch it; drop the second base once they expect TypeError."""
-
-
 class SparseMoE(nn.Module):
     """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts (DESIGN.md section 4 for every argument).
 
@@ -322,10 +316,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         ep_size, ep_rank = 1, 0
         if ep_group is not None:
-            try:
-                ep_size, ep_rank = group_size_and_rank(ep_group, "ep_group")
-            except TypeError as err:
-                raise _NotAProcessGroup(str(err)) from None
+            ep_size, ep_rank = group_size_and_rank(ep_group, "ep_group")
             if not isinstance(num_experts, int) or num_experts % ep_size:
                 raise ValueError(f"num_experts={num_experts!r} must be divisible by the size of ep_group ({ep_size}): "
                                  "every rank holds num_experts / ep_size experts")
