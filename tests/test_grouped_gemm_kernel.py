@@ -283,6 +283,63 @@ def test_recompute_gives_identical_results(activation, dropout, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[0, 2], [2, 1], [0, 2], [4, 0], [2, 4], [0, 2], [1, 0]],  # T=7, k=2, expert 3 empty
+        [[3]] * 70,  # k=1, every token to one expert: two tiles of one expert
+        [[0, 1, 2]],  # one token, k=3
+    ],
+)
+def test_gather_on_load_matches_permute_then_reference(ids, device):
+    """grouped_mlp_gather (rows of x read through the plan inside the kernels) against the fp64
+    reference of permute + grouped_mlp, forward and every gradient (dx summed back per token)."""
+    ids = torch.tensor(ids, device=device)
+    t, k = ids.shape
+    e = 5
+    plan = reference.build_routing(ids, e, block_m=gg.BLOCK_M)
+    case = make_case([0] * e, 40, 24, 4, "swiglu", torch.float32, device, train_base=True)
+    x = torch.randn(t, 40, device=device, requires_grad=True)
+    ls = [x] + leaves(case)[1:]
+
+    def run_(fn, tensors):
+        xx, w_gu, w_d, *lo = tensors
+        y = fn(xx, w_gu, w_d, reference.LoRAWeights(*lo))
+        dy = torch.linspace(-1, 1, y.numel(), device=device, dtype=y.dtype).view_as(y)
+        return [y, *torch.autograd.grad(y, tensors, dy)]
+
+    got = run_(lambda xx, w_gu, w_d, lo: gg.grouped_mlp_gather(
+        xx, plan, k, w_gu, w_d, lora=lo, lora_scale=2.0, backend="triton"), ls)
+    ls64 = [t_.detach().double().requires_grad_() for t_ in ls]
+    want = run_(lambda xx, w_gu, w_d, lo: reference.grouped_mlp(
+        reference.permute(xx, plan, k), plan.tokens_per_expert, w_gu, w_d, lora=lo, lora_scale=2.0), ls64)
+    for name, g, w in zip(["y", "dx", "dW_gu", "dW_d", "dA_gu", "dB_gu", "dA_d", "dB_d"], got, want):
+        assert g.shape == w.shape, name
+        err, tol = amax(g.double() - w), 2e-5 * (1.0 + amax(w))
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+def test_gather_with_dropout_equals_permuted_path(device):
+    """Dropout masks follow the sorted row, so gathering on load changes nothing but the memory."""
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2], [1, 0], [2, 1]], device=device)
+    plan = reference.build_routing(ids, 3, block_m=gg.BLOCK_M)
+    case = make_case([0, 0, 0], 24, 16, 4, "geglu", torch.float32, device, train_base=True)
+    x = torch.randn(5, 24, device=device)
+    outs = []
+    for gather in (True, False):
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        kw = dict(lora=case["lora"], lora_dropout=0.3, training=True, backend="triton")
+        if gather:
+            y = gg.grouped_mlp_gather(xx, plan, 2, case["w_gu"], case["w_d"], "geglu", **kw)
+        else:
+            y = grouped_mlp(reference.permute(xx, plan, 2), plan.tokens_per_expert, case["w_gu"], case["w_d"],
+                            "geglu", plan=plan, **kw)
+        outs.append([y, *torch.autograd.grad(y, [xx] + leaves(case)[1:], torch.ones_like(y))])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input_raises(device):
     case = make_case([2, 2], 16, 16, 4, "swiglu", torch.float32, device)
     x, c, w_gu, w_d, lora = case["x"], case["counts"], case["w_gu"], case["w_d"], case["lora"]
@@ -416,7 +473,7 @@ def compile_(fn, dtype, consts, num_warps, num_stages):
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = {"offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
-                      "seed_ptr": "*i64"}.get(n, "*" + dtype)
+                      "seed_ptr": "*i64", "gather_ptr": "*i32"}.get(n, "*" + dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "fp32" if n in ("scale", "drop_p", "drop_scale") else "i32"
@@ -427,20 +484,20 @@ def compile_(fn, dtype, consts, num_warps, num_stages):
 
 n = 0
 # bf16 in every epilogue (GLU forward, GLU backward with gelu and dropout on the LoRA term, non-GLU
-# relu, plain with dropout on the X tiles); fp32 (ieee dot, the largest shared-memory footprint) in
+# relu, plain with dropout on the X tiles; forward ones gather x on load); fp32 (ieee dot, the largest shared-memory footprint) in
 # the GLU forward only, to keep this test short.
 variants = [("bf16", v) for v in ((1, True, 0, 0), (2, True, 1, 2), (1, False, 2, 0), (0, False, 0, 1))]
 variants += [("fp32", (1, True, 0, 0))]
 for dtype, (epi, glu, act, drop) in variants:
     prec = "ieee" if dtype == "fp32" else "tf32"
-    k = compile_(K.grouped_mm_kernel, dtype, dict(HAS_LORA=True, DROPOUT=drop, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
+    k = compile_(K.grouped_mm_kernel, dtype, dict(HAS_LORA=True, DROPOUT=drop, GATHER=epi == 1, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
                  DOT_PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16), 4, 3)
     if dtype == "bf16":
         assert "warp_group_dot" in k.asm["ttgir"]  # Hopper tensor cores, not a fallback
     n += 1
 for dtype in ("bf16", "fp32"):
     prec = "ieee" if dtype == "fp32" else "tf32"
-    compile_(K.grouped_xty_kernel, dtype, dict(DROPOUT_Y=dtype == "bf16", DOT_PRECISION=prec, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32), 8, 3)
+    compile_(K.grouped_xty_kernel, dtype, dict(DROPOUT_Y=dtype == "bf16", GATHER_Y=dtype == "bf16", DOT_PRECISION=prec, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32), 8, 3)
     n += 1
 print("compiled", n)
 '''

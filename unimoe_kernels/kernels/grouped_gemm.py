@@ -24,6 +24,10 @@ the seed read from device memory (no host sync). DROPOUT 1 applies it to the X t
 (x -> x A^T, h -> h A_d^T, and Y in the dA kernels); DROPOUT 2 applies it to the LoRA part of the
 output (dx and dh), which is the transpose of the first use.
 
+Gather on load (GATHER, GATHER_Y): X (or Y) is the token matrix [T, H] and sorted row r reads its
+row gather[r], so the permuted copy x_sorted [T*k, H] is never written; dropout masks still follow
+the sorted row.
+
 Index arithmetic on rows and experts is int64 because row * stride passes 2^31 for large N*H.
 """
 
@@ -91,12 +95,14 @@ def grouped_mm_kernel(
     # past 2^31 arrives as an int64 argument.
     w_up_off, b_up_off, z_up_off, out_up_off,
     scale,  # LoRA scale (fp32)
+    gather_ptr,  # [N] int32|int64 source row of X for each sorted row (read only when GATHER)
     seed_ptr,  # [1] int64 dropout seed (read only when DROPOUT > 0)
     drop_p,  # dropout probability (fp32)
     drop_scale,  # 1 / (1 - drop_p) (fp32)
     n_bucket,  # unused in the body: part of the autotune key (rows rounded to a power of two)
     HAS_LORA: tl.constexpr,
     DROPOUT: tl.constexpr,  # 0 none, 1 on the X tiles (columns: K), 2 on the LoRA term (columns: NOUT)
+    GATHER: tl.constexpr,  # X rows are gathered on load (X is the unpermuted token matrix)
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
@@ -121,6 +127,10 @@ def grouped_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NOUT
 
+    if GATHER:
+        x_rows = tl.load(gather_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    else:
+        x_rows = rows
     w_e = w_ptr + e64 * stride_we
     # Forward GLU: gate and up tiles share the x tile; the up rows of W sit w_up_off further on.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,7 +139,7 @@ def grouped_mm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xt = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )
         if DROPOUT == 1:
@@ -204,11 +214,13 @@ def grouped_xty_kernel(
     offsets_ptr,  # [E+1] int32|int64 expert row offsets
     P, Q,
     scale,  # fp32 factor on the result (LoRA scale for dA, dB; 1 for dW)
+    gather_ptr,  # [N] int32|int64 source row of Y for each sorted row (read only when GATHER_Y)
     seed_ptr,  # [1] int64 dropout seed of Y (read only when DROPOUT_Y)
     drop_p,  # dropout probability (fp32)
     drop_scale,  # 1 / (1 - drop_p) (fp32)
     n_bucket,  # unused in the body: part of the autotune key
     DROPOUT_Y: tl.constexpr,  # Y is a LoRA input under dropout (dA = s (dy B)^T dropout(h))
+    GATHER_Y: tl.constexpr,  # Y rows are gathered on load (Y is the unpermuted token matrix)
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -231,7 +243,11 @@ def grouped_xty_kernel(
         # X^T tile read straight from X's rows: [BLOCK_P, BLOCK_K].
         xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_p[:, None] * stride_xp,
                      mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        yt = tl.load(y_ptr + rows[:, None] * stride_ym + offs_q[None, :] * stride_yq,
+        if GATHER_Y:
+            y_rows = tl.load(gather_ptr + rows, mask=mask_k, other=0).to(tl.int64)
+        else:
+            y_rows = rows
+        yt = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq,
                      mask=mask_k[:, None] & mask_q[None, :], other=0.0)
         if DROPOUT_Y:
             keep = _dropout_keep(tl.load(seed_ptr), rows, offs_q, Q, drop_p)

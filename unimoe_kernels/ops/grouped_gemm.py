@@ -33,6 +33,10 @@ The masks differ from torch's F.dropout draws (another generator), not in distri
 Dispatch: backend.resolve(backend, device) == "triton" runs the kernels, anything else (and fp64,
 for gradcheck) runs reference.grouped_mlp.
 
+grouped_mlp_gather(x [T, H], plan, top_k, ...) fuses the permute: the kernels that read x (x A^T,
+GEMM 1, and dW_gu, dA_gu in backward) gather row sorted_slots[r] // k on load, so x_sorted [T*k, H]
+is never materialised nor saved; dx rows are summed back per token without atomics.
+
 The tile map (which expert and first row each BLOCK_M tile has) comes from the routing plan when its
 block_m matches the kernel's, else it is built on the device from tokens_per_expert with no host sync.
 """
@@ -106,14 +110,14 @@ def _kernels(pinned: bool):
         return mm, xty, mm, xty
     mm_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _MM_TUNE],
-        key=["n_bucket", "K", "NOUT", "EPILOGUE", "GLU", "HAS_LORA", "DROPOUT"],
+        key=["n_bucket", "K", "NOUT", "EPILOGUE", "GLU", "HAS_LORA", "DROPOUT", "GATHER"],
     )(mm)
     xty_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for p, q, k, w, s in _XTY_TUNE
         ],
-        key=["n_bucket", "P", "Q", "DROPOUT_Y"],
+        key=["n_bucket", "P", "Q", "DROPOUT_Y", "GATHER_Y"],
     )(xty)
     return mm_tuned, xty_tuned, mm, xty
 
@@ -147,9 +151,11 @@ def _grouped_mm(
     up_offsets: tuple = (0, 0, 0, 0),
     small_n: bool = False,
     dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: on X tiles | 2: on the LoRA term)
+    gather: Optional[torch.Tensor] = None,  # [N] source row of x for each sorted row (x is [T, K])
 ) -> None:
     offsets, tile_expert, tile_row_start = tiles
-    n, k = x.shape
+    k = x.shape[1]
+    n = out.shape[0]
     pinned = _pinned()
     tuned, _, raw, _ = _kernels(pinned)
     xa, b, scale = lora if lora is not None else (x, w, 0.0)
@@ -166,10 +172,11 @@ def _grouped_mm(
         h_, h_.stride(0), h_.stride(1),
         offsets, tile_expert, tile_row_start,
         k, nout, r, *up_offsets, float(scale),
-        *_dropout_args(dropout, offsets), _n_bucket(n),
+        gather if gather is not None else offsets, *_dropout_args(dropout, offsets), _n_bucket(n),
     )
     meta = dict(
-        HAS_LORA=lora is not None, DROPOUT=dropout[2] if dropout is not None else 0, EPILOGUE=epilogue,
+        HAS_LORA=lora is not None, DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None,
+        EPILOGUE=epilogue,
         ACT=act, GLU=glu, STORE_Z=store_z, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BLOCK_M,
         BLOCK_R=_rank_block(r),
     )
@@ -196,10 +203,11 @@ def _dropout_args(dropout: Optional[tuple], dummy: torch.Tensor) -> tuple:
 
 
 def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, scale: float = 1.0,
-                 dropout: Optional[tuple] = None) -> None:
+                 dropout: Optional[tuple] = None, gather_y: Optional[torch.Tensor] = None) -> None:
     """out[e] = scale * x[rows of e]^T @ dropout(y[rows of e]); x [N, P], y [N, Q], out [E, P, Q].
 
-    dropout: (seed [1] int64, p) when y is a LoRA input under dropout."""
+    dropout: (seed [1] int64, p) when y is a LoRA input under dropout; gather_y [N]: y is [T, Q]
+    and sorted row r reads y[gather_y[r]]."""
     e, p, q = out.shape
     n = x.shape[0]
     pinned = _pinned()
@@ -208,26 +216,27 @@ def _grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: t
         x, x.stride(0), x.stride(1),
         y, y.stride(0), y.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
-        offsets, p, q, float(scale), *_dropout_args(dropout, offsets), _n_bucket(n),
+        offsets, p, q, float(scale), gather_y if gather_y is not None else offsets,
+        *_dropout_args(dropout, offsets), _n_bucket(n),
     )
     prec = _dot_precision(x.dtype)
-    drop = dropout is not None
+    drop = dict(DROPOUT_Y=dropout is not None, GATHER_Y=gather_y is not None)
     interp = _backend.interpreting()
     if min(p, q) <= 64 and not interp:
         # A LoRA gradient: one side is the rank, so that side gets one small tile.
         bp = _rank_block(p) if p <= 64 else 128
         bq = _rank_block(q) if q <= 64 else 128
         raw[(e, -(-p // bp) * -(-q // bq))](
-            *args, DROPOUT_Y=drop, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64, num_warps=4, num_stages=3)
+            *args, **drop, DOT_PRECISION=prec, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=64, num_warps=4, num_stages=3)
     elif pinned:
         cfg = dict(_XTY_INTERPRET if interp else _XTY_PINNED)
         if interp:
             cfg["BLOCK_P"] = min(cfg["BLOCK_P"], max(16, _next_pow2(p)))
             cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], max(16, _next_pow2(q)))
         grid = (e, -(-p // cfg["BLOCK_P"]) * -(-q // cfg["BLOCK_Q"]))
-        raw[grid](*args, DROPOUT_Y=drop, DOT_PRECISION=prec, **cfg)
+        raw[grid](*args, **drop, DOT_PRECISION=prec, **cfg)
     else:
-        tuned[lambda m: (e, -(-p // m["BLOCK_P"]) * -(-q // m["BLOCK_Q"]))](*args, DROPOUT_Y=drop, DOT_PRECISION=prec)
+        tuned[lambda m: (e, -(-p // m["BLOCK_P"]) * -(-q // m["BLOCK_Q"]))](*args, **drop, DOT_PRECISION=prec)
 
 
 def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
@@ -281,7 +290,7 @@ def _seed_pair(seeds, p):
     return (seeds[0:1], p), (seeds[1:2], p)
 
 
-def _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z):
+def _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z, gather):
     """hid = act(x W_gu^T + s xa B_gu^T) ([N, F]); also the pre-activation into z [N, 2F|F] unless z is None."""
     fdim = hid.shape[1]
     # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
@@ -291,13 +300,14 @@ def _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z):
     z_ = z if z is not None else hid
     _grouped_mm(
         x, w1, hid, tiles, nout=fdim, lora=lora1, epilogue=1, act=act, glu=glu, z=z_, store_z=z is not None,
-        up_offsets=(fdim * w1.stride(2), fdim * b1.stride(2), fdim * z_.stride(1), 0),
+        up_offsets=(fdim * w1.stride(2), fdim * b1.stride(2), fdim * z_.stride(1), 0), gather=gather,
     )
 
 
 def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
-              seeds, dropout_p, save_preact):
-    n, hdim = x.shape
+              seeds, dropout_p, save_preact, gather):
+    hdim = x.shape[1]
+    n = gather.numel() if gather is not None else x.shape[0]
     fdim = w_d.shape[2]
     act, glu = _ACT_CODE[activation]
     has_lora = a_gu is not None
@@ -314,8 +324,8 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
         xa = x.new_empty((n, r))
         # x A^T: A [E, r, H] read as [E, K=H, r].
         _grouped_mm(x, a_gu.transpose(1, 2), xa, tiles, nout=r, small_n=True,
-                    dropout=None if drop_x is None else (*drop_x, 1))
-    _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z if save_preact else None)
+                    dropout=None if drop_x is None else (*drop_x, 1), gather=gather)
+    _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z if save_preact else None, gather)
     if has_lora:
         ha = x.new_empty((n, a_d.shape[1]))
         _grouped_mm(hid, a_d.transpose(1, 2), ha, tiles, nout=a_d.shape[1], small_n=True,
@@ -325,9 +335,18 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
     return y, z, xa, ha
 
 
+def _sum_slots(dx_sorted: torch.Tensor, slot_rows: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """dx [T, H] of gathered x: dx[t] = sum_j dx_sorted[slot_rows[t*k + j]], in fp32, no atomics
+    (deterministic, unlike index_add)."""
+    rows = dx_sorted.index_select(0, slot_rows.to(torch.int64)).view(tokens, top_k, -1)
+    return rows.sum(1, dtype=torch.float32).to(dx_sorted.dtype)
+
+
 def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
-              activation, scale, seeds, dropout_p, need_dx, need_dw_gu, need_dw_d, need_lora):
-    n, hdim = x.shape
+              activation, scale, seeds, dropout_p, need_dx, need_dw_gu, need_dw_d, need_lora,
+              gather, slot_rows, top_k):
+    hdim = x.shape[1]
+    n = dy.shape[0]
     fdim = w_d.shape[2]
     act, glu = _ACT_CODE[activation]
     has_lora = a_gu is not None
@@ -338,7 +357,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         # Pre-activation not saved (recompute=True): GEMM 1 again, its h output discarded here
         # because the dh kernel below recomputes h from z anyway.
         z = x.new_empty((n, w_gu.shape[1]))
-        _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, x.new_empty((n, fdim)), z)
+        _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, x.new_empty((n, fdim)), z, gather)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
 
@@ -377,12 +396,14 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         # W_gu [E, 2F|F, H] = [E, K, H]
         _grouped_mm(dz, w_gu, dx, tiles, nout=hdim, lora=lora1,
                     dropout=None if drop_x is None or lora1 is None else (*drop_x, 2))
+        if gather is not None:
+            dx = _sum_slots(dx, slot_rows, x.shape[0], top_k)
     if need_dw_gu:
         dw_gu = torch.empty_like(w_gu)
-        _grouped_xty(dz, x, dw_gu, offsets)
+        _grouped_xty(dz, x, dw_gu, offsets, gather_y=gather)
     if has_lora and need_lora:
         da_gu = torch.empty_like(a_gu)
-        _grouped_xty(lora1[0], x, da_gu, offsets, scale, dropout=drop_x)
+        _grouped_xty(lora1[0], x, da_gu, offsets, scale, dropout=drop_x, gather_y=gather)
         db_gu = torch.empty_like(b_gu)
         _grouped_xty(dz, xa, db_gu, offsets, scale)
     return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d
@@ -410,16 +431,24 @@ def grouped_mlp_fwd(
     seeds: Optional[torch.Tensor],
     dropout_p: float,
     save_preact: bool = True,
+    gather_index: Optional[torch.Tensor] = None,
+    slot_rows: Optional[torch.Tensor] = None,
+    top_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0])."""
+    """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0]).
+
+    With gather_index [N] (and slot_rows [N], top_k for backward), x is the token matrix [T, H]
+    and sorted row r reads x[gather_index[r]]; otherwise x is x_sorted [N, H].
+    """
     return _fwd_impl(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
-                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p, save_preact)
+                     a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p, save_preact,
+                     gather_index)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
-      activation, scale, seeds, dropout_p, save_preact=True):
-    n = x.shape[0]
+      activation, scale, seeds, dropout_p, save_preact=True, gather_index=None, slot_rows=None, top_k=1):
+    n = gather_index.shape[0] if gather_index is not None else x.shape[0]
     lora = a_gate_up is not None
     return (
         x.new_empty((n, down_proj.shape[1])),
@@ -453,16 +482,20 @@ def grouped_mlp_bwd(
     need_dw_gate_up: bool,
     need_dw_down: bool,
     need_lora: bool,
+    gather_index: Optional[torch.Tensor] = None,
+    slot_rows: Optional[torch.Tensor] = None,
+    top_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d); results not asked for are [0]."""
     return _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
                      a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p,
-                     need_dx, need_dw_gate_up, need_dw_down, need_lora)
+                     need_dx, need_dw_gate_up, need_dw_down, need_lora, gather_index, slot_rows, top_k)
 
 
 @grouped_mlp_bwd.register_fake
 def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up,
-      a_down, b_down, activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora):
+      a_down, b_down, activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora,
+      gather_index=None, slot_rows=None, top_k=1):
     def maybe(flag, like):
         return torch.empty_like(like) if flag and like is not None else x.new_empty((0,))
 
@@ -475,21 +508,23 @@ def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down
 
 def _setup_context(ctx, inputs, output):
     (x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds,
-     dropout_p, _save_preact) = inputs
+     dropout_p, _save_preact, gather_index, slot_rows, top_k) = inputs
     _, z, xa, ha = output
-    ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
+    ctx.activation, ctx.scale, ctx.dropout_p, ctx.top_k = activation, scale, dropout_p, top_k
     ctx.has_lora = a_gu is not None
     ctx.save_for_backward(x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
-                          seeds)
+                          seeds, gather_index, slot_rows)
 
 
 def _backward(ctx, dy, _dz, _dxa, _dha):
-    x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds = ctx.saved_tensors
+    (x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index,
+     slot_rows) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = ctx.has_lora and any(need[6:10])
     grads = grouped_mlp_bwd(
         dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
         ctx.activation, ctx.scale, seeds, ctx.dropout_p, need[0], need[4], need[5], need_lora,
+        gather_index, slot_rows, ctx.top_k,
     )
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = grads
     return (
@@ -497,7 +532,7 @@ def _backward(ctx, dy, _dz, _dxa, _dha):
         dw_gu if need[4] else None, dw_d if need[5] else None,
         da_gu if need_lora and need[6] else None, db_gu if need_lora and need[7] else None,
         da_d if need_lora and need[8] else None, db_d if need_lora and need[9] else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -579,7 +614,15 @@ def grouped_mlp(
             x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation,
             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
         )
-    n = x_sorted.shape[0]
+    return _triton_grouped_mlp(
+        x_sorted, x_sorted.shape[0], tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
+        lora_scale, lora_dropout, training, recompute,
+    )
+
+
+def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora, lora_scale,
+                        lora_dropout, training, recompute, top_k=None):
+    """The Triton path of grouped_mlp (top_k None) and grouped_mlp_gather (x [T, H], plan required)."""
     if plan is not None and plan.block_m == BLOCK_M and plan.tile_expert.numel() == max_tiles(n, gate_up_proj.shape[0], BLOCK_M):
         offsets, tile_expert, tile_row_start = plan.expert_offsets, plan.tile_expert, plan.tile_row_start
     else:
@@ -589,12 +632,59 @@ def grouped_mlp(
     if lora is not None and lora_dropout > 0 and training:
         # Two philox seeds (LoRA inputs x and h) drawn from torch's generator on the device: no
         # host sync, reproducible under torch.manual_seed; the masks are regenerated in backward.
-        seeds, p = torch.randint(0, 2**62, (2,), device=x_sorted.device, dtype=torch.int64), float(lora_dropout)
+        seeds, p = torch.randint(0, 2**62, (2,), device=x.device, dtype=torch.int64), float(lora_dropout)
+    gather = slot_rows = None
+    if top_k is not None:
+        gather = torch.div(plan.sorted_slots, top_k, rounding_mode="floor")  # sorted row -> token
+        slot_rows = plan.slot_rows
     y, _, _, _ = grouped_mlp_fwd(
-        x_sorted, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d,
-        activation, float(lora_scale), seeds, p, not recompute,
+        x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d,
+        activation, float(lora_scale), seeds, p, not recompute, gather, slot_rows, top_k or 1,
     )
     return y
 
 
-__all__ = ["grouped_mlp", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "dropout_mask", "BLOCK_M"]
+def grouped_mlp_gather(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    top_k: int,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "swiglu",
+    *,
+    lora: Optional[LoRAWeights] = None,
+    lora_scale: float = 1.0,
+    lora_dropout: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    recompute: bool = False,
+) -> torch.Tensor:
+    """permute + grouped_mlp in one op: tokens x [T, H] and the plan of their T*top_k slots ->
+    y_sorted [T*top_k, H] in expert order (ready for unpermute).
+
+    The Triton path gathers the rows of x inside the GEMM kernels (gather on load), so the permuted
+    copy x_sorted [T*k, H] is neither written nor saved for backward; dx is summed back per token
+    in fp32 without atomics. The torch path is reference.permute followed by reference.grouped_mlp.
+    """
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    if x.shape[0] * top_k != plan.sorted_slots.numel():
+        raise ValueError(f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    use_triton = _backend.resolve(backend, x.device) == "triton"
+    if not use_triton or x.dtype == torch.float64:
+        return reference.grouped_mlp(
+            reference.permute(x, plan, top_k), plan.tokens_per_expert, gate_up_proj, down_proj, activation,
+            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
+        )
+    return _triton_grouped_mlp(
+        x, plan.sorted_slots.numel(), plan.tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
+        lora_scale, lora_dropout, training, recompute, top_k=top_k,
+    )
+
+
+__all__ = ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "dropout_mask", "BLOCK_M"]
