@@ -388,6 +388,25 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(g, gr, rtol=0, atol=0)
 
 
+def test_torch_compile_fullgraph_gather(device):
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2]], device=device)
+    plan = reference.build_routing(ids, 3, block_m=gg.BLOCK_M)
+    case = make_case([0, 0, 0], 16, 16, 4, "silu", torch.float32, device)
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+
+    def fn(x, plan, w_gu, w_d, *lo):
+        return gg.grouped_mlp_gather(x, plan, 2, w_gu, w_d, "silu", lora=reference.LoRAWeights(*lo), backend="triton")
+
+    args = (x, plan, case["w_gu"], case["w_d"], *case["lora"])
+    y = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    y_ref = fn(*args)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.autograd.grad(y.square().sum(), [x, *case["lora"]])
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *case["lora"]])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_sparse_moe_triton_equals_torch(lora_rank, device):
     """The whole layer, forward and backward, whichever path the router and permute kernels take."""
