@@ -366,7 +366,8 @@ def test_custom_op_opcheck(dropout, device):
             seeds, dropout, dropout == 0.0)  # also covers save_preact=False (recompute in backward)
     # Schema, fake (meta) implementation and autograd registration; the fake-vs-real comparison
     # is what torch.compile relies on.
-    torch.library.opcheck(gg.grouped_mlp_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(gg.grouped_mlp_fwd, args, test_utils=tests)
 
 
 def test_torch_compile_fullgraph(device):
@@ -503,20 +504,23 @@ def compile_(fn, dtype, consts, num_warps, num_stages):
 
 n = 0
 # bf16 in every epilogue (GLU forward, GLU backward with gelu and dropout on the LoRA term, non-GLU
-# relu, plain with dropout on the X tiles; forward ones gather x on load); fp32 (ieee dot, the largest shared-memory footprint) in
-# the GLU forward only, to keep this test short.
+# relu, plain with dropout on the X tiles; the forward ones gather x on load); fp32 (ieee dot, the
+# largest shared-memory footprint) in the GLU forward only, to keep this test short.
 variants = [("bf16", v) for v in ((1, True, 0, 0), (2, True, 1, 2), (1, False, 2, 0), (0, False, 0, 1))]
 variants += [("fp32", (1, True, 0, 0))]
 for dtype, (epi, glu, act, drop) in variants:
     prec = "ieee" if dtype == "fp32" else "tf32"
-    k = compile_(K.grouped_mm_kernel, dtype, dict(HAS_LORA=True, DROPOUT=drop, GATHER=epi == 1, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
-                 DOT_PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16), 4, 3)
+    consts = dict(HAS_LORA=True, DROPOUT=drop, GATHER=epi == 1, EPILOGUE=epi, ACT=act, GLU=glu, STORE_Z=True,
+                  DOT_PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16)
+    k = compile_(K.grouped_mm_kernel, dtype, consts, 4, 3)
     if dtype == "bf16":
         assert "warp_group_dot" in k.asm["ttgir"]  # Hopper tensor cores, not a fallback
     n += 1
 for dtype in ("bf16", "fp32"):
     prec = "ieee" if dtype == "fp32" else "tf32"
-    compile_(K.grouped_xty_kernel, dtype, dict(DROPOUT_Y=dtype == "bf16", GATHER_Y=dtype == "bf16", DOT_PRECISION=prec, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32), 8, 3)
+    consts = dict(DROPOUT_Y=dtype == "bf16", GATHER_Y=dtype == "bf16", DOT_PRECISION=prec,
+                  BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32)
+    compile_(K.grouped_xty_kernel, dtype, consts, 8, 3)
     n += 1
 print("compiled", n)
 '''

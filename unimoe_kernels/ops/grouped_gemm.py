@@ -18,11 +18,12 @@ Data flow (N expert-sorted rows, expert e owns rows offsets[e] .. offsets[e+1]-1
       dW_gu = dz^T x, dA_gu = s dzb^T x, dB_gu = s dz^T xa
 
 Saved between forward and backward: x (the input, alive anyway as the permute output), z [N, 2F|F]
-in x's dtype (unless recompute=True, which runs GEMM 1 again in backward instead) (needed to differentiate the activation; h = act(z) is recomputed in the backward
-epilogue instead of being saved, which saves N*F elements), xa, ha ([N, r] each, tiny) and, with
-LoRA dropout, two int64 seeds (the masks are regenerated, never stored). Base
-weight gradients are computed only when the base requires grad; with a frozen base (the LoRA recipe)
-no dW kernel runs and B·A is never materialised.
+in x's dtype (needed to differentiate the activation; h = act(z) is recomputed in the backward
+epilogue instead of being saved, which saves N*F elements; with recompute=True z is not saved either
+and GEMM 1 runs again in backward), xa, ha ([N, r] each, tiny) and, with LoRA dropout, two int64
+seeds (the masks are regenerated, never stored). Base weight gradients are computed only when the
+base requires grad; with a frozen base (the LoRA recipe) no dW kernel runs and B·A is never
+materialised.
 
 LoRA dropout (training, p > 0) acts on the LoRA inputs x and h only, as in PEFT. Its masks are never
 stored: two philox seeds are drawn on the device per call and every kernel that reads a LoRA input
@@ -555,7 +556,8 @@ def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation
     e, f_in, h = gate_up_proj.shape
     f = f_in // 2 if glu else f_in
     if glu and f_in % 2:
-        raise ValueError(f"gate_up_proj must be [E, 2F, H] for activation={activation!r}, got {tuple(gate_up_proj.shape)}")
+        raise ValueError(
+            f"gate_up_proj must be [E, 2F, H] for activation={activation!r}, got {tuple(gate_up_proj.shape)}")
     if x_sorted.dim() != 2 or x_sorted.shape[1] != h:
         raise ValueError(f"x_sorted must be [N, H={h}], got {tuple(x_sorted.shape)}")
     if not x_sorted.is_floating_point():
@@ -623,7 +625,8 @@ def grouped_mlp(
 def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora, lora_scale,
                         lora_dropout, training, recompute, top_k=None):
     """The Triton path of grouped_mlp (top_k None) and grouped_mlp_gather (x [T, H], plan required)."""
-    if plan is not None and plan.block_m == BLOCK_M and plan.tile_expert.numel() == max_tiles(n, gate_up_proj.shape[0], BLOCK_M):
+    e = gate_up_proj.shape[0]
+    if plan is not None and plan.block_m == BLOCK_M and plan.tile_expert.numel() == max_tiles(n, e, BLOCK_M):
         offsets, tile_expert, tile_row_start = plan.expert_offsets, plan.tile_expert, plan.tile_row_start
     else:
         offsets, tile_expert, tile_row_start = tile_map(tokens_per_expert, n)
@@ -672,7 +675,8 @@ def grouped_mlp_gather(
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora)
     if x.shape[0] * top_k != plan.sorted_slots.numel():
-        raise ValueError(f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     use_triton = _backend.resolve(backend, x.device) == "triton"
@@ -687,4 +691,6 @@ def grouped_mlp_gather(
     )
 
 
-__all__ = ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "dropout_mask", "BLOCK_M"]
+__all__ = [
+    "grouped_mlp", "grouped_mlp_gather", "grouped_mlp_fwd", "grouped_mlp_bwd", "tile_map", "dropout_mask", "BLOCK_M",
+]
