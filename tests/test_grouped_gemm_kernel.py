@@ -146,6 +146,15 @@ def test_edge_shapes(counts, h, f, r, device):
     assert_matches(case, "swiglu")
 
 
+@pytest.mark.parametrize("group_m", [1, 4])
+def test_swizzled_launch_order(group_m, device, monkeypatch):
+    # 6 row tiles x 2 column tiles (F=136 > BLOCK_N): groups of 4 leave a partial last group, and
+    # groups of 1 are the plain column-major order; both must cover every (row, column) tile once.
+    monkeypatch.setattr(gg, "GROUP_M", group_m)
+    case = make_case([65, 1, 70], 20, 136, 3, "swiglu", torch.float32, device, train_base=True)
+    assert_matches(case, "swiglu")
+
+
 def test_rank_one_lora_and_scale_zero(device):
     # rank 1 (BLOCK_R pads to 16) and lora_scale 0: the LoRA term must vanish, but B's gradient too.
     case = make_case([4, 5], 16, 16, 1, "silu", torch.float32, device)

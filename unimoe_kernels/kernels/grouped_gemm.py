@@ -112,9 +112,20 @@ def grouped_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles that sweep the column tiles together (L2 reuse)
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # 1-D grid over (row tile, column tile), swizzled in groups of GROUP_M row tiles: the programs
+    # in flight share GROUP_M x tiles and a few weight tiles in L2, instead of streaming all of x
+    # once per column tile (row-major order) or all of W once per row tile (column-major order).
+    # Tiles of one group may belong to different experts; each tile reads its own expert.
+    num_m = tl.num_programs(0) // tl.cdiv(NOUT, BLOCK_N)
+    num_n = tl.cdiv(NOUT, BLOCK_N)
+    pid = tl.program_id(0)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_n)) // group_m
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert < 0:
         return
