@@ -6,7 +6,7 @@ SparseMoE.forward for x [..., H]:
     gating = router(x2)                                    weights [T, k] fp32, ids [T, k] int32
     plan = build_routing(gating.ids)                       counts, offsets, sorted order, tile map
     (capacity_factor: weights of overflowing slots zeroed)
-    y = experts.forward_routed(x2, plan, weights)          permute -> grouped MLP -> combine
+    y = experts.forward_routed(x2, plan, weights)          grouped MLP gathering rows on load -> combine
     y = attach_aux_loss(y, coef * lbl + z_coef * z)        value unchanged, gradient reaches router
     return y.view_as(x) (and MoEAux when asked)
 
@@ -33,8 +33,8 @@ from . import reference
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, topk_gating
-from .ops.grouped_gemm import grouped_mlp
-from .ops.permute import permute, unpermute
+from .ops.grouped_gemm import grouped_mlp, grouped_mlp_gather
+from .ops.permute import unpermute
 from .ops.routing import build_routing
 from .types import GatingOutput, MoEAux, RoutingPlan
 
@@ -229,8 +229,12 @@ class GroupedExperts(nn.Module):
 
     def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], a routing plan of its T*k slots and combine weights [T, k] -> [T, H]."""
-        x_sorted = permute(x, plan, weights.shape[1], backend=self.backend)
-        y_sorted = self.mlp(x_sorted, plan.tokens_per_expert)
+        # Gather on load: the Triton path never writes (or saves) the permuted copy of x.
+        y_sorted = grouped_mlp_gather(
+            x, plan, weights.shape[1], self.gate_up_proj, self.down_proj, self.activation,
+            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            training=self.training, backend=self.backend,
+        )
         return unpermute(y_sorted, plan, weights, backend=self.backend)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
