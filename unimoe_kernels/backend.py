@@ -8,7 +8,6 @@ under TRITON_INTERPRET=1, which is how CI runs the kernels without a GPU.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -29,10 +28,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once without importing triton; a constant (not an lru_cache) so torch.compile traces it.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether triton can be imported; looked up without importing it."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported."""
+    return _TRITON_FOUND
 
 
 def resolve(requested: str, device: torch.device) -> str:
