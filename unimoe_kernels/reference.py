@@ -272,7 +272,8 @@ def _linear_lora(x, w, a, b, scale, dropout_p, training):
     y = x @ w.t()
     if a is not None:
         xa = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-        y = y + ((xa @ a.t()) @ b.t()) * scale
+        # addmm adds the scaled low-rank product in place of two more passes over y.
+        y = torch.addmm(y, xa @ a.t(), b.t(), alpha=scale)
     return y
 
 
