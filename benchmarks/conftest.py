@@ -9,23 +9,15 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from . import harness, results
 
 
 @pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    # The CPU run is a smoke test on tiny shapes: threads buy nothing there, and on a busy 2-core
-    # machine OpenMP's hand-offs swamp the work (index_add_ on [8, 64] rows measured 160 ms with
-    # 2 threads against 4 us with 1), which made the naive baseline alone take 30 s.
-    if harness.HAS_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_cpu_thread(request):
+    # The CPU run is a smoke test on tiny shapes (see the root conftest's one_thread).
+    if not harness.HAS_CUDA:
+        request.getfixturevalue("one_thread")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

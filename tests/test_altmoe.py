@@ -23,14 +23,7 @@ from unimoe_kernels.models.altmoe_retrieval import VectorStore, evaluate_directi
 DIMS = {"a": 32, "b": 24}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP hand-offs cost far
-    # more than the work (measured: 100 training steps took 130 s with 2 threads, 6 s with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes; see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from unimoe_kernels import SparseMoE, baselines, reference
 PROVIDERS = sorted(baselines.PROVIDERS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from threads, and on a busy 2-core machine OpenMP's hand-offs cost
-    # far more than the work: index_add_ on [8, 64] rows measured 160 ms with 2 threads, 4 us with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes; see conftest.py
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 
 

@@ -10,7 +10,6 @@ expert counts and k are chosen to cover a prime E (5) and k=3 (not a power of tw
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from unimoe_kernels import modules as moe_modules  # noqa: E402
 from unimoe_kernels.integrations.transformers import (  # noqa: E402
-    PatchedExperts, patch_moe, patched_experts, unpatch_moe, unsupported_reason,
+    patch_moe, patched_experts, unpatch_moe, unsupported_reason,
 )
 
 VOCAB = 100

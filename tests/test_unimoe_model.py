@@ -26,13 +26,7 @@ CHAIN_LR = {0: 5e-3, 1: 5e-3, 2: 3e-3, 3: 5e-3}
 BATCH = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops: a second intra-op thread only adds contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes; see conftest.py
 
 
 def _heldout_loss(model: UniMoE, stage: int) -> float:

@@ -6,7 +6,7 @@ return their fields without wrapping.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
