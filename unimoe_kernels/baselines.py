@@ -34,8 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as nnf
 
-_GLU = ("swiglu", "geglu")
-_ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+from .reference import apply_activation, is_glu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,13 +72,11 @@ def flops(
     LoRA, forward: per row 2r(H + F_in) for gate_up (F_in = 2F for GLU, F otherwise) plus 2r(F + H)
     for down; its backward always computes dX, dA and dB: 3x forward.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    glu = is_glu(activation)  # raises for an unknown activation
     for name, v in (("T", T), ("k", k), ("H", H), ("F", F), ("lora_rank", lora_rank)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     n = T * k
-    glu = activation in _GLU
     f_in = 2 * F if glu else F
     base = 2 * n * H * f_in + 2 * n * F * H
     lora = 2 * n * lora_rank * (H + f_in) + 2 * n * lora_rank * (F + H)
@@ -104,19 +101,6 @@ def _check_moe(moe, x: torch.Tensor, name: str) -> None:
     if moe.training and (moe.router.router_jitter > 0 or moe.experts.lora_dropout > 0):
         # Jitter and LoRA dropout are random in training, so no other implementation can match them.
         raise ValueError(f"{name}: compare against moe.eval() (router_jitter / lora_dropout act while training)")
-
-
-def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation in _GLU:
-        gate, up = h.chunk(2, dim=-1)
-        return (nnf.silu(gate) if activation == "swiglu" else nnf.gelu(gate)) * up
-    if activation == "gelu":
-        return nnf.gelu(h)
-    if activation == "relu":
-        return nnf.relu(h)
-    if activation == "silu":
-        return nnf.silu(h)
-    raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
 def route(moe, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +133,7 @@ def _expert_mlp(xe: torch.Tensor, e: int, moe, w_gu: torch.Tensor, w_d: torch.Te
     h = xe @ w_gu[e].t()
     if lora is not None:
         h = h + ((xe @ lora[0][e].t()) @ lora[1][e].t()) * s
-    h = _act(h, moe.experts.activation)
+    h = apply_activation(h, moe.experts.activation)
     y = h @ w_d[e].t()
     if lora is not None:
         y = y + ((h @ lora[2][e].t()) @ lora[3][e].t()) * s
@@ -215,7 +199,7 @@ def onehot_dispatch_moe(moe, x: torch.Tensor) -> torch.Tensor:
     hid = torch.bmm(dispatched, ex.gate_up_proj.transpose(1, 2))
     if lora is not None:
         hid = hid + torch.bmm(torch.bmm(dispatched, lora[0].transpose(1, 2)), lora[1].transpose(1, 2)) * s
-    hid = _act(hid, ex.activation)
+    hid = apply_activation(hid, ex.activation)
     y = torch.bmm(hid, ex.down_proj.transpose(1, 2))  # [E, C, H]
     if lora is not None:
         y = y + torch.bmm(torch.bmm(hid, lora[2].transpose(1, 2)), lora[3].transpose(1, 2)) * s
@@ -328,7 +312,7 @@ def grouped_mm_mlp(
     hid = gmm(x_sorted, gate_up_proj)
     if lora is not None:
         hid = hid + gmm(gmm(x_sorted, lora[0]), lora[1]) * lora_scale
-    hid = _act(hid, activation)
+    hid = apply_activation(hid, activation)
     y = gmm(hid, down_proj)
     if lora is not None:
         y = y + gmm(gmm(hid, lora[2]), lora[3]) * lora_scale
@@ -363,10 +347,10 @@ def dense_mlp(x_rows: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         raise ValueError(f"x_rows must be [N, H], got {tuple(x_rows.shape)}")
     if w_gate_up.dim() != 2 or w_gate_up.shape[1] != x_rows.shape[1]:
         raise ValueError(f"w_gate_up must be [2F or F, H={x_rows.shape[1]}], got {tuple(w_gate_up.shape)}")
-    f = w_gate_up.shape[0] // 2 if activation in _GLU else w_gate_up.shape[0]
+    f = w_gate_up.shape[0] // 2 if is_glu(activation) else w_gate_up.shape[0]
     if w_down.shape != (x_rows.shape[1], f):
         raise ValueError(f"w_down must be [H={x_rows.shape[1]}, F={f}], got {tuple(w_down.shape)}")
-    return _act(x_rows @ w_gate_up.t(), activation) @ w_down.t()
+    return apply_activation(x_rows @ w_gate_up.t(), activation) @ w_down.t()
 
 
 PROVIDERS = {
