@@ -148,6 +148,27 @@ def oracle_layer(moe: SparseMoE, x: torch.Tensor, grad_out: Optional[torch.Tenso
     return y.detach(), xf.grad
 
 
+def layer_callables(fn: Callable, params: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
+                    grad_out: Optional[torch.Tensor], bwd: bool) -> tuple[Callable, Callable]:
+    """(setup, call) to time a layer provider: setup clears every gradient; call(x) runs the forward,
+    and the backward from grad_out when bwd (no autograd graph at all otherwise)."""
+
+    def setup():
+        for t in (*params, *xs):
+            t.grad = None
+
+    if bwd:
+        def call(x):
+            y = fn(x)
+            y.backward(grad_out)
+            return y
+    else:
+        def call(x):
+            with torch.no_grad():
+                return fn(x)
+    return setup, call
+
+
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype = None) -> None:
     """Fail (AssertionError) when more rows than TIE_FLIP_SHARE allows are off by the dtype's tolerance."""
     dtype = dtype or got.dtype

@@ -153,20 +153,7 @@ def test_hf_block(benchmark, size, name, r, mode, provider):
     if isinstance(fn, str):
         harness.record_skip("hf_block", cfg, size, mode, provider, fn)
     params = [p for p in fn.parameters() if p.requires_grad]
-
-    def setup():
-        for t in (*params, *case.xs):
-            t.grad = None
-
-    if case.bwd:
-        def call(x):
-            y = fn(x)
-            y.backward(case.grad_out)
-            return y
-    else:
-        def call(x):
-            with torch.no_grad():
-                return fn(x)
+    setup, call = harness.layer_callables(fn, params, case.xs, case.grad_out, case.bwd)
 
     setup()
     try:

@@ -125,20 +125,7 @@ def test_layer(benchmark, size, name, mode, provider):
         harness.record_skip("layer", cfg, size, mode, provider, fn)
     moe, bwd = case.moe, case.bwd
     params = [p for p in moe.parameters() if p.requires_grad]
-
-    def setup():
-        for t in (*params, *case.xs):
-            t.grad = None
-
-    if bwd:
-        def call(x):
-            y = fn(x)
-            y.backward(case.grad_out)
-            return y
-    else:
-        def call(x):
-            with torch.no_grad():
-                return fn(x)
+    setup, call = harness.layer_callables(fn, params, case.xs, case.grad_out, bwd)
 
     # Correctness first: a fast wrong provider fails here.
     setup()
