@@ -8,7 +8,9 @@ Backend "triton" (CUDA tensors under "auto", or CPU tensors under TRITON_INTERPR
 in one kernel, one read of the logits (kernels/gating.py), and the backward in one more kernel:
 d(weights) [T, k] and d(scores) [T, E] (from the aux losses) -> d(logits) [T, E]. Backend "torch"
 runs reference.topk_gating, which is the contract: both give the same ids and the same values and
-gradients up to fp32 rounding.
+gradients up to fp32 rounding. The two kernels are the custom ops unimoe::topk_gating_fwd and
+unimoe::topk_gating_bwd, with fakes and autograd registered, so torch.compile(fullgraph=True)
+traces them as single nodes.
 
 The aux-loss statistics (load-balancing loss, z-loss) are computed from the returned scores, ids
 and logits by reference.load_balancing_loss and reference.z_loss; their gradient reaches the logits
@@ -69,58 +71,121 @@ def _blocks(num_experts: int) -> tuple[int, int]:
     return block_t, block_e
 
 
-class _TopKGatingFn(torch.autograd.Function):
-    """logits [T, E] fp32 -> (weights [T, k] fp32, ids [T, k] int32, scores [T, E] fp32) in Triton."""
+def _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
+    """Launches the forward kernel; the body of unimoe::topk_gating_fwd."""
+    from ..kernels import gating as kern  # lazy: importing triton is deferred to first launch
 
-    @staticmethod
-    def forward(ctx, logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
-        from ..kernels import gating as kern  # lazy: importing triton is deferred to first launch
+    t, e = logits.shape
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    scores = torch.empty((t, e), dtype=torch.float32, device=logits.device)
+    if t > 0:
+        logits_c = _unit_inner(logits)
+        block_t, block_e = _blocks(e)
+        kern.topk_gating_fwd_kernel[(triton_cdiv(t, block_t),)](
+            logits_c, expert_bias if expert_bias is not None else scores, scores, weights, ids,
+            t, e, logits_c.stride(0), float(scaling_factor),
+            K=top_k, SCORING=_scoring_id(kern, scoring), NORMALIZE=bool(normalize),
+            HAS_BIAS=expert_bias is not None, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups, GROUP_SIZE=e // n_groups,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), BLOCK_G=_next_pow2(n_groups),
+            num_warps=4,
+        )
+    return weights, ids, scores
 
-        t, e = logits.shape
-        weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
-        ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
-        scores = torch.empty((t, e), dtype=torch.float32, device=logits.device)
-        scoring_id = kern.SOFTMAX if scoring == "softmax" else kern.SIGMOID
-        if t > 0:
-            logits_c = _unit_inner(logits)
-            block_t, block_e = _blocks(e)
-            kern.topk_gating_fwd_kernel[(triton_cdiv(t, block_t),)](
-                logits_c, expert_bias if expert_bias is not None else scores, scores, weights, ids,
-                t, e, logits_c.stride(0), float(scaling_factor),
-                K=top_k, SCORING=scoring_id, NORMALIZE=bool(normalize), HAS_BIAS=expert_bias is not None,
-                N_GROUPS=n_groups, TOPK_GROUPS=topk_groups, GROUP_SIZE=e // n_groups,
-                BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), BLOCK_G=_next_pow2(n_groups),
-                num_warps=4,
-            )
-        ctx.save_for_backward(scores, ids)
-        ctx.mark_non_differentiable(ids)
-        ctx.set_materialize_grads(False)
-        ctx.cfg = (top_k, scoring_id, bool(normalize), float(scaling_factor))
-        return weights, ids, scores
 
-    @staticmethod
-    def backward(ctx, d_weights, _d_ids, d_scores):
-        from ..kernels import gating as kern
+def _topk_gating_bwd_impl(d_weights, d_scores, scores, ids, scoring, normalize, scaling_factor):
+    """Launches the backward kernel; the body of unimoe::topk_gating_bwd."""
+    from ..kernels import gating as kern
 
-        scores, ids = ctx.saved_tensors
-        top_k, scoring_id, normalize, scaling_factor = ctx.cfg
-        if d_weights is None and d_scores is None:
-            return (None,) * 8
-        t, e = scores.shape
-        d_logits = torch.empty_like(scores)
-        if t > 0:
-            dw = _unit_inner(d_weights.float()) if d_weights is not None else None
-            ds = _unit_inner(d_scores.float()) if d_scores is not None else None
-            block_t, block_e = _blocks(e)
-            kern.topk_gating_bwd_kernel[(triton_cdiv(t, block_t),)](
-                scores, ids, dw if dw is not None else scores, ds if ds is not None else scores, d_logits,
-                t, e, dw.stride(0) if dw is not None else 0, ds.stride(0) if ds is not None else 0,
-                scaling_factor,
-                K=top_k, SCORING=scoring_id, NORMALIZE=normalize, HAS_DW=dw is not None, HAS_DS=ds is not None,
-                BLOCK_T=block_t, BLOCK_E=block_e,
-                num_warps=4,
-            )
-        return (d_logits,) + (None,) * 7
+    t, e = scores.shape
+    d_logits = torch.empty_like(scores)
+    if t > 0:
+        dw = _unit_inner(d_weights.float()) if d_weights is not None else None
+        ds = _unit_inner(d_scores.float()) if d_scores is not None else None
+        block_t, block_e = _blocks(e)
+        kern.topk_gating_bwd_kernel[(triton_cdiv(t, block_t),)](
+            scores, ids, dw if dw is not None else scores, ds if ds is not None else scores, d_logits,
+            t, e, dw.stride(0) if dw is not None else 0, ds.stride(0) if ds is not None else 0,
+            float(scaling_factor),
+            K=ids.shape[1], SCORING=_scoring_id(kern, scoring), NORMALIZE=bool(normalize),
+            HAS_DW=dw is not None, HAS_DS=ds is not None, BLOCK_T=block_t, BLOCK_E=block_e,
+            num_warps=4,
+        )
+    return d_logits
+
+
+def _scoring_id(kern, scoring: str) -> int:
+    return kern.SOFTMAX if scoring == "softmax" else kern.SIGMOID
+
+
+# Custom ops rather than an autograd.Function: torch.compile cannot trace a raw Triton launch (nor
+# the lazy import before it), but treats a custom op as one opaque node traced through its fake.
+
+
+@torch.library.custom_op("unimoe::topk_gating_fwd", mutates_args=())
+def topk_gating_fwd(
+    logits: torch.Tensor,
+    expert_bias: Optional[torch.Tensor],
+    top_k: int,
+    scoring: str,
+    normalize: bool,
+    scaling_factor: float,
+    n_groups: int,
+    topk_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E] fp32 (unit column stride not required), expert_bias [E] fp32 contiguous or None
+    -> (weights [T, k] fp32, ids [T, k] int32, scores [T, E] fp32); arguments checked by topk_gating."""
+    return _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups)
+
+
+@topk_gating_fwd.register_fake
+def _(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
+    t, e = logits.shape
+    return (
+        logits.new_empty((t, top_k), dtype=torch.float32),
+        logits.new_empty((t, top_k), dtype=torch.int32),
+        logits.new_empty((t, e), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("unimoe::topk_gating_bwd", mutates_args=())
+def topk_gating_bwd(
+    d_weights: Optional[torch.Tensor],
+    d_scores: Optional[torch.Tensor],
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    scoring: str,
+    normalize: bool,
+    scaling_factor: float,
+) -> torch.Tensor:
+    """d(logits) [T, E] fp32 from d(weights) [T, k] and d(scores) [T, E] (either may be None) and the
+    forward's scores [T, E] fp32 and ids [T, k] int32 (both contiguous, as the forward returns them)."""
+    return _topk_gating_bwd_impl(d_weights, d_scores, scores, ids, scoring, normalize, scaling_factor)
+
+
+@topk_gating_bwd.register_fake
+def _(d_weights, d_scores, scores, ids, scoring, normalize, scaling_factor):
+    return torch.empty_like(scores)
+
+
+def _gating_setup_context(ctx, inputs, output):
+    _logits, _bias, _top_k, scoring, normalize, scaling_factor, _n_groups, _topk_groups = inputs
+    _weights, ids, scores = output
+    ctx.save_for_backward(scores, ids)
+    ctx.cfg = (scoring, bool(normalize), float(scaling_factor))
+    # Unused outputs (no aux loss: no d(scores)) come back as None and the kernel skips reading them.
+    ctx.set_materialize_grads(False)
+
+
+def _gating_backward(ctx, d_weights, _d_ids, d_scores):
+    if d_weights is None and d_scores is None:
+        return (None,) * 8
+    scores, ids = ctx.saved_tensors
+    d_logits = topk_gating_bwd(d_weights, d_scores, scores, ids, *ctx.cfg)
+    return (d_logits,) + (None,) * 7
+
+
+topk_gating_fwd.register_autograd(_gating_backward, setup_context=_gating_setup_context)
 
 
 def topk_gating(
@@ -169,7 +234,7 @@ def topk_gating(
     logits32 = logits.to(torch.float32)
     bias32 = None if expert_bias is None else expert_bias.detach().to(torch.float32).contiguous()
     topk_groups = n_groups if topk_groups is None else topk_groups
-    weights, ids, scores = _TopKGatingFn.apply(
-        logits32, bias32, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups,
+    weights, ids, scores = topk_gating_fwd(
+        logits32, bias32, top_k, scoring, bool(normalize), float(scaling_factor), n_groups, topk_groups,
     )
     return GatingOutput(weights=weights, ids=ids, scores=scores, logits=logits32)
