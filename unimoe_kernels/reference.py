@@ -267,13 +267,46 @@ class LoRAWeights(NamedTuple):
     b_down: torch.Tensor  # [E, H, r]
 
 
-def _linear_lora(x, w, a, b, scale, dropout_p, training):
-    """x @ w.T + scale * (dropout(x) @ a.T) @ b.T, never forming b @ a."""
+def lora_rank_gates(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mixture-of-rank-1-experts gate (Intuition-MoR1E) of N rows: g [N, r] in fp32 (fp64 for fp64 x).
+
+    Row n is token t = token_index[n] routed to expert e = expert_index[n]:
+    g[n] = r * softmax(x[t] @ gate_weight[e]^T + bias[t]) over the r rank-1 pieces of e's LoRA.
+    The factor r makes a uniform gate exactly 1 per piece, so a zero gate_weight (the init) gives
+    plain LoRA and lora_alpha keeps its meaning. x [T, H]; gate_weight [E, r, H]; token_index,
+    expert_index [N] integers; bias [T, r] (already broadcast per token) or None.
+
+    The logits of every (token, expert) pair come from one dense GEMM [T, H] x [H, E*r] and the N
+    routed ones are gathered: no per-expert loop, so no host sync and nothing torch.compile breaks
+    on; it costs 2*T*H*E*r FLOPs, small next to the expert MLP while E*r << k*F. Autograd carries
+    the gradient to x, gate_weight and bias.
+    """
+    e, r, h = gate_weight.shape
+    acc = compute_dtype(x.dtype)
+    logits = (x.to(acc) @ gate_weight.reshape(e * r, h).to(acc).t()).view(-1, e, r)
+    rows = logits[token_index.to(torch.int64), expert_index.to(torch.int64)]
+    if bias is not None:
+        rows = rows + bias.to(acc).index_select(0, token_index.to(torch.int64))
+    return torch.softmax(rows, dim=-1) * r
+
+
+def _linear_lora(x, w, a, b, scale, dropout_p, training, gate=None):
+    """x @ w.T + scale * ((dropout(x) @ a.T) * gate) @ b.T, never forming b @ a; gate [rows, r] or None."""
     y = x @ w.t()
     if a is not None:
         xa = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+        xa = xa @ a.t()
+        if gate is not None:
+            # The gate runs in x's dtype here, as the Triton path rounds x A^T * g to x's dtype.
+            xa = xa * gate.to(xa.dtype)
         # addmm adds the scaled low-rank product in place of two more passes over y.
-        y = torch.addmm(y, xa @ a.t(), b.t(), alpha=scale)
+        y = torch.addmm(y, xa, b.t(), alpha=scale)
     return y
 
 
@@ -288,11 +321,14 @@ def grouped_mlp(
     lora_scale: float = 1.0,
     lora_dropout: float = 0.0,
     training: bool = False,
+    rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Expert MLP over rows already grouped by expert: x_sorted [N, H] -> y_sorted [N, H].
 
     Expert e takes the next tokens_per_expert[e] rows: h = act(x W_gu[e]^T + s (x A_gu[e]^T) B_gu[e]^T),
-    y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale. LoRA dropout acts on the LoRA input
+    y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale. rank_gates (g_gu [N, r], g_d [N, r],
+    rows in x_sorted's order, e.g. from lora_rank_gates) gate the rank-1 pieces of each LoRA term:
+    s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T. LoRA dropout acts on the LoRA input
     only, as in PEFT. Reads the counts on the host once (this is the CPU path).
     """
     n, h = x_sorted.shape
@@ -307,11 +343,12 @@ def grouped_mlp(
     for e, rows in enumerate(counts):
         if rows == 0:
             continue
-        xe = x_sorted[start : start + rows]
+        sl = slice(start, start + rows)
         start += rows
-        hid = _linear_lora(xe, w_gu[e], a_gu[e], b_gu[e], lora_scale, lora_dropout, training)
+        g_gu, g_d = (None, None) if rank_gates is None else (rank_gates[0][sl], rank_gates[1][sl])
+        hid = _linear_lora(x_sorted[sl], w_gu[e], a_gu[e], b_gu[e], lora_scale, lora_dropout, training, g_gu)
         hid = apply_activation(hid, activation)
-        outs.append(_linear_lora(hid, w_d[e], a_d[e], b_d[e], lora_scale, lora_dropout, training))
+        outs.append(_linear_lora(hid, w_d[e], a_d[e], b_d[e], lora_scale, lora_dropout, training, g_d))
     if not outs:
         return x_sorted.new_zeros((n, h))
     return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -25,6 +25,14 @@ seeds (the masks are regenerated, never stored). Base weight gradients are compu
 base requires grad; with a frozen base (the LoRA recipe) no dW kernel runs and B·A is never
 materialised.
 
+Rank gate (optional; mixture of rank-1 experts, Intuition-MoR1E): g_gu, g_d [N, r] fp32 per row, made
+by reference.lora_rank_gates in torch (autograd carries their gradient on to the gate weights and a
+bias). The LoRA terms become s (xa * g_gu) B_gu^T and s (ha * g_d) B_d^T: xa and ha are separate
+[N, r] tensors, so the gate is one elementwise [N, r] product before the main GEMM reads them, and
+nothing in the big kernels changes. Backward (u = xa * g, dzb = dz B_gu as above):
+      dB_gu = s dz^T u, dA_gu = s (dzb * g)^T x, dx LoRA part s (dzb * g) A_gu, dg_gu = s dzb * xa
+(the same with dyb, ha, h on the down side); xa and ha are saved ungated, u is recomputed.
+
 LoRA dropout (training, p > 0) acts on the LoRA inputs x and h only, as in PEFT. Its masks are never
 stored: two philox seeds are drawn on the device per call and every kernel that reads a LoRA input
 (x A^T, h A_d^T, dA) or writes its gradient (the LoRA part of dx and dh) regenerates the mask of
@@ -309,8 +317,15 @@ def _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z, gather):
     )
 
 
+def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
+    """t [N, r] times the rank gate g [N, r] (fp32 product, t's dtype out), or t without a gate."""
+    if g is None:
+        return t
+    return (t.to(torch.float32) * g).to(t.dtype)
+
+
 def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
-              seeds, dropout_p, save_preact, gather):
+              seeds, dropout_p, save_preact, gather, g_gu=None, g_d=None):
     hdim = x.shape[1]
     n = gather.numel() if gather is not None else x.shape[0]
     fdim = w_d.shape[2]
@@ -330,12 +345,12 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
         # x A^T: A [E, r, H] read as [E, K=H, r].
         _grouped_mm(x, a_gu.transpose(1, 2), xa, tiles, nout=r, small_n=True,
                     dropout=None if drop_x is None else (*drop_x, 1), gather=gather)
-    _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, hid, z if save_preact else None, gather)
+    _gemm1(x, _gated(xa, g_gu), w_gu, b_gu, tiles, act, glu, scale, hid, z if save_preact else None, gather)
     if has_lora:
         ha = x.new_empty((n, a_d.shape[1]))
         _grouped_mm(hid, a_d.transpose(1, 2), ha, tiles, nout=a_d.shape[1], small_n=True,
                     dropout=None if drop_h is None else (*drop_h, 1))
-        lora2 = (ha, b_d.transpose(1, 2), scale)
+        lora2 = (_gated(ha, g_d), b_d.transpose(1, 2), scale)
     _grouped_mm(hid, w_d.transpose(1, 2), y, tiles, nout=hdim, lora=lora2)
     return y, z, xa, ha
 
@@ -349,7 +364,7 @@ def _sum_slots(dx_sorted: torch.Tensor, slot_rows: torch.Tensor, tokens: int, to
 
 def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
               activation, scale, seeds, dropout_p, need_dx, need_dw_gu, need_dw_d, need_lora,
-              gather, slot_rows, top_k):
+              gather, slot_rows, top_k, g_gu=None, g_d=None, need_gates=False):
     hdim = x.shape[1]
     n = dy.shape[0]
     fdim = w_d.shape[2]
@@ -362,9 +377,10 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         # Pre-activation not saved (recompute=True): GEMM 1 again, its h output discarded here
         # because the dh kernel below recomputes h from z anyway.
         z = x.new_empty((n, w_gu.shape[1]))
-        _gemm1(x, xa, w_gu, b_gu, tiles, act, glu, scale, x.new_empty((n, fdim)), z, gather)
+        _gemm1(x, _gated(xa, g_gu), w_gu, b_gu, tiles, act, glu, scale, x.new_empty((n, fdim)), z, gather)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
+    dg_gu, dg_d = _empty(x), _empty(x)
 
     lora2 = None
     if has_lora:
@@ -372,7 +388,9 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         # dy B_d: B_d [E, H, r] is already [E, K=H, r].
         dyb = x.new_empty((n, r))
         _grouped_mm(dy, b_d, dyb, tiles, nout=r, small_n=True)
-        lora2 = (dyb, a_d, scale)  # A_d [E, r, F] is [E, R, NOUT].
+        if g_d is not None and need_gates:
+            dg_d = dyb.to(torch.float32) * ha.to(torch.float32) * scale
+        lora2 = (_gated(dyb, g_d), a_d, scale)  # A_d [E, r, F] is [E, R, NOUT].
     dz = x.new_empty(z.shape)
     hid = x.new_empty((n, fdim))
     # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F].
@@ -388,14 +406,16 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         da_d = torch.empty_like(a_d)
         _grouped_xty(lora2[0], hid, da_d, offsets, scale, dropout=drop_h)
         db_d = torch.empty_like(b_d)
-        _grouped_xty(dy, ha, db_d, offsets, scale)
+        _grouped_xty(dy, _gated(ha, g_d), db_d, offsets, scale)
 
     lora1 = None
     if has_lora:
         r = a_gu.shape[1]
         dzb = x.new_empty((n, r))
         _grouped_mm(dz, b_gu, dzb, tiles, nout=r, small_n=True)  # B_gu [E, 2F|F, r] = [E, K, r]
-        lora1 = (dzb, a_gu, scale)  # A_gu [E, r, H] = [E, R, NOUT]
+        if g_gu is not None and need_gates:
+            dg_gu = dzb.to(torch.float32) * xa.to(torch.float32) * scale
+        lora1 = (_gated(dzb, g_gu), a_gu, scale)  # A_gu [E, r, H] = [E, R, NOUT]
     if need_dx:
         dx = x.new_empty((n, hdim))
         # W_gu [E, 2F|F, H] = [E, K, H]
@@ -410,8 +430,8 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         da_gu = torch.empty_like(a_gu)
         _grouped_xty(lora1[0], x, da_gu, offsets, scale, dropout=drop_x, gather_y=gather)
         db_gu = torch.empty_like(b_gu)
-        _grouped_xty(dz, xa, db_gu, offsets, scale)
-    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d
+        _grouped_xty(dz, _gated(xa, g_gu), db_gu, offsets, scale)
+    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,20 +459,25 @@ def grouped_mlp_fwd(
     gather_index: Optional[torch.Tensor] = None,
     slot_rows: Optional[torch.Tensor] = None,
     top_k: int = 1,
+    rank_gate_gate_up: Optional[torch.Tensor] = None,
+    rank_gate_down: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0]).
 
     With gather_index [N] (and slot_rows [N], top_k for backward), x is the token matrix [T, H]
-    and sorted row r reads x[gather_index[r]]; otherwise x is x_sorted [N, H].
+    and sorted row r reads x[gather_index[r]]; otherwise x is x_sorted [N, H]. rank_gate_* [N, r]
+    fp32 (sorted rows; both or neither, LoRA only) gate the rank-1 pieces of the LoRA terms; xa
+    and ha are returned ungated.
     """
     return _fwd_impl(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
                      a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p, save_preact,
-                     gather_index)
+                     gather_index, rank_gate_gate_up, rank_gate_down)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
-      activation, scale, seeds, dropout_p, save_preact=True, gather_index=None, slot_rows=None, top_k=1):
+      activation, scale, seeds, dropout_p, save_preact=True, gather_index=None, slot_rows=None, top_k=1,
+      rank_gate_gate_up=None, rank_gate_down=None):
     n = gather_index.shape[0] if gather_index is not None else x.shape[0]
     lora = a_gate_up is not None
     return (
@@ -490,54 +515,66 @@ def grouped_mlp_bwd(
     gather_index: Optional[torch.Tensor] = None,
     slot_rows: Optional[torch.Tensor] = None,
     top_k: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d); results not asked for are [0]."""
+    rank_gate_gate_up: Optional[torch.Tensor] = None,
+    rank_gate_down: Optional[torch.Tensor] = None,
+    need_rank_gates: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d, d rank_gate_gate_up [N, r] fp32,
+    d rank_gate_down [N, r] fp32); results not asked for are [0]."""
     return _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj,
                      a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p,
-                     need_dx, need_dw_gate_up, need_dw_down, need_lora, gather_index, slot_rows, top_k)
+                     need_dx, need_dw_gate_up, need_dw_down, need_lora, gather_index, slot_rows, top_k,
+                     rank_gate_gate_up, rank_gate_down, need_rank_gates)
 
 
 @grouped_mlp_bwd.register_fake
 def _(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gate_up, b_gate_up,
       a_down, b_down, activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora,
-      gather_index=None, slot_rows=None, top_k=1):
+      gather_index=None, slot_rows=None, top_k=1, rank_gate_gate_up=None, rank_gate_down=None,
+      need_rank_gates=False):
     def maybe(flag, like):
         return torch.empty_like(like) if flag and like is not None else x.new_empty((0,))
 
     lora = need_lora and a_gate_up is not None
+    gates = need_rank_gates and a_gate_up is not None
     return (
         maybe(need_dx, x), maybe(need_dw_gate_up, gate_up_proj), maybe(need_dw_down, down_proj),
         maybe(lora, a_gate_up), maybe(lora, b_gate_up), maybe(lora, a_down), maybe(lora, b_down),
+        maybe(gates, rank_gate_gate_up), maybe(gates, rank_gate_down),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds,
-     dropout_p, _save_preact, gather_index, slot_rows, top_k) = inputs
+     dropout_p, _save_preact, gather_index, slot_rows, top_k, g_gu, g_d) = inputs
     _, z, xa, ha = output
     ctx.activation, ctx.scale, ctx.dropout_p, ctx.top_k = activation, scale, dropout_p, top_k
     ctx.has_lora = a_gu is not None
+    ctx.has_gates = g_gu is not None
     ctx.save_for_backward(x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
-                          seeds, gather_index, slot_rows)
+                          seeds, gather_index, slot_rows, g_gu, g_d)
 
 
 def _backward(ctx, dy, _dz, _dxa, _dha):
     (x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index,
-     slot_rows) = ctx.saved_tensors
+     slot_rows, g_gu, g_d) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = ctx.has_lora and any(need[6:10])
+    need_gates = ctx.has_lora and ctx.has_gates and any(need[18:20])
     grads = grouped_mlp_bwd(
         dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d,
         ctx.activation, ctx.scale, seeds, ctx.dropout_p, need[0], need[4], need[5], need_lora,
-        gather_index, slot_rows, ctx.top_k,
+        gather_index, slot_rows, ctx.top_k, g_gu, g_d, need_gates,
     )
-    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = grads
+    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d = grads
     return (
         dx if need[0] else None, None, None, None,
         dw_gu if need[4] else None, dw_d if need[5] else None,
         da_gu if need_lora and need[6] else None, db_gu if need_lora and need[7] else None,
         da_d if need_lora and need[8] else None, db_d if need_lora and need[9] else None,
         None, None, None, None, None, None, None, None,
+        dg_gu if need_gates and need[18] else None, dg_d if need_gates and need[19] else None,
     )
 
 
@@ -588,6 +625,24 @@ def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation
             raise ValueError(f"{name} is on {t.device} but x_sorted is on {x_sorted.device}")
 
 
+def _check_rank_gates(rank_gates, lora, n: int, device: torch.device):
+    """rank_gates must be (g_gate_up [N, r], g_down [N, r]) floating tensors on x's device, with LoRA."""
+    if rank_gates is None:
+        return
+    if lora is None:
+        raise ValueError("rank_gates gate the LoRA rank-1 pieces and need lora (lora_rank > 0)")
+    if not isinstance(rank_gates, (tuple, list)) or len(rank_gates) != 2:
+        raise TypeError(f"rank_gates must be a pair (g_gate_up [N, r], g_down [N, r]), got {type(rank_gates).__name__}")
+    r = lora[0].shape[1]
+    for name, g in zip(("rank_gates[0]", "rank_gates[1]"), rank_gates):
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor")
+        if tuple(g.shape) != (n, r):
+            raise ValueError(f"{name} must be [N={n}, r={r}] (one gate row per routed row), got {tuple(g.shape)}")
+        if g.device != device:
+            raise ValueError(f"{name} is on {g.device} but x is on {device}")
+
+
 def grouped_mlp(
     x_sorted: torch.Tensor,
     tokens_per_expert: torch.Tensor,
@@ -602,6 +657,7 @@ def grouped_mlp(
     backend: str = "auto",
     plan: Optional[RoutingPlan] = None,
     recompute: bool = False,
+    rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Expert MLP over expert-grouped rows x_sorted [N, H] -> y_sorted [N, H].
 
@@ -609,8 +665,11 @@ def grouped_mlp(
     its expert offsets and tile map to the Triton path so they are not rebuilt; it must describe
     these rows. recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1
     again there instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
+    rank_gates (g_gate_up [N, r], g_down [N, r], e.g. reference.lora_rank_gates) gate the rank-1
+    pieces of both LoRA terms; their gradient flows back through autograd.
     """
     _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    _check_rank_gates(rank_gates, lora, x_sorted.shape[0], x_sorted.device)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     use_triton = _backend.resolve(backend, x_sorted.device) == "triton"
@@ -618,16 +677,16 @@ def grouped_mlp(
         # fp64 (gradcheck) has no tensor-core dot; the reference path is exact for it.
         return reference.grouped_mlp(
             x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation,
-            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
+            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
         )
     return _triton_grouped_mlp(
         x_sorted, x_sorted.shape[0], tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
-        lora_scale, lora_dropout, training, recompute,
+        lora_scale, lora_dropout, training, recompute, rank_gates=rank_gates,
     )
 
 
 def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora, lora_scale,
-                        lora_dropout, training, recompute, top_k=None):
+                        lora_dropout, training, recompute, top_k=None, rank_gates=None):
     """The Triton path of grouped_mlp (top_k None) and grouped_mlp_gather (x [T, H], plan required)."""
     e = gate_up_proj.shape[0]
     if plan is not None and plan.block_m == BLOCK_M and plan.tile_expert.numel() == max_tiles(n, e, BLOCK_M):
@@ -644,9 +703,13 @@ def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, 
     if top_k is not None:
         gather = torch.div(plan.sorted_slots, top_k, rounding_mode="floor")  # sorted row -> token
         slot_rows = plan.slot_rows
+    g_gu = g_d = None
+    if rank_gates is not None:
+        # fp32 gates whatever x's dtype: the op multiplies [N, r] tensors by them in fp32.
+        g_gu, g_d = (g.to(torch.float32).contiguous() for g in rank_gates)
     y, _, _, _ = grouped_mlp_fwd(
         x, offsets, tile_expert, tile_row_start, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d,
-        activation, float(lora_scale), seeds, p, not recompute, gather, slot_rows, top_k or 1,
+        activation, float(lora_scale), seeds, p, not recompute, gather, slot_rows, top_k or 1, g_gu, g_d,
     )
     return y
 
@@ -665,9 +728,11 @@ def grouped_mlp_gather(
     training: bool = False,
     backend: str = "auto",
     recompute: bool = False,
+    rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """permute + grouped_mlp in one op: tokens x [T, H] and the plan of their T*top_k slots ->
-    y_sorted [T*top_k, H] in expert order (ready for unpermute).
+    y_sorted [T*top_k, H] in expert order (ready for unpermute). rank_gates as in grouped_mlp, one
+    row per sorted row [T*top_k, r].
 
     The Triton path gathers the rows of x inside the GEMM kernels (gather on load), so the permuted
     copy x_sorted [T*k, H] is neither written nor saved for backward; dx is summed back per token
@@ -681,17 +746,18 @@ def grouped_mlp_gather(
     if x.shape[0] * top_k != plan.sorted_slots.numel():
         raise ValueError(
             f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
+    _check_rank_gates(rank_gates, lora, plan.sorted_slots.numel(), x.device)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     use_triton = _backend.resolve(backend, x.device) == "triton"
     if not use_triton or x.dtype == torch.float64:
         return reference.grouped_mlp(
             reference.permute(x, plan, top_k), plan.tokens_per_expert, gate_up_proj, down_proj, activation,
-            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
+            lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
         )
     return _triton_grouped_mlp(
         x, plan.sorted_slots.numel(), plan.tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
-        lora_scale, lora_dropout, training, recompute, top_k=top_k,
+        lora_scale, lora_dropout, training, recompute, top_k=top_k, rank_gates=rank_gates,
     )
 
 
