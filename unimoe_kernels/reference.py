@@ -31,6 +31,18 @@ from .types import GatingOutput, RoutingPlan, max_tiles
 # ----------------------------------------------------------------------------------------------
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many of the ids (any shape, values in [0, E)) name each expert.
+
+    A scatter-add into E zeros rather than torch.bincount: bincount's output length depends on the
+    data, which syncs the host on GPU and makes torch.compile break the graph (or trace an unbacked
+    size); here the length is E, known from the arguments.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def build_routing(ids: torch.Tensor, num_experts: int, block_m: int = 64) -> RoutingPlan:
     """Routing plan of RoutingPlan's docstring from expert ids [T, k] (any integer dtype).
 
@@ -40,7 +52,7 @@ def build_routing(ids: torch.Tensor, num_experts: int, block_m: int = 64) -> Rou
     device = ids.device
     flat = ids.reshape(-1).to(torch.int64)
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    counts = expert_counts(flat, num_experts)
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     torch.cumsum(counts, 0, out=offsets[1:])
     sorted_slots = torch.sort(flat, stable=True).indices
@@ -161,7 +173,7 @@ def load_balancing_loss(
     if scoring == "sigmoid":
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
     p_mean = probs.sum(0) / max(t, 1)
-    counts = torch.bincount(ids.reshape(-1).to(torch.int64), minlength=num_experts)[:num_experts]
+    counts = expert_counts(ids, num_experts)
     f = counts.to(probs.dtype) / max(ids.numel(), 1)
     return num_experts * (f * p_mean).sum()
 
@@ -329,7 +341,8 @@ def grouped_mlp(
     y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale. rank_gates (g_gu [N, r], g_d [N, r],
     rows in x_sorted's order, e.g. from lora_rank_gates) gate the rank-1 pieces of each LoRA term:
     s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T. LoRA dropout acts on the LoRA input
-    only, as in PEFT. Reads the counts on the host once (this is the CPU path).
+    only, as in PEFT. Reads the counts on the host once (this is the CPU path), so torch.compile
+    cannot trace it into one graph: fullgraph=True holds for the Triton path only.
     """
     n, h = x_sorted.shape
     # Unbind once: indexing a parameter per expert would make autograd allocate and zero-fill a
