@@ -55,6 +55,25 @@ def _check_input(x: torch.Tensor, hidden_size: int, param: torch.Tensor, name: s
         raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {param.device}")
 
 
+def _check_rank_gate_bias(bias, lead_shape: torch.Size, r: int, param: torch.Tensor) -> torch.Tensor:
+    """rank_gate_bias broadcast per token: [..., r] broadcastable to lead_shape + (r,) -> [T, r]."""
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"rank_gate_bias must be a torch.Tensor, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"rank_gate_bias must be a floating tensor, got {bias.dtype}")
+    want = tuple(lead_shape) + (r,)
+    try:
+        ok = bias.dim() >= 1 and bias.shape[-1] == r and torch.broadcast_shapes(bias.shape, want) == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"rank_gate_bias must be [..., r={r}] broadcastable to the tokens' shape {want} "
+                         f"(e.g. [r], or [B, 1, r] for one bias per sample), got {tuple(bias.shape)}")
+    if bias.device != param.device:
+        raise ValueError(f"rank_gate_bias is on {bias.device} but the layer's parameters are on {param.device}")
+    return bias.expand(want).reshape(-1, r)
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Returns `out` unchanged; in backward, gives `aux` the gradient 1 so it joins the loss.
 
@@ -148,6 +167,17 @@ class GroupedExperts(nn.Module):
     (B starts at zero so a fresh adapter leaves the output unchanged). The base is frozen by default
     iff LoRA is on. forward(x [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H] is the
     transformers v5 experts call.
+
+    lora_rank_gate=True (needs lora_rank > 0) makes each rank-1 piece of an expert's LoRA an expert
+    of its own (mixture of rank-1 experts, Intuition-MoR1E, arXiv 2404.08985): the LoRA terms become
+    s B((A x) * g) with g = r * softmax(x_t @ G[e]^T + bias_t) over the r pieces, per routed row
+    (token t, expert e). Parameters lora_gate_gate_up [E, r, H] and lora_gate_down [E, r, H] are the
+    routers G of the two LoRA sites; both read the token's input x_t (the down site too, not h, so
+    the gate stays outside the fused GEMM 2, as MoR1E routes on the token). They start at zero, so
+    g = 1 per piece: the factor r makes a fresh gate exactly plain LoRA, lora_alpha keeps its
+    meaning, and turning the option on changes nothing until the gate trains. An optional
+    rank_gate_bias [..., r] (a task or sample embedding, broadcast per token) is added to the
+    logits of both sites.
     """
 
     def __init__(
@@ -161,6 +191,7 @@ class GroupedExperts(nn.Module):
         lora_alpha: Optional[float] = None,
         lora_dropout: float = 0.0,
         freeze_base: Optional[bool] = None,
+        lora_rank_gate: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -173,6 +204,8 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if lora_rank_gate and not lora_rank:
+            raise ValueError("lora_rank_gate=True gates the rank-1 pieces of LoRA and needs lora_rank > 0")
         glu = reference.is_glu(activation)
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.activation, self.lora_rank, self.lora_dropout = activation, lora_rank, lora_dropout
@@ -189,6 +222,10 @@ class GroupedExperts(nn.Module):
             self.lora_B_gate_up = nn.Parameter(torch.empty(num_experts, f_in, r, **factory))
             self.lora_A_down = nn.Parameter(torch.empty(num_experts, r, ffn_hidden_size, **factory))
             self.lora_B_down = nn.Parameter(torch.empty(num_experts, hidden_size, r, **factory))
+        self.lora_rank_gate = bool(lora_rank_gate)
+        if self.lora_rank_gate:
+            self.lora_gate_gate_up = nn.Parameter(torch.empty(num_experts, lora_rank, hidden_size, **factory))
+            self.lora_gate_down = nn.Parameter(torch.empty(num_experts, lora_rank, hidden_size, **factory))
         self.reset_parameters()
         if freeze_base is None:
             freeze_base = lora_rank > 0
@@ -207,6 +244,10 @@ class GroupedExperts(nn.Module):
                 nn.init.uniform_(a, -bound, bound)
             nn.init.zeros_(self.lora_B_gate_up)
             nn.init.zeros_(self.lora_B_down)
+        if self.lora_rank_gate:
+            # Zero routers: a uniform gate, which (with the factor r) is plain LoRA.
+            nn.init.zeros_(self.lora_gate_gate_up)
+            nn.init.zeros_(self.lora_gate_down)
 
     @property
     def base_frozen(self) -> bool:
@@ -217,27 +258,63 @@ class GroupedExperts(nn.Module):
             return None
         return reference.LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
 
+    def rank_gates(self, x: torch.Tensor, token_index: torch.Tensor, expert_offsets: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(g_gate_up, g_down) [N, r] fp32 for N expert-sorted rows (row n reads token x[token_index[n]]
+        and belongs to the expert whose range of expert_offsets [E+1] holds n), or None without
+        lora_rank_gate. bias: [T, r] or None."""
+        if not self.lora_rank_gate:
+            return None
+        n = token_index.shape[0]
+        # Expert of each sorted row from the offsets, on the device (no per-expert host loop).
+        rows = torch.arange(n, device=token_index.device)
+        expert_index = torch.searchsorted(expert_offsets[1:].to(torch.int64), rows, right=True)
+        return tuple(
+            reference.lora_rank_gates(x, g, token_index, expert_index, bias)
+            for g in (self.lora_gate_gate_up, self.lora_gate_down)
+        )
+
     def mlp(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, plan: Optional[RoutingPlan] = None) -> torch.Tensor:
         """Expert MLPs over rows grouped by expert: x_sorted [N, H], tokens_per_expert [E] -> [N, H].
 
-        `plan` (optional) lends its tile map to the Triton path (ops.grouped_mlp)."""
+        `plan` (optional) lends its tile map to the Triton path (ops.grouped_mlp). With
+        lora_rank_gate the gates are computed from the rows themselves (no bias)."""
+        gates = None
+        if self.lora_rank_gate:
+            offsets = torch.cat([tokens_per_expert.new_zeros(1, dtype=torch.int64),
+                                 torch.cumsum(tokens_per_expert.to(torch.int64), 0)])
+            gates = self.rank_gates(x_sorted, torch.arange(x_sorted.shape[0], device=x_sorted.device), offsets)
         return grouped_mlp(
             x_sorted, tokens_per_expert, self.gate_up_proj, self.down_proj, self.activation,
             lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-            training=self.training, backend=self.backend, plan=plan,
+            training=self.training, backend=self.backend, plan=plan, rank_gates=gates,
         )
 
-    def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], a routing plan of its T*k slots and combine weights [T, k] -> [T, H]."""
+    def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
+                       rank_gate_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, H], a routing plan of its T*k slots and combine weights [T, k] -> [T, H].
+
+        rank_gate_bias ([..., r] broadcastable to [T, r]; needs lora_rank_gate) shifts the rank-gate
+        logits of each token."""
+        k = weights.shape[1]
+        gates = None
+        if rank_gate_bias is not None:
+            if not self.lora_rank_gate:
+                raise ValueError("rank_gate_bias needs lora_rank_gate=True")
+            rank_gate_bias = _check_rank_gate_bias(rank_gate_bias, x.shape[:-1], self.lora_rank, self.gate_up_proj)
+        if self.lora_rank_gate:
+            token_index = torch.div(plan.sorted_slots.to(torch.int64), k, rounding_mode="floor")
+            gates = self.rank_gates(x, token_index, plan.expert_offsets, rank_gate_bias)
         # Gather on load: the Triton path never writes (or saves) the permuted copy of x.
         y_sorted = grouped_mlp_gather(
-            x, plan, weights.shape[1], self.gate_up_proj, self.down_proj, self.activation,
+            x, plan, k, self.gate_up_proj, self.down_proj, self.activation,
             lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-            training=self.training, backend=self.backend,
+            training=self.training, backend=self.backend, rank_gates=gates,
         )
         return unpermute(y_sorted, plan, weights, backend=self.backend)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                rank_gate_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_input(hidden_states, self.hidden_size, self.gate_up_proj, "hidden_states")
         if hidden_states.dim() != 2:
             raise ValueError(f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
@@ -247,13 +324,13 @@ class GroupedExperts(nn.Module):
         if top_k_weights.shape != top_k_index.shape:
             raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}")
         plan = build_routing(top_k_index, self.num_experts)
-        return self.forward_routed(hidden_states, plan, top_k_weights)
+        return self.forward_routed(hidden_states, plan, top_k_weights, rank_gate_bias)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
             f"activation={self.activation!r}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
-            f"base_frozen={self.base_frozen}"
+            f"base_frozen={self.base_frozen}" + (", lora_rank_gate=True" if self.lora_rank_gate else "")
         )
 
 
@@ -274,11 +351,14 @@ def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 class SparseMoE(nn.Module):
     """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts (DESIGN.md section 4 for every argument).
 
-    forward(x [..., H], *, return_aux=False, token_groups=None) -> y with x's shape and dtype, and
-    MoEAux when return_aux. While training with aux_loss_coef > 0 (or z_loss_coef > 0) the weighted
+    forward(x [..., H], *, return_aux=False, token_groups=None, rank_gate_bias=None) -> y with x's
+    shape and dtype, and MoEAux when return_aux. While training with aux_loss_coef > 0 (or z_loss_coef > 0) the weighted
     losses reach the router through backward even if the caller ignores them. token_groups (an
     integer per token, e.g. a modality id in [0, max_token_groups)) accumulates per-group expert
-    loads, read with routing_stats().
+    loads, read with routing_stats(). With lora_rank_gate=True (GroupedExperts' docstring) the rank-1
+    pieces of each expert's LoRA are gated per token; rank_gate_bias [..., r], broadcastable to
+    x.shape[:-1] + (r,) (e.g. [B, 1, r]: one task or sample embedding per sequence), shifts the
+    gate logits.
 
     Expert parallelism: with ep_group (a torch.distributed ProcessGroup of P ranks, E divisible by P)
     rank r holds experts r*E/P .. (r+1)*E/P - 1 (experts.* parameters are [E/P, ...]) and the router
@@ -305,6 +385,7 @@ class SparseMoE(nn.Module):
         lora_alpha: Optional[float] = None,
         lora_dropout: float = 0.0,
         freeze_base: Optional[bool] = None,
+        lora_rank_gate: bool = False,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         router_jitter: float = 0.0,
@@ -347,8 +428,8 @@ class SparseMoE(nn.Module):
         )
         self.experts = GroupedExperts(
             self.num_local_experts, hidden_size, ffn_hidden_size, activation=activation, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_base=freeze_base, backend=backend,
-            device=device, dtype=dtype,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_base=freeze_base,
+            lora_rank_gate=lora_rank_gate, backend=backend, device=device, dtype=dtype,
         )
         # Not persistent: statistics, not weights, so state dicts stay those of the host model.
         self.register_buffer(
@@ -397,8 +478,18 @@ class SparseMoE(nn.Module):
                 moe.experts.down_proj[e].copy_(down)
         return moe
 
-    def forward(self, x: torch.Tensor, *, return_aux: bool = False, token_groups: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False, token_groups: Optional[torch.Tensor] = None,
+                rank_gate_bias: Optional[torch.Tensor] = None):
         _check_input(x, self.hidden_size, self.router.weight)
+        if rank_gate_bias is not None:
+            if not self.experts.lora_rank_gate:
+                raise ValueError("rank_gate_bias needs lora_rank_gate=True")
+            if self.ep_group is not None:
+                raise ValueError("rank_gate_bias is not supported with ep_group (the bias would have to travel "
+                                 "with the tokens through the all-to-all)")
+            # [..., r] per token (or per sample) -> [T, r] rows of the flattened tokens.
+            rank_gate_bias = _check_rank_gate_bias(rank_gate_bias, x.shape[:-1], self.experts.lora_rank,
+                                                   self.router.weight)
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         gating = self.router(x2)
@@ -411,7 +502,7 @@ class SparseMoE(nn.Module):
         if capacity is not None:
             weights, dropped = reference.apply_capacity(weights, gating.ids, plan, capacity)
         if self.ep_group is None:
-            y = self.experts.forward_routed(x2, plan, weights)
+            y = self.experts.forward_routed(x2, plan, weights, rank_gate_bias)
         else:
             # Capacity-limited layers move exactly `capacity` rows per (rank, expert): no host sync.
             # capacity_factor's capacity comes from this rank's T, so all ranks need the same T
