@@ -89,8 +89,8 @@ def test_sparse_moe_fullgraph_matches_eager(device, shape, scoring, groups, why)
     if groups:
         assert int(got[-1].sum()) == x[..., 0].numel() * 2  # every (token, slot) counted once
     else:
-        # A second batch size: the fakes and the plan's tile count follow the new T (a recompile,
-        # with dynamic shapes on the second size), and the result still equals eager.
+        # A second batch size: dynamo recompiles (by default with a symbolic T), so the fakes and
+        # the plan's tile count must follow the new T; the result still equals eager.
         x2 = torch.randn(13, 16, device=device)
         for a, b in zip(_step(compiled, x2, None), _step(eager, x2, None)):
             torch.testing.assert_close(a, b, **FP32)
