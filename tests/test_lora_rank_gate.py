@@ -230,6 +230,19 @@ def test_triton_fp16_flash_attention_rule(device):
         assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g}, torch fp16 error {ref_err:.3g}"
 
 
+@pytest.mark.gpu
+def test_gpu_bf16_flash_attention_rule():
+    """bf16 (the interpreter cannot run it): the same rule as fp16, against the fp64 torch path."""
+    res = _run_both("swiglu", torch.bfloat16, torch.device("cuda"), bias_shape=(len(IDS), R),
+                    oracle_dtype=torch.float64)
+    (y16, g16), (yt, gt), (y64, g64) = res["torch"], res["triton"], res["oracle"]
+    for name, got, ref, want in [("y", yt, y16, y64)] + [(n, gt[n], g16[n], g64[n]) for n in g64]:
+        err = (got.double() - want).abs().max().item()
+        ref_err = (ref.double() - want).abs().max().item()
+        floor = 8e-3 * (1.0 + want.abs().max().item())  # bf16 ulp at unit scale
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g}, torch bf16 error {ref_err:.3g}"
+
+
 def test_grouped_mlp_rank_gates_sorted_rows_triton_equals_torch(device):
     """The functional op on already-permuted rows: gates [N, r] given directly, their gradient returned."""
     counts = torch.tensor([5, 0, 4], device=device)  # expert 1 empty

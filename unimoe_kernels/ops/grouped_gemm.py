@@ -321,7 +321,8 @@ def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     """t [N, r] times the rank gate g [N, r] (fp32 product, t's dtype out), or t without a gate."""
     if g is None:
         return t
-    return (t.to(torch.float32) * g).to(t.dtype)
+    # t (x's dtype) * g (fp32) promotes to fp32 in one kernel; then one cast back.
+    return (t * g).to(t.dtype)
 
 
 def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
@@ -389,7 +390,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         dyb = x.new_empty((n, r))
         _grouped_mm(dy, b_d, dyb, tiles, nout=r, small_n=True)
         if g_d is not None and need_gates:
-            dg_d = dyb.to(torch.float32) * ha.to(torch.float32) * scale
+            dg_d = torch.mul(dyb.to(torch.float32), ha).mul_(scale)
         lora2 = (_gated(dyb, g_d), a_d, scale)  # A_d [E, r, F] is [E, R, NOUT].
     dz = x.new_empty(z.shape)
     hid = x.new_empty((n, fdim))
@@ -414,7 +415,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, tile_expert, tile_row_start, w_gu, w_d,
         dzb = x.new_empty((n, r))
         _grouped_mm(dz, b_gu, dzb, tiles, nout=r, small_n=True)  # B_gu [E, 2F|F, r] = [E, K, r]
         if g_gu is not None and need_gates:
-            dg_gu = dzb.to(torch.float32) * xa.to(torch.float32) * scale
+            dg_gu = torch.mul(dzb.to(torch.float32), xa).mul_(scale)
         lora1 = (_gated(dzb, g_gu), a_gu, scale)  # A_gu [E, r, H] = [E, R, NOUT]
     if need_dx:
         dx = x.new_empty((n, hdim))
