@@ -17,7 +17,7 @@ Implementations (`impl`):
     "c"     the compiled extension unimoe_kernels._C: a stable O(N + E) counting sort on CPU
             tensors, five sync-free kernels on the current stream for CUDA tensors. Exposed as
             the custom op torch.ops.unimoe.routing_plan_c so torch.compile traces it.
-    "torch" reference.build_routing (torch.sort, bincount, searchsorted), the oracle.
+    "torch" reference.build_routing (scatter-add counts, torch.sort, searchsorted), the oracle.
     "auto"  "c" when _C serves the tensor's device, else "torch".
 Both give identical plans for ids in [0, E). Ids outside that range are the caller's error: the
 CPU extension raises ValueError, the others cannot check without a host sync.
