@@ -128,7 +128,7 @@ def test_gradcheck_gate_parameters_and_bias():
     def fn(x, bias, g_gu, g_d, a_gu, b_d):
         tok = torch.div(plan.sorted_slots.long(), 2, rounding_mode="floor")
         rows = torch.searchsorted(plan.expert_offsets[1:].long(), torch.arange(tok.numel()), right=True)
-        gates = (reference.lora_rank_gates(x, g_gu, tok, rows, bias), reference.lora_rank_gates(x, g_d, tok, rows, bias))
+        gates = tuple(reference.lora_rank_gates(x, g, tok, rows, bias) for g in (g_gu, g_d))
         lora = reference.LoRAWeights(a_gu, ex.lora_B_gate_up.detach(), ex.lora_A_down.detach(), b_d)
         y = gg.grouped_mlp_gather(x, plan, 2, ex.gate_up_proj.detach(), ex.down_proj.detach(), lora=lora,
                                   lora_scale=ex.lora_scale, rank_gates=gates, backend="torch")
