@@ -359,7 +359,8 @@ def _fwd_impl(x, offsets, tile_expert, tile_row_start, w_gu, w_d, a_gu, b_gu, a_
 def _sum_slots(dx_sorted: torch.Tensor, slot_rows: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
     """dx [T, H] of gathered x: dx[t] = sum_j dx_sorted[slot_rows[t*k + j]], in fp32, no atomics
     (deterministic, unlike index_add)."""
-    rows = dx_sorted.index_select(0, slot_rows.to(torch.int64)).view(tokens, top_k, -1)
+    # The width named explicitly: view(..., -1) is ambiguous for an empty batch (0 elements).
+    rows = dx_sorted.index_select(0, slot_rows.to(torch.int64)).view(tokens, top_k, dx_sorted.shape[1])
     return rows.sum(1, dtype=torch.float32).to(dx_sorted.dtype)
 
 
