@@ -31,7 +31,9 @@ bias). The LoRA terms become s (xa * g_gu) B_gu^T and s (ha * g_d) B_d^T: xa and
 [N, r] tensors, so the gate is one elementwise [N, r] product before the main GEMM reads them, and
 nothing in the big kernels changes. Backward (u = xa * g, dzb = dz B_gu as above):
       dB_gu = s dz^T u, dA_gu = s (dzb * g)^T x, dx LoRA part s (dzb * g) A_gu, dg_gu = s dzb * xa
-(the same with dyb, ha, h on the down side); xa and ha are saved ungated, u is recomputed.
+(the same with dyb, ha, h on the down side); xa and ha are saved ungated, u is recomputed, and the
+gates themselves are saved ([N, r] fp32 each). The gate logits (a [T, H] x [H, E*r] GEMM per site,
+then a gather of the N routed rows) and their softmax run in torch outside the op.
 
 LoRA dropout (training, p > 0) acts on the LoRA inputs x and h only, as in PEFT. Its masks are never
 stored: two philox seeds are drawn on the device per call and every kernel that reads a LoRA input
