@@ -302,9 +302,13 @@ def lora_rank_gates(
     e, r, h = gate_weight.shape
     acc = compute_dtype(x.dtype)
     logits = (x.to(acc) @ gate_weight.reshape(e * r, h).to(acc).t()).view(-1, e, r)
-    rows = logits[token_index.to(torch.int64), expert_index.to(torch.int64)]
     if bias is not None:
-        rows = rows + bias.to(acc).index_select(0, token_index.to(torch.int64))
+        # Added per token before the gather: bias's gradient is then a plain sum over experts, not
+        # an index_add over the k rows of each token (float atomics on GPU, run-to-run noise).
+        logits = logits + bias.to(acc).unsqueeze(1)
+    # With top-k routing a (token, expert) pair is routed at most once, so the gather's backward
+    # writes each element of d(logits) once: deterministic although it is an indexed accumulate.
+    rows = logits[token_index.to(torch.int64), expert_index.to(torch.int64)]
     return torch.softmax(rows, dim=-1) * r
 
 
