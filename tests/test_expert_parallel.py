@@ -352,6 +352,14 @@ def test_shard_then_merge_round_trip_and_reshard():
             torch.testing.assert_close(resharded[key], direct[key], atol=0, rtol=0)
 
 
+def test_shard_splits_lora_rank_gates_per_expert():
+    full = _full_model(lora_rank_gate=True).state_dict()
+    for key in ("experts.lora_gate_gate_up", "experts.lora_gate_down"):
+        shard = shard_state_dict(full, 1, 2)[key]
+        assert shard.shape == (2, 2, 8)  # [E/P, r, H]
+        torch.testing.assert_close(shard, full[key][2:4], atol=0, rtol=0)
+
+
 def test_merged_checkpoint_loads_in_one_process():
     src = _full_model()
     shards = [shard_state_dict(src.state_dict(), r, 2) for r in range(2)]

@@ -23,7 +23,10 @@ import torch
 import torch.nn as nn
 
 # Parameters of GroupedExperts that are split over the expert-parallel group (dim 0 = expert).
-EXPERT_PARAMS = ("gate_up_proj", "down_proj", "lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
+EXPERT_PARAMS = (
+    "gate_up_proj", "down_proj", "lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down",
+    "lora_gate_gate_up", "lora_gate_down",  # the optional LoRA rank gates: [E, r, H], per expert
+)
 
 
 def is_expert_key(key: str, prefix: Optional[str] = None) -> bool:
