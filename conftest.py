@@ -47,6 +47,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def join_workers():
+    """join_workers(ctx, timeout_s, what): wait for torch.multiprocessing workers, killing them and
+    failing the test after timeout_s so a hung collective cannot stall the whole run."""
+    import time
+
+    def join(ctx, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"{what} did not finish in {timeout_s} s")
+
+    return join
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

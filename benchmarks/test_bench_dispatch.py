@@ -137,7 +137,7 @@ def _worker(rank: int, world_size: int, init: str, backend: str, cfg: dict, out_
         dist.destroy_process_group()
 
 
-def _spawn(world_size: int, backend: str, cfg: dict, tmp_path) -> list:
+def _spawn(world_size: int, backend: str, cfg: dict, tmp_path, join_workers) -> list:
     try:
         import torch.distributed as dist
         import torch.multiprocessing as mp
@@ -152,13 +152,7 @@ def _spawn(world_size: int, backend: str, cfg: dict, tmp_path) -> list:
                                  join=False, start_method="spawn")
     except (OSError, RuntimeError) as err:
         pytest.skip(f"cannot spawn worker processes here: {err}")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"dispatch benchmark workers did not finish in {SPAWN_TIMEOUT_S} s")
+    join_workers(ctx, SPAWN_TIMEOUT_S, "dispatch benchmark workers")
     with open(out) as f:
         return json.load(f)
 
@@ -195,16 +189,16 @@ def _record(cfg_name: str, size: str, provider: str, cfg: dict, results: list) -
           f"{padded_ms:.2f} ms")
 
 
-def test_dispatch_gloo_cpu(tmp_path):
+def test_dispatch_gloo_cpu(tmp_path, join_workers):
     cfg = configs.get("mixtral", "tiny").as_dict()  # E=8 k=2: 4 experts per rank with 2 ranks
-    results = _spawn(2, "gloo", cfg, tmp_path)
+    results = _spawn(2, "gloo", cfg, tmp_path, join_workers)
     assert len(results) == 2 and all(r["layer_ms"] > 0 and r["exchange_ms"] > 0 for r in results)
     _check_errors(results, torch.float32)
     _record("mixtral", "tiny", "ep2-gloo", cfg, results)
 
 
 @pytest.mark.gpu
-def test_dispatch_nccl_gpu(tmp_path):
+def test_dispatch_nccl_gpu(tmp_path, join_workers):
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
@@ -214,7 +208,7 @@ def test_dispatch_nccl_gpu(tmp_path):
     # device), which checks that the EP layer's Triton kernels and collectives work on GPU.
     cfg = configs.get("mixtral", "full").as_dict()
     cfg["T"] = cfg["T"] // max(1, world_size)  # same total tokens, split over the ranks
-    results = _spawn(world_size, "nccl", cfg, tmp_path)
+    results = _spawn(world_size, "nccl", cfg, tmp_path, join_workers)
     assert len(results) == world_size
     _check_errors(results, torch.bfloat16)
     _record("mixtral", "full", f"ep{world_size}-nccl", cfg, results)

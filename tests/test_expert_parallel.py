@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
@@ -280,7 +279,7 @@ def _worker(rank: int, world_size: int, init_method: str, table: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world_size: int, tmp_path, table: str) -> None:
+def _spawn(world_size: int, tmp_path, table: str, join_workers) -> None:
     mp = pytest.importorskip("torch.multiprocessing")
     import torch.distributed as dist
 
@@ -290,30 +289,24 @@ def _spawn(world_size: int, tmp_path, table: str) -> None:
     ctx = mp.start_processes(
         _worker, args=(world_size, init, table), nprocs=world_size, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"expert-parallel workers (world size {world_size}) did not finish in {SPAWN_TIMEOUT_S} s")
+    join_workers(ctx, SPAWN_TIMEOUT_S, f"expert-parallel workers (world size {world_size})")
 
 
-def test_expert_parallel_2_ranks(tmp_path):
-    _spawn(2, tmp_path, "2")
+def test_expert_parallel_2_ranks(tmp_path, join_workers):
+    _spawn(2, tmp_path, "2", join_workers)
 
 
-def test_expert_parallel_4_ranks(tmp_path):
-    _spawn(4, tmp_path, "4")
+def test_expert_parallel_4_ranks(tmp_path, join_workers):
+    _spawn(4, tmp_path, "4", join_workers)
 
 
 @pytest.mark.gpu
-def test_expert_parallel_nccl_gpu(tmp_path):
+def test_expert_parallel_nccl_gpu(tmp_path, join_workers):
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
         pytest.skip("NCCL is not available in this torch build")
-    _spawn(torch.cuda.device_count(), tmp_path, "gpu")
+    _spawn(torch.cuda.device_count(), tmp_path, "gpu", join_workers)
 
 
 # ----------------------------------------------------------------------------------------------
