@@ -192,6 +192,38 @@ def test_lora_matches_delta_w_oracle_and_freezes_base(family):
         assert ex.gate_up_proj.grad is None  # frozen base gets no gradient
 
 
+@pytest.mark.parametrize("base", ["fp32", "bf16"])
+def test_lora_trains_under_cpu_bf16_autocast(base):
+    """A trainer's bf16 mode: forward under torch.autocast, fp32 masters for what trains. With base
+    "bf16" the host model is bf16 and the LoRA factors are fp32 (PEFT keeps adapters in fp32), so the
+    experts get bf16 hidden states, bf16 base weights and fp32 adapters at once."""
+    model = _model("mixtral").train()
+    if base == "bf16":
+        model.to(torch.bfloat16)
+    patch_moe(model, lora_rank=4)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+        p.requires_grad_("lora_" in name or name.endswith("mlp.gate.weight"))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ids = _tokens()
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, output_router_logits=True)
+        opt.zero_grad(set_to_none=True)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0] - 0.05, losses  # six AdamW steps on one batch: clearly learning
+    for name, p in trainable.items():
+        if "lora_" in name:  # fp32 masters got fp32 gradients through the casts
+            assert p.dtype == p.grad.dtype == torch.float32, name
+    assert sum(p.grad.abs().sum() for n, p in trainable.items() if "lora_B" in n) > 0
+
+
 def test_unpatch_merges_lora_into_host_weights():
     model = _model("olmoe")
     patch_moe(model, lora_rank=2)

@@ -3,7 +3,7 @@ with drop-in torch.nn modules. CUDA tensors run Triton kernels, CPU tensors the 
 reference.py; both have the same semantics. Nothing here touches the GPU at import time.
 """
 
-from . import ops, reference
+from . import amp, ops, reference
 from .modules import GroupedExperts, SparseMoE, TopKRouter
 from .parallel import gather_state_dict, shard_state_dict
 from .types import GatingOutput, MoEAux, RoutingPlan
@@ -12,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SparseMoE", "TopKRouter", "GroupedExperts", "MoEAux", "GatingOutput", "RoutingPlan",
-    "ops", "reference", "__version__", "shard_state_dict", "gather_state_dict",
+    "amp", "ops", "reference", "__version__", "shard_state_dict", "gather_state_dict",
 ]

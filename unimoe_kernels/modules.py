@@ -19,6 +19,11 @@ With ep_group (expert parallelism, ops/dispatch.py, docs/expert_parallel.md) the
 
 Parameter names and shapes follow Hugging Face transformers v5 (nn.Linear's [out, in] layout), so
 state dicts move between this package and the host model without renaming.
+
+Mixed precision (amp.py): under torch.autocast the router, its softmax and the aux losses run in
+fp32 and the expert GEMMs in the autocast dtype, the operands cast with .to() inside the graph so
+fp32 parameters get fp32 gradients; outside autocast an input whose dtype is not the layer's is a
+TypeError that names both dtypes and the fix.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, topk_gating
@@ -99,7 +105,8 @@ def attach_aux_loss(out: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
 class TopKRouter(nn.Module):
     """Linear router + top-k gating. weight: [E, H]; forward(x [T, H]) -> GatingOutput.
 
-    Logits are computed in fp32 (fp64 for fp64 input) whatever the parameter dtype. router_jitter
+    Logits are computed in fp32 (fp64 for fp64 input) whatever the parameter dtype, with autocast
+    off (amp.router_fp32), so the softmax and the top-k see fp32 logits under autocast too. router_jitter
     multiplies the input by U(1 - j, 1 + j) noise while training (Switch Transformer). With
     use_expert_bias a buffer `expert_bias` [E] is added to the scores for selection only
     (DeepSeek-V3 aux-loss-free balancing; the caller updates it).
@@ -150,12 +157,13 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             x = x * noise
         acc = reference.compute_dtype(x.dtype)
-        logits = x.to(acc) @ self.weight.to(acc).t()
-        return topk_gating(
-            logits, self.top_k, scoring=self.scoring, normalize=self.normalize_topk,
-            scaling_factor=self.scaling_factor, expert_bias=self.expert_bias,
-            n_groups=self.n_groups, topk_groups=self.topk_groups, backend=self.backend,
-        )
+        with router_fp32(x.device):
+            logits = x.to(acc) @ self.weight.to(acc).t()
+            return topk_gating(
+                logits, self.top_k, scoring=self.scoring, normalize=self.normalize_topk,
+                scaling_factor=self.scaling_factor, expert_bias=self.expert_bias,
+                n_groups=self.n_groups, topk_groups=self.topk_groups, backend=self.backend,
+            )
 
 
 class GroupedExperts(nn.Module):
@@ -178,6 +186,9 @@ class GroupedExperts(nn.Module):
     meaning, and turning the option on changes nothing until the gate trains. An optional
     rank_gate_bias [..., r] (a task or sample embedding, broadcast per token) is added to the
     logits of both sites.
+
+    Under torch.autocast the GEMM operands (x, the base weights and the LoRA factors) are cast to the
+    autocast dtype and the output comes back in it; the rank-gate logits stay fp32 (amp.py).
     """
 
     def __init__(
@@ -258,6 +269,15 @@ class GroupedExperts(nn.Module):
             return None
         return reference.LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
 
+    def check_input_dtype(self, x: torch.Tensor, layer: Optional[str] = None, var: str = "experts") -> None:
+        """Outside autocast, a TypeError in the caller's terms unless x has the GEMM parameters' dtype."""
+        lora = self.lora_weights() or ()
+        check_layer_dtype(x, (self.gate_up_proj, self.down_proj, *lora), layer or type(self).__name__, var)
+
+    def _gemm_operands(self, x: torch.Tensor):
+        """(x, gate_up_proj, down_proj, lora) in the autocast dtype under autocast, else as they are."""
+        return autocast_operands(x, self.gate_up_proj, self.down_proj, self.lora_weights())
+
     def rank_gates(self, x: torch.Tensor, token_index: torch.Tensor, expert_offsets: torch.Tensor,
                    bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(g_gate_up, g_down) [N, r] fp32 for N expert-sorted rows (row n reads token x[token_index[n]]
@@ -269,10 +289,11 @@ class GroupedExperts(nn.Module):
         # Expert of each sorted row from the offsets, on the device (no per-expert host loop).
         rows = torch.arange(n, device=token_index.device)
         expert_index = torch.searchsorted(expert_offsets[1:].to(torch.int64), rows, right=True)
-        return tuple(
-            reference.lora_rank_gates(x, g, token_index, expert_index, bias)
-            for g in (self.lora_gate_gate_up, self.lora_gate_down)
-        )
+        with router_fp32(x.device):  # gate logits and softmax in fp32, as the token router's
+            return tuple(
+                reference.lora_rank_gates(x, g, token_index, expert_index, bias)
+                for g in (self.lora_gate_gate_up, self.lora_gate_down)
+            )
 
     def mlp(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, plan: Optional[RoutingPlan] = None) -> torch.Tensor:
         """Expert MLPs over rows grouped by expert: x_sorted [N, H], tokens_per_expert [E] -> [N, H].
@@ -284,9 +305,10 @@ class GroupedExperts(nn.Module):
             offsets = torch.cat([tokens_per_expert.new_zeros(1, dtype=torch.int64),
                                  torch.cumsum(tokens_per_expert.to(torch.int64), 0)])
             gates = self.rank_gates(x_sorted, torch.arange(x_sorted.shape[0], device=x_sorted.device), offsets)
+        x_sorted, gate_up_proj, down_proj, lora = self._gemm_operands(x_sorted)
         return grouped_mlp(
-            x_sorted, tokens_per_expert, self.gate_up_proj, self.down_proj, self.activation,
-            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            x_sorted, tokens_per_expert, gate_up_proj, down_proj, self.activation,
+            lora=lora, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
             training=self.training, backend=self.backend, plan=plan, rank_gates=gates,
         )
 
@@ -306,9 +328,10 @@ class GroupedExperts(nn.Module):
             token_index = torch.div(plan.sorted_slots.to(torch.int64), k, rounding_mode="floor")
             gates = self.rank_gates(x, token_index, plan.expert_offsets, rank_gate_bias)
         # Gather on load: the Triton path never writes (or saves) the permuted copy of x.
+        x, gate_up_proj, down_proj, lora = self._gemm_operands(x)
         y_sorted = grouped_mlp_gather(
-            x, plan, k, self.gate_up_proj, self.down_proj, self.activation,
-            lora=self.lora_weights(), lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+            x, plan, k, gate_up_proj, down_proj, self.activation,
+            lora=lora, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
             training=self.training, backend=self.backend, rank_gates=gates,
         )
         return unpermute(y_sorted, plan, weights, backend=self.backend)
@@ -316,6 +339,7 @@ class GroupedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 rank_gate_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_input(hidden_states, self.hidden_size, self.gate_up_proj, "hidden_states")
+        self.check_input_dtype(hidden_states)
         if hidden_states.dim() != 2:
             raise ValueError(f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
         t = hidden_states.shape[0]
@@ -481,6 +505,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, *, return_aux: bool = False, token_groups: Optional[torch.Tensor] = None,
                 rank_gate_bias: Optional[torch.Tensor] = None):
         _check_input(x, self.hidden_size, self.router.weight)
+        self.experts.check_input_dtype(x, type(self).__name__, "moe")
         if rank_gate_bias is not None:
             if not self.experts.lora_rank_gate:
                 raise ValueError("rank_gate_bias needs lora_rank_gate=True")
@@ -507,15 +532,18 @@ class SparseMoE(nn.Module):
             # Capacity-limited layers move exactly `capacity` rows per (rank, expert): no host sync.
             # capacity_factor's capacity comes from this rank's T, so all ranks need the same T
             # then; dispatch verifies it on the device (ep_capacity is the same C everywhere).
+            # Cast before the all-to-all under autocast: half the bytes on the wire for bf16.
+            x_send, = autocast_operands(x2)
             x_local, state = dispatch(
-                x2, plan, self.top_k, self.ep_group, capacity=capacity,
+                x_send, plan, self.top_k, self.ep_group, capacity=capacity,
                 check_capacity=self.capacity_factor is not None, backend=self.experts.backend,
             )
             y_local = self.experts.mlp(x_local, state.tokens_per_local_expert, plan=state.local_plan)
             y = combine(y_local, state, weights, backend=self.experts.backend)
 
-        lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
-        zl = reference.z_loss(gating.logits)
+        with router_fp32(x.device):
+            lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
+            zl = reference.z_loss(gating.logits)
         if self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
             y = attach_aux_loss(y, self.aux_loss_coef * lbl + self.z_loss_coef * zl)
         if token_groups is not None:
