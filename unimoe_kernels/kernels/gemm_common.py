@@ -1,0 +1,107 @@
+"""Device helpers shared by the grouped GEMM kernels (grouped_mm.py, grouped_xty.py).
+
+- _locate_tile: the expert and rows of the t-th BLOCK_M-row tile in expert order, derived inside
+  the kernel from the expert offsets alone. Any BLOCK_M works without a host-built tile map, so a
+  launcher may pick 64 or 128 rows per tile per call without another pass over the routing plan.
+- _act / _act_and_grad: the activations of the MLP epilogues, in fp32.
+- _dropout_keep and dropout_mask_kernel: LoRA dropout (PEFT semantics: dropout on the LoRA input
+  only), regenerated, never stored. The keep mask of element (row, col) of an [N, C] LoRA input is
+  tl.rand(seed, row * C + col) >= p, with the seed read from device memory (no host sync).
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes shared with the launchers (ops/grouped_gemm_launch.py: ACT_CODE).
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_RELU = 2
+
+
+@triton.jit
+def _expert_tiles(offsets_ptr, num_experts, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """Per-expert vectors [E_PAD] (first row, end row, tiles, inclusive tile prefix sum); padding
+    lanes are empty experts. Loaded once per program and reused for every tile it handles."""
+    e = tl.arange(0, E_PAD)
+    valid = e < num_experts
+    start = tl.load(offsets_ptr + e, mask=valid, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + e + 1, mask=valid, other=0).to(tl.int64)
+    ntiles = (end - start + BLOCK_M - 1) // BLOCK_M
+    return start, end, ntiles, tl.cumsum(ntiles, 0)
+
+
+@triton.jit
+def _locate_tile(tile, start, end, ntiles, cum, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row of the expert) of tile `tile` (< cum[-1]): the expert is the
+    number of experts whose tiles all come before it, so empty experts are skipped for free."""
+    expert = tl.sum((cum <= tile).to(tl.int32), 0)
+    mine = tl.arange(0, E_PAD) == expert
+    row_start = tl.sum(tl.where(mine, start + (tile - (cum - ntiles)) * BLOCK_M, 0), 0)
+    row_end = tl.sum(tl.where(mine, end, 0), 0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _swizzle(t, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of linear id t in groups of GROUP_M row tiles: the programs in
+    flight share GROUP_M x tiles and a few weight tiles in L2, instead of streaming all of x once
+    per column tile (row-major order) or all of W once per row tile (column-major order)."""
+    per_group = GROUP_M * num_n
+    first_m = (t // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (t % per_group) % group_m
+    pid_n = (t % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    """act(g) in fp32."""
+    if ACT == 0:
+        out = g * tl.sigmoid(g)
+    elif ACT == 1:
+        # Exact (erf) gelu, as torch.nn.functional.gelu's default; 0.7071... = 1/sqrt(2).
+        out = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        out = tl.maximum(g, 0.0)
+    return out
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        out = g * sig
+        grad = sig * (1.0 + g * (1.0 - sig))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        out = g * cdf
+        # d/dg g*Phi(g) = Phi(g) + g*phi(g); 0.3989... = 1/sqrt(2*pi).
+        grad = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    else:
+        out = tl.maximum(g, 0.0)
+        grad = tl.where(g > 0.0, 1.0, 0.0)
+    return out, grad
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, ncols, p):
+    """Keep mask [len(rows), len(cols)] of LoRA dropout for an input with ncols columns."""
+    return tl.rand(seed, rows[:, None] * ncols + cols[None, :]) >= p
+
+
+@triton.jit
+def dropout_mask_kernel(
+    seed_ptr,  # [1] int64
+    out_ptr,  # [N, C] fp32: 1 / (1 - p) where kept, 0 where dropped
+    N, C, drop_p, drop_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The LoRA dropout mask the GEMM kernels regenerate, written out (tests and debugging)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = _dropout_keep(tl.load(seed_ptr), rows, cols, C, drop_p)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], tl.where(keep, drop_scale, 0.0), mask=mask)

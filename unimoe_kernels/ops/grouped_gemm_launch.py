@@ -1,0 +1,238 @@
+"""Launchers of the grouped GEMM kernels: arguments, configs (gemm_configs.py) and grids.
+
+grouped_mm: kernels/grouped_mm.py, the activation-sized GEMMs (roles up, up_glu, down, dact, dgrad)
+    with the LoRA side product fused in; grid = every (row tile, column tile), or one program per
+    SM walking the tiles when the config says PERSISTENT. The row-tile count is bounded on the host
+    by types.max_tiles (no sync); the kernel finds its tiles from the expert offsets and programs
+    beyond the real count exit at once.
+grouped_xty: kernels/grouped_xty.py, per-expert X^T Y (weight gradients), expert-major.
+dropout_mask: the LoRA dropout mask the kernels regenerate, written out (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import backend as _backend
+from ..types import max_tiles
+from . import gemm_configs
+
+# Activation name -> (kernel activation code of kernels/gemm_common.py, GLU).
+ACT_CODE = {"swiglu": (0, True), "geglu": (1, True), "silu": (0, False), "gelu": (1, False), "relu": (2, False)}
+
+
+class LoRASide(NamedTuple):
+    """The LoRA term of one grouped_mm call: out += scale * ((X' a) * gate) b, with X' a written to side.
+
+    a: [E, K, R] view of the factor applied to X; b: [E, R, NOUT] view of the second factor;
+    side: [N, R] output in X's dtype; gate: [N, R] fp32 rank gate or None.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    side: torch.Tensor
+    scale: float
+    gate: Optional[torch.Tensor] = None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's own matmul setting, so the Triton path is as exact as the torch path."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_programs(device: torch.device) -> Optional[int]:
+    """Programs of a persistent launch: one per SM (None off CUDA: no cap)."""
+    if device.type != "cuda":
+        return None
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _use_tma(device: torch.device) -> bool:
+    """TMA tensor descriptors: Hopper and later, and the interpreter (which emulates them); meta
+    tensors stand for the GPU in sm90_check."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "meta" or _backend.interpreting()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # TMA needs a 16-byte aligned base and 16-byte multiples for every stride but the last (1).
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def _w_descriptor(w: torch.Tensor, block_n: int, block_k: int):
+    """(descriptor of W's storage or None, k-major) for a weight view w [E, K, NOUT]: the storage is
+    [E, NOUT, K] when K is the contiguous axis ("x W^T"), else [E, K, NOUT] ("dy W")."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kmajor = w.stride(1) == 1 and w.shape[1] > 1
+    storage, block = (w.transpose(1, 2), [1, block_n, block_k]) if kmajor else (w, [1, block_k, block_n])
+    if not _aligned(storage):
+        return None, kmajor
+    return TensorDescriptor.from_tensor(storage, block), kmajor
+
+
+def _x_descriptor(x: torch.Tensor, block_m: int, block_k: int):
+    """Descriptor of a row-major [N, K] activation with [block_m, block_k] blocks, or None."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if x.shape[0] == 0 or not _aligned(x):
+        return None
+    return TensorDescriptor.from_tensor(x, [block_m, block_k])
+
+
+def _dropout_args(dropout: Optional[tuple], dummy: torch.Tensor) -> tuple:
+    """(seed pointer, p, 1 / (1 - p)) kernel arguments; a dummy pointer when there is no dropout."""
+    if dropout is None:
+        return dummy, 0.0, 1.0
+    seed, p = dropout[0], float(dropout[1])
+    return seed, p, 1.0 / (1.0 - p)
+
+
+def grouped_mm(
+    x: torch.Tensor,  # [N, K], or [T, K] with gather
+    w: torch.Tensor,  # [E, K, NOUT] view (strides may be transposed)
+    out: torch.Tensor,  # [N, NOUT] or dz [N, 2F|F]
+    offsets: torch.Tensor,  # [E+1] expert row offsets
+    *,
+    role: str,
+    nout: int,
+    lora: Optional[LoRASide] = None,
+    epilogue: int = 0,
+    act: int = 0,
+    glu: bool = False,
+    z: Optional[torch.Tensor] = None,
+    h: Optional[torch.Tensor] = None,
+    store_z: bool = False,
+    up_offsets: tuple = (0, 0, 0, 0),
+    dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: side product's X tiles | 2: LoRA term)
+    gather: Optional[torch.Tensor] = None,  # [N] source row of x for each sorted row
+    cfg: Optional[dict] = None,  # a config instead of gemm_configs.config's (sweeps, narrow outputs)
+) -> None:
+    from ..kernels.grouped_mm import grouped_mm_kernel
+
+    k = x.shape[1]
+    n = out.shape[0]
+    e = offsets.numel() - 1
+    side = lora.side if lora is not None else out
+    a, b = (lora.a, lora.b) if lora is not None else (w, w)
+    gate = lora.gate if lora is not None and lora.gate is not None else side
+    r = side.shape[1] if lora is not None else 1
+    z_ = z if z is not None else out
+    h_ = h if h is not None else out
+    args = (
+        x, x.stride(0), x.stride(1),
+        w, w.stride(0), w.stride(1), w.stride(2),
+        a, a.stride(0), a.stride(1), a.stride(2),
+        b, b.stride(0), b.stride(1), b.stride(2),
+        side, side.stride(0), side.stride(1),
+        gate, gate.stride(0), gate.stride(1),
+        out, out.stride(0), out.stride(1),
+        z_, z_.stride(0), z_.stride(1),
+        h_, h_.stride(0), h_.stride(1),
+        offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
+        gather if gather is not None else offsets, *_dropout_args(dropout, offsets),
+    )
+    meta = dict(
+        HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
+        DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
+        ACT=act, GLU=glu, STORE_Z=store_z, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, gemm_configs.next_pow2(e)),
+    )
+
+    tma = _use_tma(x.device)
+
+    def launch(c: dict) -> None:
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        tiles = max_tiles(n, e, bm) * -(-nout // bn)
+        cap = _persistent_programs(x.device) if c.get("PERSISTENT") else None
+        if cap:
+            tiles = min(tiles, cap)
+        w_desc, kmajor = _w_descriptor(w, bn, bk) if tma and c.get("TMA", True) else (None, False)
+        x_desc = _x_descriptor(x, bm, bk) if tma and c.get("TMA", True) and gather is None else None
+        grouped_mm_kernel[(max(1, tiles),)](
+            *args[:3], x_desc, *args[3:7], w_desc, *args[7:], **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
+            W_DESC=w_desc is not None, W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
+
+    if cfg is None:
+        cfg = gemm_configs.config(role, x.dtype, k, nout, e, n, x.device, run=launch, rank=r if lora else 0)
+    launch(cfg)
+
+
+def narrow_config(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int, rows: int,
+                  device: torch.device) -> dict:
+    """Config of a grouped_mm whose output is only rank-wide (nout <= 64): one column tile."""
+    cfg = dict(gemm_configs.config(role, dtype, k, max(nout, 256), num_experts, rows, device))
+    cfg["BLOCK_N"] = gemm_configs.rank_block(nout)
+    cfg["PERSISTENT"] = False
+    return cfg
+
+
+def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, scale: float = 1.0,
+                dropout: Optional[tuple] = None, gather_y: Optional[torch.Tensor] = None,
+                cfg: Optional[dict] = None) -> None:
+    """out[e] = scale * x[rows of e]^T @ dropout(y[rows of e]); x [N, P], y [N, Q], out [E, P, Q].
+
+    dropout: (seed [1] int64, p) when y is a LoRA input under dropout; gather_y [N]: y is [T, Q]
+    and sorted row r reads y[gather_y[r]]."""
+    from ..kernels.grouped_xty import grouped_xty_kernel
+
+    e, p, q = out.shape
+    n = x.shape[0]
+    args = (
+        x, x.stride(0), x.stride(1),
+        y, y.stride(0), y.stride(1),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        offsets, p, q, float(scale), gather_y if gather_y is not None else offsets,
+        *_dropout_args(dropout, offsets),
+    )
+    meta = dict(DROPOUT_Y=dropout is not None, GATHER_Y=gather_y is not None, DOT_PRECISION=dot_precision(x.dtype))
+
+    tma = _use_tma(x.device)
+
+    def launch(c: dict) -> None:
+        bp, bq, bk = c["BLOCK_P"], c["BLOCK_Q"], c["BLOCK_K"]
+        use = tma and c.get("TMA", True)
+        x_desc = _x_descriptor(x, bk, bp) if use else None
+        y_desc = _x_descriptor(y, bk, bq) if use and gather_y is None else None
+        grid = (e * -(-p // bp) * -(-q // bq),)
+        grouped_xty_kernel[grid](*args[:3], x_desc, *args[3:6], y_desc, *args[6:], **meta, X_DESC=x_desc is not None,
+                                 Y_DESC=y_desc is not None, SWAP=bp < 64 <= bq, **gemm_configs.kernel_meta(c))
+
+    if cfg is None:
+        role = "lora_wgrad" if min(p, q) <= 64 else "wgrad"
+        cfg = gemm_configs.config(role, x.dtype, p, q, e, n, x.device, run=launch)
+        if _backend.interpreting():
+            # Tiny test shapes: blocks no larger than the operands keep the interpreter quick.
+            cfg["BLOCK_P"] = min(cfg["BLOCK_P"], gemm_configs.rank_block(p))
+            cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], gemm_configs.rank_block(q))
+    launch(cfg)
+
+
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """[rows, cols] fp32 LoRA dropout mask (0 or 1 / (1 - p)) that the kernels use for `seed` [1] int64.
+
+    Row r of a LoRA input of the forward (x_sorted for seeds[0], h for seeds[1]) is multiplied by
+    row r of this mask; for tests and debugging, the kernels never store it.
+    """
+    from ..kernels.gemm_common import dropout_mask_kernel
+
+    out = torch.empty((rows, cols), device=seed.device, dtype=torch.float32)
+    block_m, block_c = 64, 64  # any size works; the mask depends only on (seed, row, col)
+    dropout_mask_kernel[(-(-rows // block_m), -(-cols // block_c))](
+        seed, out, rows, cols, float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_C=block_c)
+    return out
+
+
+__all__ = ["grouped_mm", "grouped_xty", "narrow_config", "dropout_mask", "dot_precision", "LoRASide", "ACT_CODE"]
