@@ -50,6 +50,7 @@ class Launch(NamedTuple):
     kernel: object  # the @triton.jit function
     args: tuple
     meta: dict  # constexprs and num_warps / num_stages
+    call: tuple  # gemm_configs.config's arguments (role, dtype, k, nout, num_experts, rows, rank)
 
 
 class Resources(NamedTuple):
@@ -92,15 +93,15 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
         class Rec:
             def __getitem__(self, grid):
                 def run(*args, **kw):
-                    launches.append(Launch(role[-1], kernel, args, kw))
+                    launches.append(Launch(role[-1][0], kernel, args, kw, role[-1]))
                 return run
         return Rec()
 
     real_config = gemm_configs.config
 
-    def config(role_, *a, **kw):
-        role.append(role_)
-        return real_config(role_, *a, **dict(kw, run=None))
+    def config(role_, dtype_, k_, nout_, e_, rows_, device_, run=None, rank=0):
+        role.append((role_, dtype_, k_, nout_, e_, rows_, rank))
+        return real_config(role_, dtype_, k_, nout_, e_, rows_, device_, rank=rank)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(grouped_mm, "grouped_mm_kernel", recorder(grouped_mm.grouped_mm_kernel)))
