@@ -26,9 +26,11 @@ sorted row r reads row gather[r], so the permuted copy of X is never written.
 Schedule: the tile of each program comes from the expert offsets (gemm_common._locate_tile), in
 GROUP_M-swizzled order; the grid may be smaller than the tile count, and then each program walks
 tiles num_programs apart (persistent: no tail of short-lived programs, tile setup amortised).
-Loads in the K loop are unmasked unless K is not a multiple of BLOCK_K: row indices past a tile's
-end are clamped onto its last row and column indices past NOUT onto the last column, both valid
-memory whose results are never stored. Row and expert arithmetic is int64 (row * stride passes
+Operand tiles: the weights, and X when its rows are not gathered, come through TMA tensor
+descriptors (W_DESC, X_DESC: the copy engine fills shared memory, zero past the tensor's edges, and
+no 64-bit pointer tiles sit in registers beside the accumulators); otherwise pointer loads,
+unmasked unless K is not a multiple of BLOCK_K, with row indices past a tile's end clamped onto
+its last row and column indices past NOUT onto the last column (valid memory, never stored). Row and expert arithmetic is int64 (row * stride passes
 2^31 for large N*K).
 """
 
