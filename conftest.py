@@ -3,6 +3,10 @@
 Without CUDA, Triton kernels run in the interpreter: TRITON_INTERPRET=1 must be set before triton
 is first imported, which is why it happens here, at collection, before any test module loads.
 GPU-only tests carry @pytest.mark.gpu and skip cleanly without CUDA.
+
+Benchmark tables (benchmarks/: this package's side-by-side summary and pytest-benchmark's own
+timing tables) are printed only when asked, with --bench-tables or -s; a plain `pytest -q` keeps
+its output to the progress dots and the summary.
 """
 
 import os
@@ -15,8 +19,19 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--bench-tables", action="store_true",
+                     help="print the benchmarks' side-by-side tables and pytest-benchmark's timing tables "
+                          "at the end of the run (-s does too)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's pytest_configure reads --benchmark-quiet
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    if config.getoption("capture") == "no":
+        config.option.bench_tables = True  # -s: the user is watching the output
+    if not config.option.bench_tables:
+        config.option.benchmark_quiet = True  # pytest-benchmark's tables; timings still recorded
 
 
 def pytest_collection_modifyitems(config, items):

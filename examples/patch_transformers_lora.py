@@ -2,7 +2,10 @@
 few steps, and save the adapter in PEFT's format.
 
     python examples/patch_transformers_lora.py                       # tiny random Mixtral, CPU, seconds
-    python examples/patch_transformers_lora.py --model Qwen/Qwen3-30B-A3B --steps 20 --device cuda
+    python examples/patch_transformers_lora.py --model Qwen/Qwen3-30B-A3B --steps 20 --device cuda --out adapter/
+
+The adapter goes to --out, or to a new temporary directory (printed) when --out is not given, so
+the example never writes into the directory it is run from.
 
 Flow: model (any Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE or other transformers-v5 MoE)
   -> patch_moe(model, lora_rank=8, lora_alpha=16): the experts of every MoE block become
@@ -16,6 +19,7 @@ Flow: model (any Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE or other transformers-v
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 
@@ -38,15 +42,21 @@ def main():
     from unimoe_kernels.integrations.peft import export_peft_adapter
     from unimoe_kernels.integrations.transformers import patch_moe, unpatch_moe
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a Hub id or local path (default: a tiny random Mixtral)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--out", default="moe_lora_adapter", help="where the PEFT adapter is written")
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--model", default=None, help="a Hub id or local path (None: a tiny random Mixtral)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=10, help="training steps")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank on every expert")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    parser.add_argument("--out", default=None,
+                        help="directory the PEFT adapter is written to (None: a new temporary directory)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="moe_lora_adapter_")
 
     model = build_model(args)
     n = patch_moe(model, lora_rank=args.rank, lora_alpha=args.alpha)

@@ -386,6 +386,26 @@ def test_example_script_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_example_script_writes_to_a_temp_dir_by_default(tmp_path, monkeypatch, capsys):
+    """Without --out the example writes into a new temporary directory, never into the cwd."""
+    import runpy
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    script = Path(__file__).resolve().parents[1] / "examples" / "patch_transformers_lora.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--steps", "1", "--device", "cpu"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert list(cwd.iterdir()) == []
+    (out,) = tmp.iterdir()
+    assert (out / "adapter_config.json").exists() and str(out) in capsys.readouterr().out
+
+
 def _low_precision_rule(family, dtype, device, backend):
     """flash-attention's rule (DESIGN.md section 6): the patched model's error against the fp32 model
     is at most twice the unpatched model's own error in the same dtype, plus a floor."""
