@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .grouped_gemm_launch import ACT_CODE, LoRASide, grouped_mm, grouped_xty, narrow_config
+from .permute import _combine_impl
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:
@@ -102,14 +103,6 @@ def _fwd_impl(x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, se
     return y, z, xa, ha
 
 
-def _sum_slots(dx_sorted: torch.Tensor, slot_rows: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
-    """dx [T, H] of gathered x: dx[t] = sum_j dx_sorted[slot_rows[t*k + j]], in fp32, no atomics
-    (deterministic, unlike index_add)."""
-    # The width named explicitly: view(..., -1) is ambiguous for an empty batch (0 elements).
-    rows = dx_sorted.index_select(0, slot_rows.to(torch.int64)).view(tokens, top_k, dx_sorted.shape[1])
-    return rows.sum(1, dtype=torch.float32).to(dx_sorted.dtype)
-
-
 def _narrow(x, w, offsets, role):
     """x [N, K] times the rank-wide w ([E, K, r]): a side product computed on its own, for when the
     GEMM it is normally fused into does not run."""
@@ -175,7 +168,9 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         grouped_mm(dz, w_gu, dx, offsets, role="dgrad", nout=hdim, lora=lora1,
                    dropout=_with_mode(drop_x, 2) if has_lora else None)
         if gather is not None:
-            dx = _sum_slots(dx, slot_rows, x.shape[0], top_k)
+            # dx[t] = sum_j dx_sorted[slot_rows[t*k + j]]: the combine kernel with unit weights
+            # (fp32 sums, one writer per token, no atomics, no gathered copy).
+            dx = _combine_impl(dx, slot_rows, None, top_k)
     elif has_lora and (need_lora or need_gates):
         dzb = _narrow(dz, b_gu, offsets, "dgrad")
     if has_lora and g_gu is not None and need_gates:
