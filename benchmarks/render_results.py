@@ -67,7 +67,8 @@ def render_markdown(runs: list[dict]) -> str:
             "",
             f"## {run.get('device')} — {run.get('date')}",
             "",
-            f"torch {run.get('torch')}, triton {run.get('triton')}, CUDA {run.get('cuda')}; file `{run['file']}`",
+            f"torch {run.get('torch')}, triton {run.get('triton')}, CUDA {run.get('cuda')}, commit {run.get('commit')}; "
+            f"file `{run['file']}`",
         ]
         groups: dict = {}
         for rec in run.get("records", []):

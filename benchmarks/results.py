@@ -4,8 +4,10 @@
                                      --save (GPU, UNIMOE_BENCH_SAVE=1)--> benchmarks/results/<date>_<device>.json
     benchmarks/results/*.json --render_results.py--> RESULTS.md (+ results.png)
 
-A JSON file holds one run: {"schema", "device", "torch", "triton", "cuda", "date", "dtype", "records"}.
-Only GPU runs are saved: CPU timings of the tiny shapes are smoke tests, not results.
+A JSON file holds one run: {"schema", "device", "torch", "triton", "cuda", "date", "commit", "records"}.
+Only GPU runs are saved: CPU timings of the tiny shapes are smoke tests, not results. The GPU
+check's dry run (benchmarks/gpu_check.py) saves its CPU run anyway, with UNIMOE_BENCH_SAVE_CPU=1,
+to test the path from records to its table; such a file says "device": "cpu".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import re
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -24,6 +27,8 @@ import torch
 from .configs import ANCHOR_CLAIMS
 
 SAVE_ENV = "UNIMOE_BENCH_SAVE"  # "1": save to benchmarks/results/; any other non-"0" value: that directory
+SAVE_CPU_ENV = "UNIMOE_BENCH_SAVE_CPU"  # "1": save a run without a GPU too (the GPU check's dry run)
+COMMIT_ENV = "UNIMOE_COMMIT"  # the commit to record when the tree is a copy without its .git
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 
@@ -99,6 +104,26 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def source_commit() -> Optional[str]:
+    """The git commit of the source tree, "+dirty" when tracked files differ from it; UNIMOE_COMMIT
+    wins (a copy of the tree without .git); None when neither tells."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git on PATH, or a hung filesystem
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def run_metadata() -> dict:
     cuda = torch.cuda.is_available()
     return {
@@ -108,6 +133,7 @@ def run_metadata() -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
     }
 
 
@@ -127,7 +153,7 @@ def save(records: Iterable, directory: Path, metadata: Optional[dict] = None) ->
 def save_from_env(records: Iterable) -> str:
     """Save when UNIMOE_BENCH_SAVE asks and a GPU ran the benchmarks; returns a line for the terminal."""
     value = os.environ.get(SAVE_ENV, "0")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and os.environ.get(SAVE_CPU_ENV, "0") in ("", "0"):
         return f"{SAVE_ENV}={value}: nothing saved, no GPU (CPU timings of tiny shapes are not results)"
     directory = RESULTS_DIR if value == "1" else Path(value)
     timed = [r for r in records if r.ms or r.skipped]

@@ -8,7 +8,8 @@ Providers (one test each, in this order so that `ours` comes last and carries it
     peft_delta_w     PEFT target_parameters, W + s*B@A materialised    (LoRA configs only)
     grouped_mm       torch._grouped_mm over sorted rows                (where this torch runs it)
     torch            SparseMoE(backend="torch"): the package's own torch path (reference.py)
-    scattermoe, megablocks, liger_kernel, moe_ops   anchors, skipped with the reason
+    scattermoe, megablocks, liger_kernel, moe_ops   other projects' fused MoE kernels (anchors.py):
+                     Liger's and moe-ops' run where installed; the others skip with the reason
     ours             SparseMoE(backend="auto"): Triton kernels on CUDA as they land, torch on CPU
 
 Each test checks the provider's output (and dx for fwd+bwd) against reference.py in fp32 before it
@@ -21,7 +22,6 @@ not counted, so every provider is credited the same useful work).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import pytest
@@ -29,10 +29,10 @@ import torch
 
 from unimoe_kernels import baselines, reference
 
-from . import configs, harness
+from . import anchors, configs, harness
 from .harness import DEVICE, DTYPE, Record
 
-ANCHORS = ("scattermoe", "megablocks", "liger_kernel", "moe_ops")
+ANCHORS = anchors.NAMES
 PROVIDERS = ("dense", "naive_loop", "onehot_dispatch", "peft_delta_w", "grouped_mm", "torch", *ANCHORS, "ours")
 MODES = ("fwd", "fwd+bwd")
 
@@ -80,11 +80,7 @@ def _provider_fn(provider: str, case: _Case):
     if provider == "torch":
         return harness.twin(moe, cfg, "torch")
     if provider in ANCHORS:
-        if importlib.util.find_spec(provider) is None:
-            return f"{provider} is not importable here"
-        # Their module APIs and weight layouts differ across releases; an adapter that was never
-        # run against a real install would be a guess, so none is shipped yet.
-        return f"{provider} imports, but no adapter is written yet (API not verified on this machine)"
+        return anchors.provider(provider, moe)
     if provider == "peft_delta_w" and not cfg.lora:
         return "no LoRA in this config (the delta-W baseline is PEFT's LoRA path)"
     if provider == "grouped_mm":
@@ -142,7 +138,9 @@ def test_layer(benchmark, size, name, mode, provider):
     args_for = lambda i: (case.xs[i % len(case.xs)],)  # noqa: E731 - rotation of the input sets
     ms = harness.measure(benchmark, call, args_for, setup)
     flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, cfg.r, bwd, base_trainable=not moe.experts.base_frozen)
+    extra = {"lora_flops": flop_count.lora} if flop_count.lora else {}
+    if provider in ANCHORS:
+        extra.update(anchors.describe(provider))
     rec = Record("layer", cfg.name, size, mode, provider, ms=ms, shape=cfg.as_dict(),
-                 peak_mem_mb=harness.peak_memory_mb(call, args_for(0), setup) if ms else None,
-                 extra={"lora_flops": flop_count.lora} if flop_count.lora else {})
+                 peak_mem_mb=harness.peak_memory_mb(call, args_for(0), setup) if ms else None, extra=extra)
     harness.record(benchmark, rec, flop_count=flop_count.total, dense=harness.dense_ms(cfg, size, mode, bool(ms)))
