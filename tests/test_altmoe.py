@@ -399,8 +399,11 @@ def test_cli_train_then_retrieve(tmp_path, capsys):
                  "--show", "4", "--top-k", "3", "--json", str(tmp_path / "r.json")]) == 0
     hits = json.loads((tmp_path / "r.json").read_text())["results"]["txt_to_img"]
     assert "recall" not in hits and [len(h["ids"]) for h in hits["top_hits"]] == [3, 3, 3, 3]
-    with pytest.raises(ValueError, match="--direction"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # a command-line error: one `error:` line, exit status 2
         main(["retrieve", "--run", str(out), "--direction", "img_to_img"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "error: --direction 'img_to_img'" in err[0]
 
 
 @pytest.mark.gpu

@@ -173,12 +173,27 @@ def test_fused_triton_kernels_in_model_equal_naive_loop(chain, device):
     torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-4)
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupted(model, stage, steps, after, **kwargs):
+    """train_stage of a `steps`-step run stopped by an exception once `after` steps are checkpointed."""
+    def stop(step, _loss):
+        if step == after:  # raised before step `after + 1` is saved: the checkpoint is at `after`
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        T.train_stage(model, stage, steps, save_every=1, on_step=stop, **kwargs)
+
+
 def test_checkpoint_resume_is_exact(chain, tmp_path):
     a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
     a = copy.deepcopy(chain[2])
     rec_a = T.train_stage(a, 3, 6, batch_size=8, seed=2, out_dir=a_dir)
     b = copy.deepcopy(chain[2])
-    T.train_stage(b, 3, 3, batch_size=8, seed=2, out_dir=b_dir)     # "interrupted" after 3 steps
+    _interrupted(b, 3, 6, 3, batch_size=8, seed=2, out_dir=b_dir)
+    assert T.read_trainer_state(b_dir)["step"] == 3
     b2 = copy.deepcopy(chain[2])                                    # a new process: the stage-2 model
     rec_b = T.train_stage(b2, 3, 6, batch_size=8, seed=2, out_dir=b_dir)
     assert rec_b["history"] == rec_a["history"] and len(rec_a["history"]) == 6
@@ -198,7 +213,7 @@ def test_resume_without_optimizer_state_differs(chain, tmp_path):
     full = copy.deepcopy(chain[2])
     T.train_stage(full, 3, 6, batch_size=8, seed=2)
     part = copy.deepcopy(chain[2])
-    T.train_stage(part, 3, 3, batch_size=8, seed=2, out_dir=d)
+    _interrupted(part, 3, 6, 3, batch_size=8, seed=2, out_dir=d)
     os.remove(os.path.join(d, "optimizer.safetensors"))
     cont = copy.deepcopy(chain[2])
     T.train_stage(cont, 3, 6, batch_size=8, seed=2, out_dir=d)
@@ -287,11 +302,12 @@ def test_padding_positions_are_masked_and_grouped(chain):
     assert int((labels != -100).sum()) == sum(int((b.answer != sd.PAD).sum()) for b in batches)
 
 
-def test_jobs_train_resume_generate(tmp_path, capsys):
+def test_jobs_train_resume_generate(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     common = ["--out", out, "--preset", "micro", "--batch-size", "8", "--no-progress", "--eval-examples", "2"]
-    with pytest.raises(FileNotFoundError, match="stage 0"):
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--stage", "1", "--steps", "2", *common])
+    assert exit_.value.code == 2 and "error: stage 1 starts from a stage-0 checkpoint" in capsys.readouterr().err
     for stage in range(4):
         extra = ["--freeze-encoders"] if stage == 1 else []
         assert main(["train", "--stage", str(stage), "--steps", "2", *common, *extra]) == 0
@@ -301,12 +317,25 @@ def test_jobs_train_resume_generate(tmp_path, capsys):
     s0, s1 = T.load_model(os.path.join(out, "stage0")), T.load_model(os.path.join(out, "stage1"))
     assert torch.equal(s0.image_encoder.patch_embed.weight, s1.image_encoder.patch_embed.weight)  # --freeze-encoders
     assert not torch.equal(s0.vision_connector.fc1.weight, s1.vision_connector.fc1.weight)
-    # Resume stage 3 to 4 steps: the first two losses are kept, two more are added.
+    # A 4-step stage 3 interrupted after 2 steps resumes there: the first two losses are kept.
+    real = T.stage_batches
+
+    def interrupt_at_step_2(cfg, stage, step, *a, **k):
+        if step == 2:
+            raise _Interrupt
+        return real(cfg, stage, step, *a, **k)
+
+    monkeypatch.setattr(T, "stage_batches", interrupt_at_step_2)
+    with pytest.raises(_Interrupt):
+        main(["train", "--stage", "3", "--steps", "4", "--fresh", "--save-every", "1", *common])
+    monkeypatch.undo()
     first = json.load(open(os.path.join(out, "stage3", "trainer.json")))["history"]
+    assert len(first) == 2
+    capsys.readouterr()
     assert main(["train", "--stage", "3", "--steps", "4", *common]) == 0
+    assert "resuming" in capsys.readouterr().out
     meta = json.load(open(os.path.join(out, "stage3", "trainer.json")))
     assert meta["step"] == 4 and meta["history"][:2] == first and len(meta["history"]) == 4
-    capsys.readouterr()
     assert main(["generate", "--out", out, "-n", "2"]) == 0
     text = capsys.readouterr().out
     assert text.count("truth:") == 2 * len(sd.MODALITIES) and "tokens/s" in text

@@ -31,6 +31,7 @@ from ..models.altmoe import (
     AltMoEConfig, AltMoEPredictor, DirectionOptim, SyntheticPairs, load_predictor, save_predictor, train_alternating,
 )
 from ..models.altmoe_retrieval import VectorStore, evaluate_direction
+from . import Parser, UsageError, float_above, float_at_least, int_at_least, pick_device, run_or_exit
 
 DEFAULT_OUT = os.path.join("runs", "altmoe")
 
@@ -61,63 +62,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="altmoe_command", required=True)
 
     t = sub.add_parser("train", help="alternating training on the synthetic two-encoder task, with a report")
-    t.add_argument("--out", default=DEFAULT_OUT, help="run directory (default runs/altmoe)")
+    t.add_argument("--out", default=DEFAULT_OUT, help="run directory")
     # Demo data: small enough for a CPU run of a minute or two, big enough that the 1000-item test
     # gallery makes chance recall 0.1%.
-    t.add_argument("--dims", type=_dims, default=_dims("image=64,text=48"),
-                   help="modality=embedding width of each frozen encoder (default image=64,text=48)")
-    t.add_argument("--latent-dim", type=int, default=16, help="size of the hidden factor both encoders see")
+    t.add_argument("--dims", type=_dims, default="image=64,text=48",
+                   help="modality=embedding width of each frozen encoder")
+    t.add_argument("--latent-dim", type=int_at_least(1), default=16, help="size of the hidden factor both encoders see")
     # 0.3: measured R@1 0.96 on the 1000-item test gallery after 600 steps against a ceiling (the
     # oracle on the raw factors) of 0.998; at 0.1 the task is solved within 100 steps.
-    t.add_argument("--noise", type=float, default=0.3, help="per-modality observation noise of the factor")
-    t.add_argument("--n-train", type=int, default=8192)
-    t.add_argument("--n-val", type=int, default=512)
-    t.add_argument("--n-test", type=int, default=1000)
+    t.add_argument("--noise", type=float_at_least(0.0), default=0.3, help="per-modality observation noise of the factor")
+    t.add_argument("--n-train", type=int_at_least(1), default=8192, help="training pairs")
+    t.add_argument("--n-val", type=int_at_least(1), default=512, help="validation pairs (recall during training)")
+    t.add_argument("--n-test", type=int_at_least(1), default=1000, help="test pairs: the size of each test gallery")
     # Model: M3-JEPA's choices except the width, which the demo's small embeddings do not need.
-    t.add_argument("--width", type=int, default=256)
-    t.add_argument("--ffn", type=int, default=None, help="expert hidden width (default = --width)")
-    t.add_argument("--experts", type=int, default=12)
-    t.add_argument("--top-k", type=int, default=4)
+    t.add_argument("--width", type=int_at_least(1), default=256, help="width of the predictor's shared space")
+    t.add_argument("--ffn", type=int_at_least(1), default=None, help="expert hidden width (None: --width)")
+    t.add_argument("--experts", type=int_at_least(1), default=12, help="experts of the MoE connector")
+    t.add_argument("--top-k", type=int_at_least(1), default=4, help="experts per token (at most --experts)")
     t.add_argument("--renormalize", action="store_true", help="renormalise the top-k weights (M3-JEPA does not)")
-    t.add_argument("--temperature", type=float, default=0.03)
+    t.add_argument("--temperature", type=float_above(0.0), default=0.03, help="InfoNCE temperature")
     # Optimisation
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--schedule", choices=("round_robin", "adaptive"), default="round_robin")
-    t.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of every direction")
+    t.add_argument("--steps", type=int_at_least(1), default=600, help="training steps, all directions together")
+    t.add_argument("--batch-size", type=int_at_least(2), default=256,
+                   help="pairs per step (the other pairs of the batch are the negatives)")
+    t.add_argument("--schedule", choices=("round_robin", "adaptive"), default="round_robin",
+                   help="which direction trains at each step")
+    t.add_argument("--lr", type=float_above(0.0), default=1.5e-3, help="peak LR of every direction")
     t.add_argument("--direction-lr", type=_direction_lr, action="append", default=[],
                    help="per-direction peak LR, e.g. image_to_text=2e-3 (repeatable)")
-    t.add_argument("--warmup-frac", type=float, default=0.1)
-    t.add_argument("--final-lr-ratio", type=float, default=0.01)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--eval-every", type=int, default=50)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    t.add_argument("--warmup-frac", type=float_at_least(0.0), default=0.1, help="share of the steps in linear warmup")
+    t.add_argument("--final-lr-ratio", type=float_at_least(0.0), default=0.01,
+                   help="the cosine schedule ends at this fraction of the peak LR")
+    t.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01, help="AdamW weight decay")
+    t.add_argument("--eval-every", type=int_at_least(1), default=50, help="validation recall every N steps")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the batches")
+    t.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int, default=0,
+    t.add_argument("--threads", type=int_at_least(0), default=0,
                    help="torch CPU threads (0 = torch's default); 1 is fastest for the demo's tiny matmuls "
                         "on a busy machine")
 
     r = sub.add_parser("retrieve", help="cross-modal search with a trained connector and saved galleries")
-    r.add_argument("--run", default=DEFAULT_OUT, help="directory of a `train` run (default runs/altmoe)")
-    r.add_argument("--checkpoint", default=None, help="predictor checkpoint (default <run>/checkpoint.pt)")
+    r.add_argument("--run", default=DEFAULT_OUT, help="directory of a `train` run")
+    r.add_argument("--checkpoint", default=None, help="predictor checkpoint (None: <run>/checkpoint.pt)")
     r.add_argument("--direction", action="append", default=None,
-                   help="direction(s) to search, e.g. image_to_text (default: all of the checkpoint)")
+                   help="direction(s) to search, e.g. image_to_text (None: all of the checkpoint)")
     r.add_argument("--gallery", default=None,
-                   help="VectorStore file (.pt/.npz/.safetensors) to search; default <run>/gallery_<tgt>.pt")
+                   help="VectorStore file (.pt/.npz/.safetensors) to search (None: <run>/gallery_<tgt>.pt)")
     r.add_argument("--queries", default=None,
                    help="file of query embeddings: a tensor [Q, D_src] or a dict {modality: tensor} "
-                        "(torch.save); default <run>/test_pairs.pt, paired with the default galleries")
-    r.add_argument("--top-k", type=int, default=10)
-    r.add_argument("--batch-size", type=int, default=1024)
-    r.add_argument("--show", type=int, default=3, help="print the top hits of this many queries per direction")
-    r.add_argument("--json", default=None, help="where to write the results (default <run>/retrieve.json)")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+                        "(torch.save); None: <run>/test_pairs.pt, paired with the default galleries")
+    r.add_argument("--top-k", type=int_at_least(1), default=10, help="hits per query")
+    r.add_argument("--batch-size", type=int_at_least(1), default=1024, help="queries searched per batch")
+    r.add_argument("--show", type=int_at_least(0), default=3, help="print the top hits of this many queries per direction")
+    r.add_argument("--json", default=None, help="where to write the results (None: <run>/retrieve.json)")
+    r.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
+    r.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def _print(msg: str) -> None:
@@ -149,7 +149,9 @@ def _plot(history: List[dict], path: str) -> str:
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    device = _device(args.device)
+    device = pick_device(args.device)
+    if args.top_k > args.experts:
+        raise UsageError(f"--top-k {args.top_k} is more than --experts {args.experts}")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     task = SyntheticPairs(args.dims, latent_dim=args.latent_dim, noise=args.noise, seed=args.seed)
@@ -167,7 +169,7 @@ def run_train(args: argparse.Namespace) -> dict:
     lrs = dict(args.direction_lr)
     unknown = set(lrs) - set(predictor.directions)
     if unknown:
-        raise ValueError(f"--direction-lr names unknown directions {sorted(unknown)}; directions are {predictor.directions}")
+        raise UsageError(f"--direction-lr names unknown directions {sorted(unknown)}; directions are {predictor.directions}")
     optim = {d: DirectionOptim(lr=lrs.get(d, args.lr), warmup_frac=args.warmup_frac,
                                final_lr_ratio=args.final_lr_ratio, weight_decay=args.weight_decay)
              for d in predictor.directions}
@@ -216,19 +218,24 @@ def run_train(args: argparse.Namespace) -> dict:
 
 
 def run_retrieve(args: argparse.Namespace) -> dict:
-    device = _device(args.device)
-    predictor, _ = load_predictor(args.checkpoint or os.path.join(args.run, "checkpoint.pt"), map_location=device)
+    device = pick_device(args.device)
+    ckpt = args.checkpoint or os.path.join(args.run, "checkpoint.pt")
+    for flag, path in (("--checkpoint", ckpt), ("--queries", args.queries), ("--gallery", args.gallery)):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path!r} does not exist" + (" (run `python -m unimoe_kernels altmoe train` "
+                             "first, or pass --run)" if flag == "--checkpoint" and not args.checkpoint else ""))
+    predictor, _ = load_predictor(ckpt, map_location=device)
     cfg = predictor.config
     directions = args.direction or predictor.directions
     for d in directions:
         if d not in predictor.directions:
-            raise ValueError(f"--direction {d!r} is not one of the checkpoint's {predictor.directions}")
+            raise UsageError(f"--direction {d!r} is not one of the checkpoint's {predictor.directions}")
     if args.gallery is not None and len(directions) != 1:
-        raise ValueError("--gallery searches one target modality: give exactly one --direction with it")
+        raise UsageError("--gallery searches one target modality: give exactly one --direction with it")
     queries_path = args.queries or os.path.join(args.run, "test_pairs.pt")
     queries = torch.load(queries_path, map_location="cpu", weights_only=True)
     if not isinstance(queries, dict) and len(directions) != 1:
-        raise ValueError("--queries holds one tensor, which has one source modality: give exactly one --direction")
+        raise UsageError("--queries holds one tensor, which has one source modality: give exactly one --direction")
 
     results = {}
     for d in directions:
@@ -237,7 +244,7 @@ def run_retrieve(args: argparse.Namespace) -> dict:
         gallery = VectorStore.load(gallery_path, map_location=device)
         q = queries[src] if isinstance(queries, dict) else queries
         if not isinstance(q, torch.Tensor):
-            raise ValueError(f"--queries {queries_path} must hold a tensor or a dict of tensors by modality")
+            raise UsageError(f"--queries {queries_path} must hold a tensor or a dict of tensors by modality")
         q = q.to(device)
         entry = {"gallery": gallery_path, "gallery_size": len(gallery), "queries": int(q.shape[0])}
         # Paired queries (the default test pairs): query i's match is gallery id i, so recall is defined.
@@ -264,7 +271,7 @@ def run_retrieve(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.altmoe_command == "train":
@@ -276,10 +283,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     """Standalone entry (`python -m unimoe_kernels.jobs.altmoe train ...`) until __main__ wires it."""
-    parser = argparse.ArgumentParser(prog="python -m unimoe_kernels altmoe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m unimoe_kernels altmoe", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run_or_exit(parser, run, parser.parse_args(argv))
     return 0
 
 

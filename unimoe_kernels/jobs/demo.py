@@ -1,6 +1,11 @@
 """`python -m unimoe_kernels demo`: stages 0-3 of the reference Uni-MoE on the tiny default, then a report.
 
-    for stage in 0..3: train_stage (resumable checkpoints in OUT/stageN) -> answer accuracy
+    for stage in 0..3: train_stage (checkpoints in OUT/stageN) -> answer accuracy
+        OUT/stageN is reused (finished) or resumed (interrupted) only when it holds a run with the
+        settings of this request (jobs/train.py stage_settings: preset, steps, seed, batch size, lr,
+        data, the stage it started from, package version), and the screen says so; a directory
+        holding any other run stops the demo with one `error:` line naming the difference, and
+        --fresh trains every stage again from step 0
     throughput, stage-3 model, interleaved rounds, same weights and batch:
         training tokens/s   (forward + backward + AdamW)  SparseMoE layers vs baselines.naive_loop_moe
         generation tokens/s (greedy, KV cache)            SparseMoE layers vs baselines.naive_loop_moe
@@ -9,6 +14,9 @@
         forward + backward tokens/s, SparseMoE vs the naive loop (where the kernels matter: in the
         tiny model the encoders and attention dominate, so the model-level ratio is diluted)
     -> OUT/report.json, OUT/*.png (when matplotlib imports), a summary on stdout
+
+Speed ratios follow the package's convention, "N.NNx faster" = baseline time / our time (for rates:
+our tokens/s / the baseline's), so above 1.00x SparseMoE is faster than the naive loop.
 
 Throughput timings turn LoRA dropout off in both variants: the naive loop cannot draw the same
 dropout masks, and the comparison should time the same work. The naive variant has no balancing
@@ -27,24 +35,30 @@ import time
 
 import torch
 
-from .train import add_common, set_threads, stage_dir
+from ..models.unimoe import PRESETS
+from . import float_above, int_at_least, pick_device
+from .train import FRESH_HELP, add_common, announce, clear_stage, reusable_stage, set_threads, stage_dir, stage_settings
+
+SPEED_NOTE = "N.NNx faster = baseline time / our time (above 1.00x: SparseMoE is faster)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.epilog = ("Stages found complete in OUT are reused (an interrupted demo resumes where it stopped); "
-                "delete OUT to train from scratch.")
-    p.add_argument("--preset", default="demo", help="model size: demo | micro")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's default step count")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-examples", type=int, default=64, help="evaluation examples per modality")
-    p.add_argument("--bench-rounds", type=int, default=5, help="timed rounds per variant (median reported)")
-    p.add_argument("--bench-steps", type=int, default=4, help="training steps (or generate calls) per round")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
+    p.epilog = ("A stage directory in OUT is reused (finished) or resumed (interrupted) only when it holds a run "
+                "with the same settings; any other run there stops the demo, and --fresh trains every stage again.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size")
+    p.add_argument("--steps-scale", type=float_above(0.0), default=1.0,
+                   help="multiply every stage's default step count")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="examples per training step")
+    p.add_argument("--eval-examples", type=int_at_least(1), default=64, help="evaluation examples per modality")
+    p.add_argument("--bench-rounds", type=int_at_least(1), default=5, help="timed rounds per variant (median reported)")
+    p.add_argument("--bench-steps", type=int_at_least(1), default=4, help="training steps (or generate calls) per round")
+    p.add_argument("--fresh", action="store_true", help=FRESH_HELP + " (every stage of OUT)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-plots", action="store_true", help="write report.json only, no PNG plots")
     p.add_argument("--stack", default="auto", choices=("auto", "none", *STACK_SHAPES),
                    help="layer-stack shape to time (auto: cpu-small on CPU, uni-moe-8e on CUDA)")
-    p.add_argument("--stack-device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    p.add_argument("--stack-device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
 
 
 # Residual stacks of SparseMoE layers (LoRA r=8 on every expert, frozen base, top-2 of 8), timed
@@ -114,6 +128,7 @@ def measure_throughput(model, cfg, batch_size: int, rounds: int, steps: int, eva
 
         gen[impl] = run
     generate = _median_rate(gen, rounds)
+    # Ratios of tokens/s, ours / naive = naive time / our time: the package's "N.NNx faster".
     return {
         "train_tokens_per_s": train, "train_speedup_vs_naive": train["fused"] / train["naive"],
         "generate_tokens_per_s": generate, "generate_speedup_vs_naive": generate["fused"] / generate["naive"],
@@ -269,30 +284,49 @@ def _plots(report: dict, out: str) -> list:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..models.training import DEFAULT_STEPS, eval_batches, load_model, read_trainer_state, train_stage
+    from ..models.training import DEFAULT_LR, DEFAULT_STEPS, eval_batches, load_model, read_trainer_state, train_stage
     from ..models.unimoe import UniMoE, answer_accuracy, preset_config
 
     set_threads(args.threads)
-    if args.steps_scale <= 0:
-        raise ValueError(f"--steps-scale must be > 0, got {args.steps_scale}")
+    stack_device = pick_device(args.stack_device, "--stack-device") if args.stack != "none" else None
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
+    if args.fresh:
+        for stage in range(4):
+            clear_stage(stage_dir(args.out, stage))
     torch.manual_seed(args.seed)
     model = UniMoE(preset_config(args.preset))
     eval_set = eval_batches(model.cfg, args.eval_examples)
-    stages = []
+    data = model.cfg.to_dict()["data"]
+
+    def settings_of(stage: int, init):
+        steps = max(1, round(DEFAULT_STEPS[stage] * args.steps_scale))
+        return stage_settings(args.preset, stage, steps, args.seed, args.batch_size, DEFAULT_LR[stage], data, init)
+
+    # Every stage directory checked before any training, so a later stage holding another run stops
+    # the demo now, not after the stages before it trained (the link to the stage it started from,
+    # init, is checked in the loop, once that stage's run is known).
+    for stage in range(4):
+        meta = read_trainer_state(stage_dir(args.out, stage))
+        if meta is not None:
+            reusable_stage(stage_dir(args.out, stage), settings_of(stage, (meta.get("settings") or {}).get("init")))
+    stages, init = [], None  # init: run_id of the checkpoint the next stage starts from
     for stage in range(4):
         here = stage_dir(args.out, stage)
-        meta = read_trainer_state(here)
-        if meta is not None and meta.get("stage") == stage:
-            model = load_model(here)  # resume (or skip, when complete) a stage a previous demo ran
-        steps = max(1, round(DEFAULT_STEPS[stage] * args.steps_scale))
+        settings = settings_of(stage, init)
+        steps = settings["steps"]
+        meta = reusable_stage(here, settings)  # stops the demo when `here` holds another run
+        if meta is not None:
+            print(announce(stage, here, meta))
+            model = load_model(here)
         t0 = time.perf_counter()
         rec = train_stage(model, stage, steps, batch_size=args.batch_size, seed=args.seed, out_dir=here,
-                          save_every=max(steps // 3, 1), progress=not args.no_progress)
+                          save_every=max(steps // 3, 1), progress=not args.no_progress, settings=settings)
+        init = rec["run_id"]
         acc = answer_accuracy(model, eval_set)
         stages.append({"stage": stage, "steps": steps, "seconds": time.perf_counter() - t0,
-                       "train_tokens_per_s": rec["tokens"] / rec["seconds"] if rec["seconds"] > 0 else None,
+                       "reused_from_step": rec["start"] if meta is not None else None,
+                       "train_tokens_per_s": rec["tokens"] / rec["seconds"] if rec["tokens"] else None,
                        "history": rec["history"], "eval": acc})
         # Means of the first and last 10 steps: single steps are noisy (and stage 2 alternates modalities).
         print(f"stage {stage}: loss {statistics.mean(rec['history'][:10]):.3f} -> {statistics.mean(rec['history'][-10:]):.3f}, "
@@ -303,14 +337,14 @@ def run(args: argparse.Namespace) -> dict:
     throughput = measure_throughput(model, model.cfg, args.batch_size, args.bench_rounds, args.bench_steps, eval_set)
     load = expert_load(model, eval_set)
     stack = None
-    if args.stack != "none":
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.stack_device == "auto" else args.stack_device)
+    if stack_device is not None:
+        dev = stack_device
         shape = args.stack if args.stack != "auto" else ("uni-moe-8e" if dev.type == "cuda" else "cpu-small")
         print(f"timing a {shape} SparseMoE layer stack on {dev} ...")
         stack = measure_layer_stack(shape, dev, args.bench_rounds)
     final = stages[-1]["eval"]
     report = {
-        "preset": args.preset, "config": model.cfg.to_dict(),
+        "preset": args.preset, "config": model.cfg.to_dict(), "speed_convention": SPEED_NOTE,
         "device": _device_name(torch.device("cpu")),  # the tiny model always trains on the CPU
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "stages": stages, "final_accuracy": final["accuracy"], "chance": final["chance"],
@@ -324,15 +358,16 @@ def run(args: argparse.Namespace) -> dict:
         json.dump(report, fh, indent=2)
     thr = throughput
     print(f"final answer accuracy {final['accuracy']:.3f} = {report['accuracy_over_chance']:.1f}x chance ({final['chance']:.3f})")
+    print(f"speed, {SPEED_NOTE}:")
     print(f"training tokens/s: SparseMoE {thr['train_tokens_per_s']['fused']:.0f} vs naive loop "
-          f"{thr['train_tokens_per_s']['naive']:.0f} ({thr['train_speedup_vs_naive']:.2f}x)")
+          f"{thr['train_tokens_per_s']['naive']:.0f} (SparseMoE {thr['train_speedup_vs_naive']:.2f}x faster)")
     print(f"generation tokens/s: SparseMoE {thr['generate_tokens_per_s']['fused']:.0f} vs naive loop "
-          f"{thr['generate_tokens_per_s']['naive']:.0f} ({thr['generate_speedup_vs_naive']:.2f}x)")
+          f"{thr['generate_tokens_per_s']['naive']:.0f} (SparseMoE {thr['generate_speedup_vs_naive']:.2f}x faster)")
     if stack is not None:
         print(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} F={stack['ffn']} "
               f"E={stack['experts']} k={stack['top_k']} r={stack['lora_rank']}, {stack['dtype']} on {stack['device']}) "
               f"fwd+bwd tokens/s: SparseMoE {stack['train_tokens_per_s']['fused']:.0f} vs naive loop "
-              f"{stack['train_tokens_per_s']['naive']:.0f} ({stack['speedup_vs_naive']:.2f}x)")
+              f"{stack['train_tokens_per_s']['naive']:.0f} (SparseMoE {stack['speedup_vs_naive']:.2f}x faster)")
     print(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; cols: {', '.join(load['experts'])}):")
     for m, row in zip(load["token_modalities"], load["fraction"]):
         print(f"  {m:>5}: " + " ".join(f"{v:.2f}" for v in row))

@@ -14,35 +14,35 @@ import time
 
 import torch
 
+from ..models.synthetic_data import MODALITIES
+from . import UsageError, int_at_least
 from .train import add_common, set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--ckpt", default=None, help="checkpoint directory (default OUT/stage3)")
-    p.add_argument("--modality", default="all", help="image | video | audio | text | all")
-    p.add_argument("-n", "--num", type=int, default=4, help="examples per modality")
-    p.add_argument("--max-new-tokens", type=int, default=3)
+    p.add_argument("--ckpt", default=None, help="checkpoint directory (None: OUT/stage3)")
+    p.add_argument("--modality", choices=(*MODALITIES, "all"), default="all", help="which questions to ask")
+    p.add_argument("-n", "--num", type=int_at_least(1), default=4, help="examples per modality")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=3, help="tokens generated per answer")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--naive", action="store_true", help="run every SparseMoE through the naive loop over experts")
 
 
 def run(args: argparse.Namespace) -> dict:
     from ..models import synthetic_data as sd
-    from ..models.training import load_model
+    from ..models.training import load_model, read_trainer_state
 
     set_threads(args.threads)
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
     mods = sd.MODALITIES if args.modality == "all" else (args.modality,)
-    for m in mods:
-        if m not in sd.MODALITIES:
-            raise ValueError(f"--modality must be one of {sd.MODALITIES} or 'all', got {m!r}")
     ckpt = args.ckpt or os.path.join(args.out, "stage3")
+    if read_trainer_state(ckpt) is None:
+        raise UsageError(f"{ckpt!r} holds no checkpoint: train one (`python -m unimoe_kernels demo --out {args.out}`) "
+                         "or pass --ckpt")
     model = load_model(ckpt).eval()
     if args.naive:
         if model.ffn_mode != "moe":
-            raise ValueError(f"--naive needs a stage-3 (MoE) checkpoint; {ckpt!r} is {model.ffn_mode!r}")
+            raise UsageError(f"--naive needs a stage-3 (MoE) checkpoint; {ckpt!r} is {model.ffn_mode!r}")
         model.set_moe_impl("naive")
     g = torch.Generator().manual_seed(args.seed)
     words = lambda ids: " ".join(sd.VOCAB[i] for i in ids if i != sd.PAD)  # noqa: E731

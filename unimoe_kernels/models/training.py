@@ -1,13 +1,16 @@
 """Training stages, evaluation data and checkpoints of the reference Uni-MoE (models/unimoe.py).
 
-    train_stage(model, stage, steps, out_dir=...):
+    train_stage(model, stage, steps, out_dir=..., settings=...):
         params = model.setup_stage(stage)            (converts FFNs for stages 2 and 3)
-        resume from out_dir/trainer.json when it holds the same stage
+        resume from out_dir/trainer.json when it holds the same stage of a run of the same total
+            steps and settings (settings_difference); any other checkpoint there is an error, so a
+            finished stage is never rewritten to fewer steps nor continued under another schedule
         for step: batches = stage_batches(stage, step)  (seeded by (seed, stage, step): replayable)
                   loss = model.loss(batches); backward; clip; AdamW with warmup + cosine lr
                   checkpoint every `save_every` steps and at the end
     checkpoint dir: model.safetensors (weights), optimizer.safetensors (AdamW moments, flattened
-        as "<param index>.<key>"), trainer.json (config, ffn_mode, stage, step, loss history, ...)
+        as "<param index>.<key>"), trainer.json (config, ffn_mode, stage, step, loss history,
+        settings, run_id: a random id of this stage's run, which the next stage records as its init)
 
 Data per stage: 0 text QA + "describe"; 1 "describe" on image + video + audio (one mixed batch);
 2 one modality's QA per step, round-robin (that modality's FFN copies learn); 3 QA of every
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Callable, List, Optional
 
 import torch
@@ -139,6 +143,31 @@ def load_model(path: str, device=None) -> UniMoE:
     return model.to(device) if device is not None else model
 
 
+def settings_difference(recorded: Optional[dict], requested: dict) -> Optional[str]:
+    """None when a checkpoint's recorded settings equal the requested ones, else the first
+    difference in words, e.g. "steps: 300 there, 30 asked for"."""
+    if recorded is None:
+        return "the checkpoint records no settings (written by an older version of the package)"
+    for key in list(requested) + [k for k in recorded if k not in requested]:
+        if recorded.get(key) != requested.get(key):
+            return f"{key}: {recorded.get(key)!r} there, {requested.get(key)!r} asked for"
+    return None
+
+
+def _check_resumable(out_dir: str, meta: dict, stage: int, steps: int, settings: Optional[dict]) -> None:
+    """A checkpoint is resumed only as the run it belongs to (see the module docstring)."""
+    if meta.get("stage") != stage:
+        raise ValueError(f"{out_dir} holds a stage-{meta.get('stage')} checkpoint, not stage {stage}")
+    if meta.get("steps", steps) != steps:
+        # The cosine schedule depends on the total, and a finished stage must keep its step count.
+        raise ValueError(f"{out_dir} holds stage {stage} of a {meta['steps']}-step run (at step {meta['step']}), "
+                         f"not of the {steps}-step run asked for; pass resume=False to train it again from step 0")
+    diff = None if settings is None else settings_difference(meta.get("settings"), settings)
+    if diff is not None:
+        raise ValueError(f"{out_dir} holds stage {stage} of a run with other settings ({diff}); "
+                         "pass resume=False to train it again from step 0")
+
+
 def _load_optimizer(path: str, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     from safetensors.torch import load_file
 
@@ -165,13 +194,17 @@ def train_stage(
     resume: bool = True,
     progress: bool = False,
     on_step: Optional[Callable[[int, float], None]] = None,
+    settings: Optional[dict] = None,
 ) -> dict:
     """Train `model` for stage `stage` up to `steps` total steps; returns the run's record.
 
-    With out_dir, a checkpoint of the same stage found there is resumed (weights, AdamW moments,
-    step, loss history), so an interrupted run continues exactly where it stopped. Returns
-    {"stage", "steps", "history" (loss per step), "tokens" (sequence positions processed by this
-    call), "seconds" (of this call)}.
+    With out_dir, a checkpoint found there is resumed (weights, AdamW moments, step, loss history)
+    when it is this stage of a `steps`-step run with these `settings` (a JSON-able dict the caller
+    names the run by, saved in trainer.json), so an interrupted run continues exactly where it
+    stopped; a checkpoint of any other run raises ValueError (resume=False trains from step 0 and
+    overwrites it). A finished stage is returned as it is, nothing rewritten. Returns {"stage",
+    "steps", "history" (loss per step), "tokens" (sequence positions processed by this call),
+    "seconds" (of this call), "start" (the step this call began at), "run_id"}.
     """
     steps = DEFAULT_STEPS[stage] if steps is None else steps
     lr = DEFAULT_LR[stage] if lr is None else lr
@@ -185,19 +218,20 @@ def train_stage(
     # beta2 0.98 (not 0.999): second moments adapt within ~50 steps, which matters for stages of a
     # few hundred steps; no weight decay, as LoRA recipes (PEFT, Uni-MoE) train adapters without it.
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    start, history = 0, []
+    start, history, run_id = 0, [], uuid.uuid4().hex[:12]
     meta = read_trainer_state(out_dir) if (out_dir and resume) else None
-    if meta is not None and meta.get("stage") == stage:
+    if meta is not None:
         from safetensors.torch import load_file
 
+        _check_resumable(out_dir, meta, stage, steps, settings)
         model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")))
         _load_optimizer(out_dir, opt, meta)
-        start, history = meta["step"], list(meta["history"])
+        start, history, run_id = meta["step"], list(meta["history"]), meta.get("run_id", run_id)
 
     def save(step: int) -> None:
         if out_dir:
             save_checkpoint(out_dir, model, opt, stage=stage, step=step, steps=steps, history=history,
-                            batch_size=batch_size, lr=lr, seed=seed)
+                            batch_size=batch_size, lr=lr, seed=seed, settings=settings, run_id=run_id)
 
     model.train()
     it = range(start, steps)
@@ -235,11 +269,13 @@ def train_stage(
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    save(steps)
-    return {"stage": stage, "steps": steps, "history": history, "tokens": tokens, "seconds": seconds}
+    if start < steps or meta is None:  # a finished stage found in out_dir is left as it is
+        save(steps)
+    return {"stage": stage, "steps": steps, "history": history, "tokens": tokens, "seconds": seconds,
+            "start": start, "run_id": run_id}
 
 
 __all__ = [
     "stage_batches", "eval_batches", "lr_at", "train_stage", "save_checkpoint", "load_model",
-    "read_trainer_state", "DEFAULT_STEPS", "DEFAULT_LR",
+    "read_trainer_state", "settings_difference", "DEFAULT_STEPS", "DEFAULT_LR",
 ]
