@@ -33,8 +33,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 
 
-def _fmt(v: Optional[float], width: int, prec: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:{width}.{prec}f}"
+def _fmt(v: Optional[float], width: int, prec: int, unit: str = "") -> str:
+    """v in `width` characters (then `unit`), or a dash where there is no value."""
+    return f"{'-':>{width}}{' ' * len(unit)}" if v is None else f"{v:{width}.{prec}f}{unit}"
 
 
 def _groups(records) -> dict:
@@ -47,10 +48,13 @@ def _groups(records) -> dict:
 def summary_lines(records: Iterable) -> list[str]:
     """Side-by-side table per (group, config, size, mode): time, TFLOP/s, GB/s, ratios, peak memory.
 
-    "ours x" is provider time / ours time: how many times faster ours is than that provider.
+    Ratios follow the package's convention, "N.NNx faster" = baseline time / our time: "faster than
+    dense" is the dense MLP's time / the row's time, "ours faster" the row's time / ours (how many
+    times faster ours is than that provider).
     """
     records = list(records)
-    lines = ["", "=" * 30 + " unimoe_kernels benchmarks: providers side by side " + "=" * 30]
+    lines = ["", "=" * 30 + " unimoe_kernels benchmarks: providers side by side " + "=" * 30,
+             "N.NNx faster = baseline time / our time (above 1.00x: faster)"]
     if not any(r.ms for r in records):
         lines.append("timing disabled (--benchmark-disable): every provider below was checked against reference.py only")
     groups = _groups(records)
@@ -61,7 +65,8 @@ def summary_lines(records: Iterable) -> list[str]:
     }
     for provider, reason in sorted(everywhere):
         lines.append(f"skipped {provider} everywhere: {reason}")
-    header = f"  {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'vs dense':>8} {'ours x':>7} {'peak MB':>8}"
+    header = (f"  {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'faster than dense':>17} "
+              f"{'ours faster':>11} {'peak MB':>8}")
     for (group, config, size, mode), rows in groups.items():
         ours = next((r for r in rows if r.provider == "ours" and r.ms), None)
         ran = [r for r in rows if not r.skipped]
@@ -76,7 +81,7 @@ def summary_lines(records: Iterable) -> list[str]:
                 ratio = r.ms / ours.ms if (ours and r.ms) else None
                 lines.append(
                     f"  {r.provider:<16} {_fmt(r.ms, 9, 3)} {_fmt(r.tflops, 8, 3)} {_fmt(r.gbps, 8, 2)} "
-                    f"{_fmt(r.vs_dense, 8, 2)} {_fmt(ratio, 7, 2)} {_fmt(r.peak_mem_mb, 8, 1)}"
+                    f"{_fmt(r.vs_dense, 16, 2, 'x')} {_fmt(ratio, 10, 2, 'x')} {_fmt(r.peak_mem_mb, 8, 1)}"
                 )
         elif ran:
             lines.append("  checked against reference.py: " + ", ".join(r.provider for r in ran))
@@ -88,8 +93,9 @@ def summary_lines(records: Iterable) -> list[str]:
             lines.append(f"  skipped {', '.join(names)}: {reason}")
     lines.append("")
     lines.append("ms: median per call; TFLOP/s: expert-GEMM FLOPs (baselines.flops, router and dispatch "
-                 "not counted); vs dense: dense-MLP time of the same FLOPs / this time; ours x: this "
-                 "time / ours (how many times faster ours is); peak MB: allocated beyond the resident inputs.")
+                 "not counted); N.NNx faster = baseline time / our time: faster than dense = dense-MLP time "
+                 "of the same FLOPs / this time, ours faster = this time / ours; peak MB: allocated beyond "
+                 "the resident inputs.")
     if not torch.cuda.is_available():
         lines.append("")
         lines.append("CPU run: tiny shapes, fp32, a smoke test of the harness; 'ours' is the torch path on CPU "

@@ -28,8 +28,8 @@ def test_summary_puts_providers_side_by_side():
     lines = results.summary_lines(_records())
     text = "\n".join(lines)
     naive = next(l for l in lines if l.strip().startswith("naive_loop"))
-    # ours x = naive time / ours time = 8 / 2.
-    assert naive.split()[5] == "4.00"
+    # ours faster = naive time / ours time = 8 / 2 (baseline time / our time).
+    assert naive.split()[5] == "4.00x"
     assert "[layer] mixtral (tiny) fwd+bwd" in text and "[permute] mixtral (tiny) fwd" in text
     assert "scattermoe" in text and "not importable" in text
 
@@ -52,8 +52,8 @@ def test_save_and_render(tmp_path):
     assert render_results.main(["--dir", str(tmp_path)]) == 0
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## test-device" in md
-    assert "| mixtral | tiny | fwd+bwd | 1.000 ms (2.00 TFLOP/s) | 8.000 ms (0.25 TFLOP/s) | 2.000 ms (1.00 TFLOP/s) | 4.00 |" in md
-    assert "| mixtral | tiny | fwd | 0.500 ms (10.00 GB/s) | 0.250 ms (20.00 GB/s) | 2.00 |" in md
+    assert "| mixtral | tiny | fwd+bwd | 1.000 ms (2.00 TFLOP/s) | 8.000 ms (0.25 TFLOP/s) | 2.000 ms (1.00 TFLOP/s) | 4.00x |" in md
+    assert "| mixtral | tiny | fwd | 0.500 ms (10.00 GB/s) | 0.250 ms (20.00 GB/s) | 2.00x |" in md
     assert "*scattermoe*: skipped (scattermoe is not importable here)" in md
     png = tmp_path / "results.png"
     try:

@@ -28,4 +28,4 @@ def test_benchmark_tables_only_when_asked():
     assert "--bench-tables" in plain  # one line says how to get them
     assert len(plain.strip().splitlines()) <= 5, plain
     asked = _pytest("--bench-tables")
-    assert SUMMARY in asked and TIMING in asked
+    assert SUMMARY in asked and TIMING in asked and "N.NNx faster = baseline time / our time" in asked
