@@ -9,7 +9,7 @@ a stage gets SIGINT, so pytest still writes its junit XML and its JSON, and SIGK
 A failed or timed-out stage is reported and the next one runs:
 
     wheels     pip install --no-index --no-deps wheels/*.whl            anchors' wheels (no network there)
-    build      pip install --no-build-isolation --no-deps -e .          builds _C; then has_c, has_c_cuda
+    build      pip install --no-index --no-build-isolation --no-deps -e .   builds _C; then has_c, has_c_cuda
     tests      pytest -m gpu tests -n WORKERS (xdist)                   -> junit-tests.xml
     layer      benchmarks/test_layer.py, full sizes: ours, dense, torch._grouped_mm, Liger, moe-ops
     gmlp       benchmarks/test_ops.py grouped_mlp, full sizes: ours, torch._grouped_mm, torch loop
@@ -165,7 +165,8 @@ def stage_build(check: Check) -> None:
         # H100 and H200 are both sm_90: one architecture halves nvcc's work; jobs: one per core.
         env = {"UNIMOE_CUDA_ARCHS": os.environ.get("UNIMOE_CUDA_ARCHS", "90"),
                "UNIMOE_BUILD_JOBS": os.environ.get("UNIMOE_BUILD_JOBS", str(os.cpu_count() or 2))}
-        install = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+        # --no-index: nothing is fetched, so pip cannot wait on a network the GPU machine does not have.
+        install = [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-e", "."]
         stage = check.run(Stage("build"), [install, probe], env=env)
         note = ""
     lines = [line for line in stage.output.splitlines() if line.startswith("has_c ")]
