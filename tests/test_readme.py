@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import torch
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,3 +16,4 @@ def test_readme_python_example_runs():
     y, x = namespace["y"], namespace["x"]
     assert y.shape == x.shape and y.dtype == x.dtype
     assert namespace["moe"].experts.lora_A_gate_up.grad is not None
+    assert namespace["y16"].dtype == torch.bfloat16  # the autocast lines: bf16 out of fp32 parameters
