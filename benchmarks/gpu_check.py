@@ -99,18 +99,23 @@ class Check:
                 stage.status, stage.note = "skipped", f"no time left ({self.left():.0f} s of the budget)"
                 break
             print(f"[gpu_check] {stage.name}: {' '.join(cmd)}  (limit {limit:.0f} s)", flush=True)
-            with open(log, "a") as f:
+            with open(log, "ab") as f:
                 offset = f.tell()
-                f.write(f"$ {' '.join(cmd)}\n")
+                f.write(f"$ {' '.join(cmd)}\n".encode())
                 f.flush()
                 # timeout runs cmd in a process group of its own and signals all of it (xdist workers too).
                 self.current = subprocess.Popen(
                     ["timeout", "-s", "INT", "-k", str(GRACE_S), f"{limit:.0f}", *cmd], cwd=ROOT,
                     stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                 )
-                rc = self.current.wait()
-                self.current = None
-            stage.output = log.read_text(errors="replace")[offset:].split("\n", 1)[-1]
+                try:
+                    rc = self.current.wait()
+                except KeyboardInterrupt:  # the driver itself was stopped (see interrupt())
+                    stage.status, stage.seconds = "interrupted", time.monotonic() - start
+                    raise
+                finally:
+                    self.current = None
+            stage.output = log.read_bytes()[offset:].decode(errors="replace").split("\n", 1)[-1]
             stage.status = "ok" if rc == 0 else "TIMEOUT" if rc in (124, 137) else f"FAILED rc={rc}"
             if rc:
                 tail = stage.output.rstrip().splitlines()[-15:]
