@@ -144,21 +144,26 @@ def test_router_and_gating_stay_fp32_under_autocast():
     torch.testing.assert_close(g.logits, x @ moe.router.weight.t(), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(reason="needs the one-line amp.autocast_operands hook at the top of ops.grouped_mlp and "
-                          "ops.grouped_mlp_gather (grouped_gemm.py), which this change leaves to its owner",
+@pytest.mark.xfail(reason="needs the one-line amp.autocast_operands hook at the top of ops.grouped_mlp, "
+                          "grouped_mlp_gather and grouped_mlp_combine (ops/grouped_gemm.py)",
                    raises=TypeError, strict=False)
-@pytest.mark.parametrize("op", ["grouped_mlp", "grouped_mlp_gather"])
+@pytest.mark.parametrize("op", ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine"])
 def test_grouped_mlp_ops_follow_autocast(op, one_thread):
     ex = GroupedExperts(4, 16, 24, backend="torch")
     x = torch.randn(8, 16).bfloat16()  # bf16 activations, fp32 weights: what a bf16 trainer hands over
     plan = reference.build_routing(torch.randint(0, 4, (8, 2)), 4)
+    w = torch.rand(8, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if op == "grouped_mlp":
             y = ops.grouped_mlp(reference.permute(x, plan, 2), plan.tokens_per_expert, ex.gate_up_proj, ex.down_proj)
-        else:
+        elif op == "grouped_mlp_gather":
             y = ops.grouped_mlp_gather(x, plan, 2, ex.gate_up_proj, ex.down_proj)
+        else:
+            y = ops.grouped_mlp_combine(x, plan, w, ex.gate_up_proj, ex.down_proj)
     want = reference.grouped_mlp(reference.permute(x, plan, 2), plan.tokens_per_expert,
                                  ex.gate_up_proj.bfloat16(), ex.down_proj.bfloat16())
+    if op == "grouped_mlp_combine":  # routing weights stay fp32, as the layer's are
+        want = reference.unpermute(want, plan, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
