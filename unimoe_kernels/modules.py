@@ -39,8 +39,7 @@ from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, topk_gating
-from .ops.grouped_gemm import grouped_mlp, grouped_mlp_gather
-from .ops.permute import unpermute
+from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.routing import build_routing
 from .types import GatingOutput, MoEAux, RoutingPlan
 
@@ -329,12 +328,12 @@ class GroupedExperts(nn.Module):
             gates = self.rank_gates(x, token_index, plan.expert_offsets, rank_gate_bias)
         # Gather on load: the Triton path never writes (or saves) the permuted copy of x.
         x, gate_up_proj, down_proj, lora = self._gemm_operands(x)
-        y_sorted = grouped_mlp_gather(
-            x, plan, k, gate_up_proj, down_proj, self.activation,
+        # The weighted combine too: neither y_sorted nor a weighted copy of d(out) is kept.
+        return grouped_mlp_combine(
+            x, plan, weights, gate_up_proj, down_proj, self.activation,
             lora=lora, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
             training=self.training, backend=self.backend, rank_gates=gates,
         )
-        return unpermute(y_sorted, plan, weights, backend=self.backend)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 rank_gate_bias: Optional[torch.Tensor] = None) -> torch.Tensor:

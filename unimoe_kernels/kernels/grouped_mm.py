@@ -13,6 +13,12 @@ tile, with s the LoRA scale:
     epilogue 2: acc is dh; with z loaded: dz = dh * act'(z) (gate and up halves), h = act(z)
                 recomputed, so h is never saved between forward and backward
 
+With ROW_SCALE (the backward of the MLP fused with the weighted combine), X is d(out) [T, H]
+gathered per token and dy of sorted row r is w_r d(out)[token(r)]: the kernel computes the
+unscaled dh, writes sum_n dh[r, n] h[r, n] per column tile (the routing weight's gradient
+<d(out), y_r>, with no copy of y or dy anywhere), then scales dz and the recomputed h by w_r;
+the side product d(out) B_d stays unscaled.
+
 The side product (x A^T, h A_d^T, dy B_d, dz B_gu) is written out by the first column tile only:
 backward and the rank gates need it, and computing it here saves the separate pass over X that a
 narrow [N, r] GEMM would make (X is read once per column tile anyway). X' is X under LoRA dropout
@@ -62,6 +68,8 @@ def grouped_mm_kernel(
     out_ptr, stride_om, stride_on,  # [N, NOUT] (EPILOGUE 0/1) or dz [N, 2F|F] (EPILOGUE 2)
     z_ptr, stride_zm, stride_zn,  # [N, 2F|F] pre-activation: stored (EPILOGUE 1, STORE_Z) or read (2)
     h_ptr, stride_hm, stride_hn,  # [N, F] recomputed activation (EPILOGUE 2)
+    rowscale_ptr,  # [N] fp32 per-row factor of dy (ROW_SCALE: the routing weight of each sorted row)
+    rowdot_ptr, stride_dm,  # [N, column tiles] fp32 out (ROW_SCALE): per-tile sums of dh_unscaled * h
     offsets_ptr,  # [E+1] int32|int64 expert row offsets
     num_experts,
     K, NOUT, R,  # reduction length, output columns (F for GLU), LoRA rank
@@ -82,6 +90,7 @@ def grouped_mm_kernel(
     ACT: tl.constexpr,
     GLU: tl.constexpr,
     STORE_Z: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # EPILOGUE 2 with X = d(out) gathered per token: see the module docstring
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 when torch disallows TF32, else "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the K loop
     X_DESC: tl.constexpr,  # X's tiles come through its TMA descriptor (sorted, aligned X)
@@ -209,11 +218,20 @@ def grouped_mm_kernel(
             a, da = _act_and_grad(zg, ACT)
             if GLU:
                 zu = tl.load(z_ptrs + z_up_off, mask=mask_mn, other=0.0).to(tl.float32)
-                tl.store(out_ptrs, (acc * zu * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
-                tl.store(out_ptrs + out_up_off, (acc * a).to(out_ptr.dtype.element_ty), mask=mask_mn)
                 h = a * zu
             else:
-                tl.store(out_ptrs, (acc * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
                 h = a
+            if ROW_SCALE:
+                # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
+                # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).
+                tl.store(rowdot_ptr + rows * stride_dm + pid_n, tl.sum(acc * h, 1), mask=mask_m)
+                wrow = tl.load(rowscale_ptr + rows, mask=mask_m, other=0.0)[:, None]
+                acc = acc * wrow
+                h = h * wrow
+            if GLU:
+                tl.store(out_ptrs, (acc * zu * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
+                tl.store(out_ptrs + out_up_off, (acc * a).to(out_ptr.dtype.element_ty), mask=mask_mn)
+            else:
+                tl.store(out_ptrs, (acc * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
             h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_n[None, :] * stride_hn)
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_mn)

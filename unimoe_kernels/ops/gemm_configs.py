@@ -97,7 +97,7 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     (python -m unimoe_kernels.ops.sm90_check): 256 for the plain GEMMs (a 128x256 fp32
     accumulator is 128 registers a thread), 128 with a LoRA side product beside it, 64 for the
     GLU forward (two accumulators, so a 128x128 tile of z) and for the activation backward (its
-    epilogue holds two z tiles; with a LoRA side product too, a 64-row tile on 8 warps). 16-bit operands take BLOCK_K 64 (128-byte rows, the widest
+    epilogue holds two z tiles and row sums: a 64-row tile on 8 warps). 16-bit operands take BLOCK_K 64 (128-byte rows, the widest
     swizzle), fp32 ones BLOCK_K 32 and narrower tiles, within shared memory at their stage count.
     """
     wide = dtype != torch.float32
@@ -120,9 +120,9 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     else:
         block_n = 128
     stages = 4 if role == "up_glu" and wide else 3
-    if role == "dact" and rank:
-        # The LoRA side product beside the dact epilogue spills at 128x64 with 8 warps; two
-        # warpgroups on 64 rows halve each thread's share of it.
+    if role == "dact" and wide:
+        # Its epilogue (two z tiles, the recomputed h, the routing-weight row sums) spills at
+        # 128x64 on 8 warps; two warpgroups on 64 rows halve each thread's share of it.
         block_m, warps = 64, 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=warps,
                 num_stages=stages, PERSISTENT=False)

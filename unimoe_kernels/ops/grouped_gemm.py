@@ -2,6 +2,7 @@
 
     grouped_mlp(x_sorted [N, H], tokens_per_expert [E], gate_up_proj, down_proj, ...) -> y_sorted [N, H]
     grouped_mlp_gather(x [T, H], plan, top_k, ...) -> y_sorted [T*top_k, H]   (permute fused in)
+    grouped_mlp_combine(x [T, H], plan, weights [T, k], ...) -> out [T, H]    (and the weighted combine)
 
 backend.resolve(backend, device) == "triton" runs the custom ops of grouped_mlp_ops.py (kernels in
 unimoe_kernels/kernels/, launchers in grouped_gemm_launch.py, configs in gemm_configs.py); anything
@@ -31,6 +32,7 @@ from ..reference import LoRAWeights
 from ..types import RoutingPlan
 from .grouped_gemm_launch import dropout_mask
 from .grouped_mlp_ops import grouped_mlp_bwd, grouped_mlp_fwd
+from .permute import unpermute
 
 # ----------------------------------------------------------------------------------------------
 # Public op
@@ -140,8 +142,9 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora, lora_scale,
-                        lora_dropout, training, recompute, top_k=None, rank_gates=None):
-    """The Triton path of grouped_mlp (top_k None) and grouped_mlp_gather (x [T, H], plan required)."""
+                        lora_dropout, training, recompute, top_k=None, rank_gates=None, weights=None):
+    """The Triton path of grouped_mlp (top_k None), grouped_mlp_gather (x [T, H], plan required) and
+    grouped_mlp_combine (also weights [T, k])."""
     if plan is not None:
         offsets = plan.expert_offsets
     else:
@@ -161,12 +164,26 @@ def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, 
     if rank_gates is not None:
         # fp32 gates whatever x's dtype: the kernels multiply the side products by them in fp32.
         g_gu, g_d = (g.to(torch.float32).contiguous() for g in rank_gates)
-    grads = _needs_grad(x, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ()))
+    grads = _needs_grad(x, gate_up_proj, down_proj, weights, *(lora or ()), *(rank_gates or ()))
     y, _, _, _ = grouped_mlp_fwd(
         x, offsets, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d, activation, float(lora_scale), seeds, p,
-        grads and not recompute, gather, slot_rows, top_k or 1, g_gu, g_d,
+        grads and not recompute, gather, slot_rows, top_k or 1, g_gu, g_d, weights,
     )
     return y
+
+
+def _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout):
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    if x.shape[0] * top_k != plan.sorted_slots.numel():
+        raise ValueError(
+            f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
+    _check_rank_gates(rank_gates, lora, plan.sorted_slots.numel(), x.device)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
 
 
 def grouped_mlp_gather(
@@ -193,17 +210,7 @@ def grouped_mlp_gather(
     copy x_sorted [T*k, H] is neither written nor saved for backward; dx is summed back per token
     in fp32 without atomics. The torch path is reference.permute followed by reference.grouped_mlp.
     """
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora)
-    if x.shape[0] * top_k != plan.sorted_slots.numel():
-        raise ValueError(
-            f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
-    _check_rank_gates(rank_gates, lora, plan.sorted_slots.numel(), x.device)
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
     use_triton = _backend.resolve(backend, x.device) == "triton"
     if not use_triton or x.dtype == torch.float64:
         return reference.grouped_mlp(
@@ -216,4 +223,47 @@ def grouped_mlp_gather(
     )
 
 
-__all__ = ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_fwd", "grouped_mlp_bwd", "dropout_mask"]
+def grouped_mlp_combine(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "swiglu",
+    *,
+    lora: Optional[LoRAWeights] = None,
+    lora_scale: float = 1.0,
+    lora_dropout: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    recompute: bool = False,
+    rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The whole routed expert MLP: tokens x [T, H], the plan of their T*k slots and the combine
+    weights [T, k] -> out [T, H], out[t] = sum_j weights[t, j] * mlp_{expert(t, j)}(x[t]).
+
+    Equal to unpermute(grouped_mlp_gather(x, plan, k, ...), plan, weights). The Triton path keeps
+    neither the expert outputs y_sorted nor a weighted copy of d(out): backward gathers d(out) per
+    token inside the activation-backward GEMM, scales its rows by the routing weights there and
+    computes d(weights)[t, j] = <d(out)[t], y of slot (t, j)> from the tile it already holds.
+    """
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating tensor [T, k], got {getattr(weights, 'shape', weights)!r}")
+    if weights.shape[0] != x.shape[0] or weights.device != x.device:
+        raise ValueError(f"weights must be [T={x.shape[0]}, k] on {x.device}, got {tuple(weights.shape)} on "
+                         f"{weights.device}")
+    top_k = weights.shape[1]
+    use_triton = _backend.resolve(backend, x.device) == "triton" and x.dtype != torch.float64
+    if not use_triton:
+        y_sorted = grouped_mlp_gather(x, plan, top_k, gate_up_proj, down_proj, activation, lora=lora,
+                                      lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
+                                      backend=backend, recompute=recompute, rank_gates=rank_gates)
+        return unpermute(y_sorted, plan, weights, backend=backend)
+    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
+    return _triton_grouped_mlp(
+        x, plan.sorted_slots.numel(), plan.tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
+        lora_scale, lora_dropout, training, recompute, top_k=top_k, rank_gates=rank_gates, weights=weights,
+    )
+
+
+__all__ = ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine", "grouped_mlp_fwd", "grouped_mlp_bwd", "dropout_mask"]

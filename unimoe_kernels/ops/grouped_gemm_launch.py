@@ -118,8 +118,10 @@ def grouped_mm(
     up_offsets: tuple = (0, 0, 0, 0),
     dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: side product's X tiles | 2: LoRA term)
     gather: Optional[torch.Tensor] = None,  # [N] source row of x for each sorted row
+    row_scale: Optional[torch.Tensor] = None,  # [N] fp32 routing weight per sorted row (dact with gathered d(out))
     cfg: Optional[dict] = None,  # a config instead of gemm_configs.config's (sweeps, narrow outputs)
-) -> None:
+) -> Optional[torch.Tensor]:
+    """Launch one grouped GEMM; with row_scale, returns the per-row d(routing weight) [N] fp32."""
     from ..kernels.grouped_mm import grouped_mm_kernel
 
     k = x.shape[1]
@@ -141,13 +143,14 @@ def grouped_mm(
         out, out.stride(0), out.stride(1),
         z_, z_.stride(0), z_.stride(1),
         h_, h_.stride(0), h_.stride(1),
+        row_scale if row_scale is not None else offsets,
         offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
         gather if gather is not None else offsets, *_dropout_args(dropout, offsets),
     )
     meta = dict(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
-        ACT=act, GLU=glu, STORE_Z=store_z, DOT_PRECISION=dot_precision(x.dtype),
+        ACT=act, GLU=glu, STORE_Z=store_z, ROW_SCALE=row_scale is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, gemm_configs.next_pow2(e)),
     )
 
@@ -161,13 +164,19 @@ def grouped_mm(
             tiles = min(tiles, cap)
         w_desc, kmajor = _w_descriptor(w, bn, bk) if tma and c.get("TMA", True) else (None, False)
         x_desc = _x_descriptor(x, bm, bk) if tma and c.get("TMA", True) and gather is None else None
+        n_cols = -(-nout // bn)
+        # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
+        rowdot = torch.empty((n, n_cols), dtype=torch.float32, device=x.device) if row_scale is not None else offsets
         grouped_mm_kernel[(max(1, tiles),)](
-            *args[:3], x_desc, *args[3:7], w_desc, *args[7:], **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
-            W_DESC=w_desc is not None, W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
+            *args[:3], x_desc, *args[3:7], w_desc, *args[7:31], rowdot, rowdot.stride(0) if row_scale is not None else 0,
+            *args[31:], **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None, W_DESC=w_desc is not None,
+            W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
+        return rowdot
 
     if cfg is None:
         cfg = gemm_configs.config(role, x.dtype, k, nout, e, n, x.device, run=launch, rank=r if lora else 0)
-    launch(cfg)
+    rowdot = launch(cfg)
+    return rowdot.sum(1) if row_scale is not None else None
 
 
 def narrow_config(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int, rows: int,

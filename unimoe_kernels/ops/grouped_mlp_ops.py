@@ -82,7 +82,7 @@ def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, ga
 
 
 def _fwd_impl(x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p, save_preact,
-              gather, g_gu=None, g_d=None):
+              gather, g_gu=None, g_d=None, slot_rows=None, top_k=1, weights=None):
     hdim = x.shape[1]
     n = gather.numel() if gather is not None else x.shape[0]
     fdim = w_d.shape[2]
@@ -100,6 +100,9 @@ def _fwd_impl(x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, se
     lora2 = LoRASide(a_d.transpose(1, 2), b_d.transpose(1, 2), ha, scale, g_d) if has_lora else None
     grouped_mm(hid, w_d.transpose(1, 2), y, offsets, role="down", nout=hdim, lora=lora2,
                dropout=_with_mode(drop_h, 1) if has_lora else None)
+    if weights is not None:
+        # Fused with the weighted combine: y_sorted is a temporary, neither returned nor saved.
+        y = _combine_impl(y, slot_rows, weights, top_k)
     return y, z, xa, ha
 
 
@@ -115,7 +118,7 @@ def _narrow(x, w, offsets, role):
 
 def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p,
               need_dx, need_dw_gu, need_dw_d, need_lora, gather, slot_rows, top_k, g_gu=None, g_d=None,
-              need_gates=False):
+              need_gates=False, weights=None, need_dweights=False):
     hdim = x.shape[1]
     n = dy.shape[0]
     fdim = w_d.shape[2]
@@ -123,6 +126,13 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     has_lora = a_gu is not None
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
     dy = dy.contiguous()
+    # With weights, dy is d(out) [T, H] of the combined output: the dact kernel gathers its rows per
+    # token and scales them by the routing weight of each sorted row (w_sorted[slot_rows[s]] = w[s]).
+    w_sorted = None
+    if weights is not None:
+        w_flat = weights.reshape(-1).to(torch.float32)
+        w_sorted = torch.empty_like(w_flat).index_put_((slot_rows.to(torch.int64),), w_flat)
+    n = w_sorted.numel() if w_sorted is not None else n
     if z.dim() == 1:
         # Pre-activation not saved: the first GEMM again. Its h and side product are scratch (the
         # dact kernel recomputes h from z; xa was saved).
@@ -132,7 +142,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
                drop_x)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
-    dg_gu, dg_d = _empty(x), _empty(x)
+    dg_gu, dg_d, dweights = _empty(x), _empty(x), _empty(x)
 
     lora2 = dyb = None
     if has_lora:
@@ -141,22 +151,39 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         lora2 = LoRASide(b_d, a_d, dyb, scale, g_d)
     dz = x.new_empty(z.shape)
     hid = x.new_empty((n, fdim))
-    # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F].
-    grouped_mm(
+    # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F]. With weights, hid is h scaled by the
+    # routing weight of its row and dyb = d(out) B_d unscaled.
+    ds = grouped_mm(
         dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, glu=glu, z=z, h=hid,
         up_offsets=(0, 0, fdim * z.stride(1), fdim * dz.stride(1)),
         dropout=_with_mode(drop_h, 2) if has_lora else None,
+        gather=gather if w_sorted is not None else None, row_scale=w_sorted,
     )
+    if w_sorted is not None and need_dweights:
+        dweights = ds[slot_rows.to(torch.int64)].view(-1, top_k).to(weights.dtype)
     if has_lora and g_d is not None and need_gates:
         dg_d = torch.mul(dyb.to(torch.float32), ha).mul_(scale)
+        if w_sorted is not None:
+            dg_d.mul_(w_sorted[:, None])
     if need_dw_d:
         dw_d = torch.empty_like(w_d)
-        grouped_xty(dy, hid, dw_d, offsets)
+        if w_sorted is None:
+            grouped_xty(dy, hid, dw_d, offsets)
+        else:
+            # dW_d[e] = sum_r w_r d(out)[t_r]^T h_r: written transposed, (w h)^T d(out) gathered.
+            grouped_xty(hid, dy, dw_d.transpose(1, 2), offsets, gather_y=gather)
     if has_lora and need_lora:
         da_d = torch.empty_like(a_d)
+        # s (g dyb)^T h' is the same with (unscaled dyb, scaled h) as with (scaled dyb, h).
         grouped_xty(_gated(dyb, g_d), hid, da_d, offsets, scale, dropout=drop_h)
         db_d = torch.empty_like(b_d)
-        grouped_xty(dy, _gated(ha, g_d), db_d, offsets, scale)
+        if w_sorted is None:
+            grouped_xty(dy, _gated(ha, g_d), db_d, offsets, scale)
+        else:
+            u = ha.to(torch.float32) * w_sorted[:, None]
+            if g_d is not None:
+                u = u * g_d
+            grouped_xty(u.to(ha.dtype), dy, db_d.transpose(1, 2), offsets, scale, gather_y=gather)
 
     dzb = None
     if has_lora:
@@ -183,7 +210,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         grouped_xty(_gated(dzb, g_gu), x, da_gu, offsets, scale, dropout=drop_x, gather_y=gather)
         db_gu = torch.empty_like(b_gu)
         grouped_xty(dz, _gated(xa, g_gu), db_gu, offsets, scale)
-    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d
+    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +238,12 @@ def grouped_mlp_fwd(
     top_k: int = 1,
     rank_gate_gate_up: Optional[torch.Tensor] = None,
     rank_gate_down: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0]).
+
+    With weights [T, k] (and gather_index), y is the weighted combine out [T, H] instead:
+    out[t] = sum_j weights[t, j] y_sorted[slot_rows[t*k + j]], and y_sorted is never kept.
 
     offsets [E+1]: expert e owns sorted rows offsets[e] .. offsets[e+1]-1. With gather_index [N]
     (and slot_rows [N], top_k for backward), x is the token matrix [T, H] and sorted row r reads
@@ -220,16 +251,18 @@ def grouped_mlp_fwd(
     or neither, LoRA only) gate the rank-1 pieces of the LoRA terms; xa and ha are returned ungated.
     """
     return _fwd_impl(x, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale,
-                     seeds, dropout_p, save_preact, gather_index, rank_gate_gate_up, rank_gate_down)
+                     seeds, dropout_p, save_preact, gather_index, rank_gate_gate_up, rank_gate_down, slot_rows, top_k,
+                     weights)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p,
-      save_preact=True, gather_index=None, slot_rows=None, top_k=1, rank_gate_gate_up=None, rank_gate_down=None):
+      save_preact=True, gather_index=None, slot_rows=None, top_k=1, rank_gate_gate_up=None, rank_gate_down=None,
+      weights=None):
     n = gather_index.shape[0] if gather_index is not None else x.shape[0]
     lora = a_gate_up is not None
     return (
-        x.new_empty((n, down_proj.shape[1])),
+        x.new_empty((weights.shape[0] if weights is not None else n, down_proj.shape[1])),
         x.new_empty((n, gate_up_proj.shape[1])) if save_preact else x.new_empty((0,)),
         x.new_empty((n, a_gate_up.shape[1])) if lora else x.new_empty((0,)),
         x.new_empty((n, a_down.shape[1])) if lora else x.new_empty((0,)),
@@ -264,19 +297,23 @@ def grouped_mlp_bwd(
     rank_gate_gate_up: Optional[torch.Tensor] = None,
     rank_gate_down: Optional[torch.Tensor] = None,
     need_rank_gates: bool = False,
+    weights: Optional[torch.Tensor] = None,
+    need_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d, d rank_gate_gate_up [N, r] fp32,
-    d rank_gate_down [N, r] fp32); results not asked for are [0]."""
+    d rank_gate_down [N, r] fp32, d weights [T, k]); results not asked for are [0]. With weights, dy
+    is d(out) [T, H] of the combined output."""
     return _bwd_impl(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
                      activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora,
-                     gather_index, slot_rows, top_k, rank_gate_gate_up, rank_gate_down, need_rank_gates)
+                     gather_index, slot_rows, top_k, rank_gate_gate_up, rank_gate_down, need_rank_gates, weights,
+                     need_weights)
 
 
 @grouped_mlp_bwd.register_fake
 def _(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale,
       seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora, gather_index=None, slot_rows=None,
-      top_k=1, rank_gate_gate_up=None, rank_gate_down=None, need_rank_gates=False):
+      top_k=1, rank_gate_gate_up=None, rank_gate_down=None, need_rank_gates=False, weights=None, need_weights=False):
     def maybe(flag, like):
         return torch.empty_like(like) if flag and like is not None else x.new_empty((0,))
 
@@ -285,32 +322,33 @@ def _(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, 
     return (
         maybe(need_dx, x), maybe(need_dw_gate_up, gate_up_proj), maybe(need_dw_down, down_proj),
         maybe(lora, a_gate_up), maybe(lora, b_gate_up), maybe(lora, a_down), maybe(lora, b_down),
-        maybe(gates, rank_gate_gate_up), maybe(gates, rank_gate_down),
+        maybe(gates, rank_gate_gate_up), maybe(gates, rank_gate_down), maybe(need_weights, weights),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p, _save_preact, gather_index,
-     slot_rows, top_k, g_gu, g_d) = inputs
+     slot_rows, top_k, g_gu, g_d, weights) = inputs
     _, z, xa, ha = output
     ctx.activation, ctx.scale, ctx.dropout_p, ctx.top_k = activation, scale, dropout_p, top_k
     ctx.has_lora = a_gu is not None
     ctx.has_gates = g_gu is not None
     ctx.save_for_backward(x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index, slot_rows,
-                          g_gu, g_d)
+                          g_gu, g_d, weights)
 
 
 def _backward(ctx, dy, _dz, _dxa, _dha):
     (x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index, slot_rows, g_gu,
-     g_d) = ctx.saved_tensors
+     g_d, weights) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = ctx.has_lora and any(need[4:8])
     need_gates = ctx.has_lora and ctx.has_gates and any(need[16:18])
     grads = grouped_mlp_bwd(
         dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, ctx.activation, ctx.scale, seeds, ctx.dropout_p,
         need[0], need[2], need[3], need_lora, gather_index, slot_rows, ctx.top_k, g_gu, g_d, need_gates,
+        weights, weights is not None and need[18],
     )
-    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d = grads
+    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights = grads
     return (
         dx if need[0] else None, None,
         dw_gu if need[2] else None, dw_d if need[3] else None,
@@ -318,6 +356,7 @@ def _backward(ctx, dy, _dz, _dxa, _dha):
         da_d if need_lora and need[6] else None, db_d if need_lora and need[7] else None,
         None, None, None, None, None, None, None, None,
         dg_gu if need_gates and need[16] else None, dg_d if need_gates and need[17] else None,
+        dweights if weights is not None and need[18] else None,
     )
 
 

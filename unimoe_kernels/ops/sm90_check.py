@@ -72,8 +72,9 @@ class Resources(NamedTuple):
 
 def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_name: str = H100,
                    activation: str = "swiglu") -> list[Launch]:
-    """Every grouped GEMM launch of one layer's forward and backward (gathered x, as SparseMoE runs
-    it; base trainable without LoRA, frozen with it) at shape (T, H, F, E, k, r)."""
+    """Every grouped GEMM launch of one layer's forward and backward (gathered x and the weighted
+    combine fused in, as SparseMoE runs it; base trainable without LoRA, frozen with it) at shape
+    (T, H, F, E, k, r)."""
     from ..kernels import grouped_mm, grouped_xty
 
     t, h, f, e, k, r = shape
@@ -113,10 +114,11 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
         # The per-token dx sum is the permute's combine kernel, not a grouped GEMM: left out.
         stack.enter_context(mock.patch.object(grouped_mlp_ops, "_combine_impl",
                                               lambda y, slot_rows, w, top_k: meta(slot_rows.numel() // top_k, y.shape[1])))
+        weights = torch.empty(t, k, dtype=torch.float32, device="meta")
         y, z, xa, ha = grouped_mlp_ops._fwd_impl(x, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0, True,
-                                                 gather)
-        grouped_mlp_ops._bwd_impl(meta(n, h), x, z, xa, ha, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0,
-                                  True, not r, not r, bool(r), gather, gather, k)
+                                                 gather, None, None, gather, k, weights)
+        grouped_mlp_ops._bwd_impl(meta(t, h), x, z, xa, ha, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0,
+                                  True, not r, not r, bool(r), gather, gather, k, None, None, False, weights, True)
     return launches
 
 
