@@ -16,6 +16,9 @@ Rank gate (optional; mixture of rank-1 experts): g_gu, g_d [N, r] fp32 per row, 
 reference.lora_rank_gates in torch (autograd carries their gradient on to the gate weights and a
 bias). The LoRA terms become s (xa * g_gu) B_gu^T and s (ha * g_d) B_d^T, applied inside the kernels.
 
+Under torch.autocast the expert GEMM operands (x, weights, LoRA factors) are cast to the autocast
+dtype inside the autograd graph (amp.autocast_operands), so fp32 master weights get fp32 gradients.
+
 The pre-activation z [N, 2F|F] is stored only when a gradient will need it (grad mode on and an
 input that requires grad) and recompute=False.
 """
@@ -28,6 +31,7 @@ import torch
 
 from .. import backend as _backend
 from .. import reference
+from ..amp import autocast_operands
 from ..reference import LoRAWeights
 from ..types import RoutingPlan
 from .grouped_gemm_launch import dropout_mask
@@ -120,6 +124,7 @@ def grouped_mlp(
     rank_gates (g_gate_up [N, r], g_down [N, r], e.g. reference.lora_rank_gates) gate the rank-1
     pieces of both LoRA terms; their gradient flows back through autograd.
     """
+    x_sorted, gate_up_proj, down_proj, lora = autocast_operands(x_sorted, gate_up_proj, down_proj, lora)
     _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
     _check_rank_gates(rank_gates, lora, x_sorted.shape[0], x_sorted.device)
     if not 0.0 <= lora_dropout < 1.0:
@@ -210,6 +215,7 @@ def grouped_mlp_gather(
     copy x_sorted [T*k, H] is neither written nor saved for backward; dx is summed back per token
     in fp32 without atomics. The torch path is reference.permute followed by reference.grouped_mlp.
     """
+    x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
     _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
     use_triton = _backend.resolve(backend, x.device) == "triton"
     if not use_triton or x.dtype == torch.float64:
@@ -253,6 +259,7 @@ def grouped_mlp_combine(
         raise ValueError(f"weights must be [T={x.shape[0]}, k] on {x.device}, got {tuple(weights.shape)} on "
                          f"{weights.device}")
     top_k = weights.shape[1]
+    x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
     use_triton = _backend.resolve(backend, x.device) == "triton" and x.dtype != torch.float64
     if not use_triton:
         y_sorted = grouped_mlp_gather(x, plan, top_k, gate_up_proj, down_proj, activation, lora=lora,
