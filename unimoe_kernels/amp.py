@@ -20,6 +20,9 @@ The ops' public entry points take the same casts with one line at their top, e.g
 
     x_sorted, gate_up_proj, down_proj, lora = autocast_operands(x_sorted, gate_up_proj, down_proj, lora)
 
+(x in place of x_sorted in grouped_mlp_gather and grouped_mlp_combine; their routing weights and
+rank gates stay fp32 and are not passed).
+
 A tensor already in the autocast dtype is returned as is (no copy, no graph node), so a module that
 cast its operands first and an op that casts again cost one cast, not two.
 """
