@@ -540,10 +540,14 @@ class SparseMoE(nn.Module):
             y_local = self.experts.mlp(x_local, state.tokens_per_local_expert, plan=state.local_plan)
             y = combine(y_local, state, weights, backend=self.experts.backend)
 
-        with router_fp32(x.device):
-            lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
-            zl = reference.z_loss(gating.logits)
-        if self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
+        # The losses cost a few small kernels: computed only when returned or trained through (in
+        # inference, and in training without either coefficient, nothing of them runs).
+        attach = self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0)
+        if attach or return_aux:
+            with router_fp32(x.device):
+                lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
+                zl = reference.z_loss(gating.logits)
+        if attach:
             y = attach_aux_loss(y, self.aux_loss_coef * lbl + self.z_loss_coef * zl)
         if token_groups is not None:
             self._count_groups(token_groups, gating.ids, shape[:-1])

@@ -1,0 +1,63 @@
+"""The inference path of SparseMoE does no training work: no aux losses unless asked for, and the
+Triton expert MLP stores no pre-activation when no gradient will need it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unimoe_kernels import SparseMoE, reference
+from unimoe_kernels.ops import grouped_mlp_ops
+
+
+@pytest.fixture
+def loss_calls(monkeypatch):
+    calls = []
+    for name in ("load_balancing_loss", "z_loss"):
+        real = getattr(reference, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(reference, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad", "inference_mode", "train without coefficients"])
+def test_no_aux_losses_unless_needed(mode, loss_calls, one_thread):
+    coef = 0.0 if mode == "train without coefficients" else 0.01
+    moe = SparseMoE(16, 8, 4, top_k=2, aux_loss_coef=coef, z_loss_coef=coef)
+    moe.train(mode != "eval")
+    x = torch.randn(6, 16)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(mode, torch.enable_grad())
+    with ctx:
+        y = moe(x)
+        assert loss_calls == []
+        y2, aux = moe(x, return_aux=True)  # asked for: computed, and the output is the same
+    assert sorted(loss_calls) == ["load_balancing_loss", "z_loss"]
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    assert aux.load_balancing_loss.dtype == torch.float32 and aux.z_loss.dtype == torch.float32
+
+
+def test_training_still_attaches_the_losses(loss_calls, one_thread):
+    moe = SparseMoE(16, 8, 4, top_k=2, aux_loss_coef=0.01).train()
+    moe(torch.randn(6, 16)).sum().backward()
+    assert "load_balancing_loss" in loss_calls and moe.router.weight.grad is not None
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_preactivation_stored_only_for_a_gradient(grad, monkeypatch, device):
+    seen = []
+    real = grouped_mlp_ops._fwd_impl
+
+    def spy(*args):
+        seen.append(args[12])  # save_preact
+        return real(*args)
+
+    monkeypatch.setattr(grouped_mlp_ops, "_fwd_impl", spy)
+    moe = SparseMoE(16, 8, 4, top_k=2, lora_rank=2, backend="triton").to(device).eval()
+    x = torch.randn(6, 16, device=device, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        moe(x)
+    assert seen == [grad]
