@@ -27,7 +27,8 @@ def on_gpu(monkeypatch):
 def test_nearest_bucket_in_log_scale():
     table = {"k": {"4": {"BLOCK_M": 64}, "2048": {"BLOCK_M": 128}}}
     assert gc.lookup(table, "k", 8)["BLOCK_M"] == 64
-    assert gc.lookup(table, "k", 256)["BLOCK_M"] == 128  # 3 octaves from 2048, 6 from 4
+    assert gc.lookup(table, "k", 512)["BLOCK_M"] == 128  # 2 octaves from 2048, 7 from 4
+    assert gc.lookup(table, "k", 256) is None  # 3 octaves from the nearest: the heuristic decides
     assert gc.lookup(table, "other", 8) is None
 
 

@@ -6,7 +6,8 @@ per tile). `config(role, dtype, k, nout, num_experts, rows)` picks one, in this 
 
   1. the Triton interpreter: one fixed config (its cost grows with programs x loop trips);
   2. the on-disk tuning cache, when UNIMOE_AUTOTUNE=1 (filled by `tune`, see below);
-  3. the table shipped for this GPU, unimoe_kernels/ops/configs/<device name>.json;
+  3. the table shipped for this GPU, unimoe_kernels/ops/configs/<device name>.json, at the nearest
+     bucket within MAX_OCTAVES;
   4. `heuristic`, for other GPUs and shapes.
 
 No call ever autotunes unless asked: with UNIMOE_AUTOTUNE=1, the first call at a key the cache
@@ -109,6 +110,11 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
                         BLOCK_K=64, GROUP_P=8, num_warps=4, num_stages=3)
         return dict(BLOCK_P=128, BLOCK_Q=128 if wide else 64, BLOCK_K=64 if wide else 32, GROUP_P=8,
                     num_warps=8, num_stages=4 if wide else 3)
+    if per_expert < 32 and wide:
+        # Decode-sized batches (a few rows per expert): the cost is reading each touched expert's
+        # weights once, so 16-row tiles (the smallest MMA) keep the wasted rows off the tensor
+        # cores and out of registers, and narrow, deep tiles keep many weight loads in flight.
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, PERSISTENT=False)
     block_m = 128 if per_expert >= 96 else 64
     warps = 8 if block_m == 128 else 4
     if not wide:
@@ -183,12 +189,21 @@ def _load_table(path: str) -> dict:
         return json.load(f).get("configs", {})
 
 
+# A table entry stands for buckets within this many octaves of its own (4x fewer or more rows per
+# expert); further away the tile shape that won may be the wrong kind (decode vs prefill), so the
+# heuristic decides instead.
+MAX_OCTAVES = 2
+
+
 def lookup(table: dict, key: str, bucket: int) -> Optional[dict]:
-    """The entry of `key` at the bucket nearest to `bucket` (log scale), or None."""
+    """The entry of `key` at the bucket nearest to `bucket` (log scale), or None when there is none
+    within MAX_OCTAVES."""
     entries = table.get(key)
     if not entries:
         return None
     best = min(entries, key=lambda b: abs(math.log2(int(b)) - math.log2(bucket)))
+    if abs(math.log2(int(best)) - math.log2(bucket)) > MAX_OCTAVES:
+        return None
     return dict(entries[best])
 
 
