@@ -108,8 +108,8 @@ def test_patched_equals_unpatched_logits_router_logits_and_grads(family):
 def test_patched_experts_run_this_package(monkeypatch):
     """The equality above must come from our grouped MLP, not from the host's loop still running."""
     calls = []
-    real = moe_modules.grouped_mlp_gather
-    monkeypatch.setattr(moe_modules, "grouped_mlp_gather", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = moe_modules.grouped_mlp_combine
+    monkeypatch.setattr(moe_modules, "grouped_mlp_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _model("mixtral")
     patch_moe(model)
     model(_tokens())
