@@ -133,20 +133,24 @@ def grouped_mm(
     r = side.shape[1] if lora is not None else 1
     z_ = z if z is not None else out
     h_ = h if h is not None else out
-    args = (
-        x, x.stride(0), x.stride(1),
-        w, w.stride(0), w.stride(1), w.stride(2),
-        a, a.stride(0), a.stride(1), a.stride(2),
-        b, b.stride(0), b.stride(1), b.stride(2),
-        side, side.stride(0), side.stride(1),
-        gate, gate.stride(0), gate.stride(1),
-        out, out.stride(0), out.stride(1),
-        z_, z_.stride(0), z_.stride(1),
-        h_, h_.stride(0), h_.stride(1),
-        row_scale if row_scale is not None else offsets,
-        offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
-        gather if gather is not None else offsets, *_dropout_args(dropout, offsets),
-    )
+
+    def kernel_args(x_desc, w_desc, rowdot: torch.Tensor) -> tuple:
+        """The kernel's arguments in its order (the descriptors and row sums depend on the config)."""
+        return (
+            x, x.stride(0), x.stride(1), x_desc,
+            w, w.stride(0), w.stride(1), w.stride(2), w_desc,
+            a, a.stride(0), a.stride(1), a.stride(2),
+            b, b.stride(0), b.stride(1), b.stride(2),
+            side, side.stride(0), side.stride(1),
+            gate, gate.stride(0), gate.stride(1),
+            out, out.stride(0), out.stride(1),
+            z_, z_.stride(0), z_.stride(1),
+            h_, h_.stride(0), h_.stride(1),
+            row_scale if row_scale is not None else offsets, rowdot, rowdot.stride(0),
+            offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
+            gather if gather is not None else offsets, *_dropout_args(dropout, offsets),
+        )
+
     meta = dict(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
@@ -156,7 +160,7 @@ def grouped_mm(
 
     tma = _use_tma(x.device)
 
-    def launch(c: dict) -> None:
+    def launch(c: dict) -> torch.Tensor:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         tiles = max_tiles(n, e, bm) * -(-nout // bn)
         cap = _persistent_programs(x.device) if c.get("PERSISTENT") else None
@@ -164,13 +168,12 @@ def grouped_mm(
             tiles = min(tiles, cap)
         w_desc, kmajor = _w_descriptor(w, bn, bk) if tma and c.get("TMA", True) else (None, False)
         x_desc = _x_descriptor(x, bm, bk) if tma and c.get("TMA", True) and gather is None else None
-        n_cols = -(-nout // bn)
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
-        rowdot = torch.empty((n, n_cols), dtype=torch.float32, device=x.device) if row_scale is not None else offsets
+        rowdot = (torch.empty((n, -(-nout // bn)), dtype=torch.float32, device=x.device) if row_scale is not None
+                  else offsets)
         grouped_mm_kernel[(max(1, tiles),)](
-            *args[:3], x_desc, *args[3:7], w_desc, *args[7:31], rowdot, rowdot.stride(0) if row_scale is not None else 0,
-            *args[31:], **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None, W_DESC=w_desc is not None,
-            W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
+            *kernel_args(x_desc, w_desc, rowdot), **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
+            W_DESC=w_desc is not None, W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
         return rowdot
 
     if cfg is None:
@@ -199,13 +202,16 @@ def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: to
 
     e, p, q = out.shape
     n = x.shape[0]
-    args = (
-        x, x.stride(0), x.stride(1),
-        y, y.stride(0), y.stride(1),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        offsets, p, q, float(scale), gather_y if gather_y is not None else offsets,
-        *_dropout_args(dropout, offsets),
-    )
+
+    def kernel_args(x_desc, y_desc) -> tuple:
+        return (
+            x, x.stride(0), x.stride(1), x_desc,
+            y, y.stride(0), y.stride(1), y_desc,
+            out, out.stride(0), out.stride(1), out.stride(2),
+            offsets, p, q, float(scale), gather_y if gather_y is not None else offsets,
+            *_dropout_args(dropout, offsets),
+        )
+
     meta = dict(DROPOUT_Y=dropout is not None, GATHER_Y=gather_y is not None, DOT_PRECISION=dot_precision(x.dtype))
 
     tma = _use_tma(x.device)
@@ -216,7 +222,7 @@ def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: to
         x_desc = _x_descriptor(x, bk, bp) if use else None
         y_desc = _x_descriptor(y, bk, bq) if use and gather_y is None else None
         grid = (e * -(-p // bp) * -(-q // bq),)
-        grouped_xty_kernel[grid](*args[:3], x_desc, *args[3:6], y_desc, *args[6:], **meta, X_DESC=x_desc is not None,
+        grouped_xty_kernel[grid](*kernel_args(x_desc, y_desc), **meta, X_DESC=x_desc is not None,
                                  Y_DESC=y_desc is not None, SWAP=bp < 64 <= bq, **gemm_configs.kernel_meta(c))
 
     if cfg is None:
