@@ -64,6 +64,29 @@ SIZES = {"tiny": TINY, "full": FULL}
 NAMES = tuple(FULL)
 
 
+# Decode sizes: a few tokens per step, as in generation, at the two model shapes whose experts are
+# the smallest (qwen3-30b-a3b: 128 experts of 9 MiB in bf16) and the largest (mixtral: 8 of 336 MiB)
+# of the list. T=1 is one sequence's step; 8, 64 and 256 are batched decoding of that many
+# sequences. Under uniform routing 128 * (120/128)^T qwen3-30b-a3b experts stay idle (76 at T=8, 2
+# at T=64, none at 256), so the sizes span 8 touched experts to all of them; of mixtral's 8, T=1
+# touches 2, T=8 about 7 (8 * (6/8)^8 = 0.8 idle) and T >= 64 all.
+DECODE_T = (1, 8, 64, 256)
+DECODE_BASES = ("qwen3-30b-a3b", "mixtral")
+
+
+def decode(name: str, T: int, size: str) -> ShapeConfig:
+    """Config `name` at T tokens per call, named "<name>-T<T>" (the tiny size keeps the CPU H, F)."""
+    return replace(get(name, size), name=f"{name}-T{T}", T=T, note="")
+
+
+DECODE_NAMES = tuple(f"{name}-T{t}" for name in DECODE_BASES for t in DECODE_T)
+
+# The host-overhead benchmark: SparseMoE forward eager vs replayed from a CUDA graph at the shape
+# where the layer's fixed cost shows most (the peft-moe-lora base: T=4096 qwen3-30b-a3b experts,
+# 0.31 TFLOP, 0.39 ms at the FLOP floor). GPU only: CUDA graphs need CUDA.
+HOST_OVERHEAD = replace(FULL["qwen3-30b-a3b"], name="qwen3-30b-a3b-T4096", T=4096)
+
+
 def get(name: str, size: str) -> ShapeConfig:
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")

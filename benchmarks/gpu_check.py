@@ -11,13 +11,17 @@ A failed or timed-out stage is reported and the next one runs:
     wheels     pip install --no-index --no-deps wheels/*.whl            anchors' wheels (no network there)
     build      pip install --no-index --no-build-isolation --no-deps -e .   builds _C; then has_c, has_c_cuda
     tests      pytest -m gpu tests -n WORKERS (xdist)                   -> junit-tests.xml
+    decode     benchmarks/test_decode.py, full sizes: T in {1, 8, 64, 256} at qwen3-30b-a3b and
+               mixtral (ours, torch._grouped_mm, Liger) against the weight-read floor, and the
+               SparseMoE forward eager vs CUDA-graph replay at T=4096 (the host overhead)
     layer      benchmarks/test_layer.py, full sizes: ours, dense, torch._grouped_mm, Liger, moe-ops
     gmlp       benchmarks/test_ops.py grouped_mlp, full sizes: ours, torch._grouped_mm, torch loop
     sweep      python -m benchmarks.sweep_configs --out OUT/sweep       only with UNIMOE_SWEEP set (=1, or
                the shapes: UNIMOE_SWEEP=qwen3-30b-a3b,mixtral); the tuned config table lands there
     baselines  benchmarks/test_layer.py, full sizes: the other providers (naive loop, one-hot,
                PEFT delta-W, the torch path); last, because the table does not need them
-    table      this run's JSON -> one table (stdout, OUT/summary.txt), OUT/RESULTS.md
+    table      this run's JSON -> the tables (stdout, OUT/summary.txt), OUT/RESULTS.md: the layer
+               and grouped_mlp one, then decode (% of floor) and host overhead
 
 Every benchmark stage saves its JSON to OUT itself (benchmarks/results.py, UNIMOE_BENCH_SAVE=OUT:
 device, versions, commit, one record per provider), so a stage cut short keeps what it measured.
@@ -53,10 +57,15 @@ BUDGET_S = 465  # 8 minutes less 15 s for the driver's start, the table and the 
 GRACE_S = 20  # SIGINT -> SIGKILL: pytest writes its junit XML and JSON after KeyboardInterrupt
 RESERVE_S = 5  # kept back for the table; reading a few JSON files takes well under a second
 MIN_STAGE_S = 15  # a stage with less time than this left is not started (startup alone is ~5 s)
-# Caps per stage. tests: the GPU tests' target is 3 minutes. layer: 6 shapes x 2 modes x 5
-# providers, each 30 calls plus the first call's compilation; gmlp: 3 providers. build: CMake and
-# nvcc for one architecture. The baselines get whatever is left.
-CAPS_S = {"wheels": 60, "build": 150, "tests": 180, "layer": 240, "gmlp": 90, "sweep": 180, "baselines": BUDGET_S}
+# Caps per stage. tests: the GPU tests' target is 3 minutes. decode: 2 shapes x 4 T x 3 providers
+# and one graph capture, milliseconds per call, so the first calls' compilation (ours' decode tiles,
+# Liger's kernels at two shapes: ~5-10 s each) and pytest's start make most of it; it runs before
+# the layer, short and bounded, so a run whose build and tests take their caps still measures the
+# small batches. layer: 6 shapes x 2 modes x 5 providers, each 30 calls plus the first call's
+# compilation; gmlp: 3 providers. build: CMake and nvcc for one architecture. The baselines get
+# whatever is left.
+CAPS_S = {"wheels": 60, "build": 150, "tests": 180, "decode": 120, "layer": 240, "gmlp": 90, "sweep": 180,
+          "baselines": BUDGET_S}
 STAGES = tuple(CAPS_S)
 # xdist workers of the GPU tests: Triton compiles on the CPU, one kernel per worker at a time, and
 # the GPU machines have 16 cores; 8 leaves the rest to ptxas and the GPU's own work.
@@ -249,6 +258,20 @@ def stage_bench(check: Check, name: str, test: str, expr: str) -> Optional[dict]
     return counts
 
 
+def stage_decode(check: Check, size: str, config_names: list) -> set:
+    """The decode sizes and the host overhead (test_decode.py); the failed cells of the table."""
+    from .configs import DECODE_BASES
+
+    chosen = [c for c in config_names if c in DECODE_BASES]
+    if config_names and not chosen:
+        check.stages.append(Stage("decode", note=f"--configs names none of {', '.join(DECODE_BASES)}"))
+        return set()
+    # Their ids carry the base shape's name (qwen3-30b-a3b-T8, mixtral-T1, qwen3-30b-a3b-T4096).
+    expr = size + (f" and ({' or '.join(chosen)})" if chosen else "")
+    counts = stage_bench(check, "decode", "benchmarks/test_decode.py", expr)
+    return failed_cells(counts["failures"] if counts else [])
+
+
 def stage_sweep(check: Check) -> None:
     if not os.environ.get(SWEEP_ENV):
         check.stages.append(Stage("sweep", note=f"{SWEEP_ENV} not set"))
@@ -292,7 +315,11 @@ def load_records(out: Path, since: Optional[float] = None) -> tuple[list, dict]:
     return list(merged.values()), meta
 
 
-_TEST_ID = re.compile(r"^test_(layer|grouped_mlp)\[(tiny|full)-(.+)-(fwd\+bwd|fwd)-(\w+)\]$")
+# test_<group>[<size>-<config>-<mode>-<provider>]; test_host_overhead has no provider in its id:
+# one test measures both of its records.
+_TEST_ID = re.compile(r"^test_(layer|grouped_mlp|decode|host_overhead)\[(tiny|full)-(.+)-(fwd\+bwd|fwd)(?:-(\w+))?\]$")
+HOST_PROVIDERS = ("eager", "graph")  # the records of test_host_overhead
+OWN_TABLES = ("decode", "host_overhead")  # groups with a table of their own, after the main one
 
 
 def failed_cells(failures: list) -> set:
@@ -302,7 +329,8 @@ def failed_cells(failures: list) -> set:
         m = _TEST_ID.match(name)
         if m:
             group, size, config, mode, provider = m.groups()
-            cells.add((group, config, size, mode, provider))
+            for p in (provider,) if provider else HOST_PROVIDERS:
+                cells.add((group, config, size, mode, p))
     return cells
 
 
@@ -318,6 +346,7 @@ def render_table(records: list, failed: set = frozenset()) -> list:
     ours' speed-up over each (their ms / ours ms). Skip and failure reasons follow it."""
     from .configs import NAMES
 
+    records = [rec for rec in records if rec["group"] not in OWN_TABLES]
     rows: dict = {}
     for rec in records:
         rows.setdefault((rec["group"], rec["config"], rec["size"], rec["mode"]), {})[rec["provider"]] = rec
@@ -379,6 +408,115 @@ def render_table(records: list, failed: set = frozenset()) -> list:
     return lines
 
 
+def _cell(rec: Optional[dict], failed: bool, value: Optional[float]) -> str:
+    """A provider's cell in the decode and host-overhead tables: FAIL, skip, its number or '-'."""
+    if failed:
+        return "FAIL"
+    if rec and rec.get("skipped"):
+        return "skip"
+    return _num(value)
+
+
+def _rows_of(records: list, group: str) -> dict:
+    """{(config, size): {provider: record}} of one benchmark group."""
+    rows: dict = {}
+    for rec in records:
+        if rec["group"] == group:
+            rows.setdefault((rec["config"], rec["size"]), {})[rec["provider"]] = rec
+    return rows
+
+
+def render_decode_table(records: list, failed: set = frozenset()) -> list:
+    """Decode sizes: a row per (shape, T) with the floor (touched experts' weights read once at the
+    measured copy bandwidth), ours' time and share of that floor, the baselines' times and ours'
+    speed-up over each, then the skip reasons. Empty when the run has no decode records."""
+    from .configs import DECODE_BASES
+
+    rows = _rows_of(records, "decode")
+    if not rows:
+        return []
+
+    def extra(rec):
+        return (rec or {}).get("extra") or {}
+
+    def tokens(by):
+        return next(iter(by.values())).get("shape", {}).get("T")
+
+    def sort_key(key):
+        base = key[0].rsplit("-T", 1)[0]
+        order = DECODE_BASES.index(base) if base in DECODE_BASES else len(DECODE_BASES)
+        return key[1], order, tokens(rows[key]) or 0
+
+    gbps = next((extra(r)["copy_gbps"] for by in rows.values() for r in by.values() if "copy_gbps" in extra(r)), None)
+    names = {"grouped_mm": "gmm", "liger_kernel": "liger"}  # the baselines, in their columns' order
+    # Column widths: shape 26, T 5, experts 8, floor 8 | ours 9 + 8 | 9 per baseline | 8 per ratio.
+    head1 = (f"{'':<39}{'floor':>8} |{'ours':^17} |{'baselines':^18} |{'ours N.NNx faster':^16}")
+    head2 = (f"{'shape':<26}{'T':>5}{'experts':>8}{'us':>8} |{'us':>9}{'% floor':>8} |"
+             + "".join(f"{c + ' us':>9}" for c in names.values()) + " |" + "".join(f"{c:>8}" for c in names.values()))
+    lines = ["", f"decode: SparseMoE forward under torch.inference_mode; floor = the touched experts' weights read "
+                 f"once at the copy bandwidth ({_num(gbps)} GB/s)", head1, head2, "-" * len(head2)]
+    reasons: dict = {}
+    for key in sorted(rows, key=sort_key):
+        config, size = key
+        by = rows[key]
+        floor = next((extra(r) for r in by.values() if "floor_ms" in extra(r)), {})
+        experts = f"{floor['touched_experts']:.1f}" if "touched_experts" in floor else "-"
+        floor_us = floor["floor_ms"] * 1e3 if "floor_ms" in floor else None
+        times, cells = {}, {}
+        for provider in ("ours", *names):
+            rec = by.get(provider)
+            bad = ("decode", config, size, "fwd", provider) in failed
+            times[provider] = None if bad or not rec else rec.get("ms")
+            cells[provider] = _cell(rec, bad, times[provider] * 1e3 if times[provider] else None)
+            if rec and rec.get("skipped"):
+                reasons.setdefault((names.get(provider, provider), rec["skipped"]), []).append(config)
+        ours_ms = times["ours"]
+        pct = f"{100 * floor['floor_ms'] / ours_ms:.0f}%" if ours_ms and floor_us else "-"
+        ratios = [f"{times[p] / ours_ms:.2f}x" if times[p] and ours_ms else "-" for p in names]
+        label = config + (" (tiny)" if size == "tiny" else "")
+        lines.append(f"{label:<26}{tokens(by) or '-':>5}{experts:>8}{_num(floor_us):>8} |{cells['ours']:>9}{pct:>8} |"
+                     + "".join(f"{cells[p]:>9}" for p in names) + " |" + "".join(f"{r:>8}" for r in ratios))
+    lines += textwrap.wrap("experts: distinct experts the routing touches (mean over the input sets); floor us = "
+                           "experts x the bytes of one expert's weights / the copy bandwidth; % floor = floor / ours' "
+                           "time (100% = the weights stream at copy speed); N.NNx = baseline us / ours us.", 110)
+    for (column, reason), where in sorted(reasons.items()):
+        lines.append(f"skip {column} ({', '.join(where)}): {reason}")
+    return lines
+
+
+def render_host_table(records: list, failed: set = frozenset()) -> list:
+    """Host overhead: the SparseMoE forward eager vs replayed from a CUDA graph, CUDA-event medians
+    of back-to-back calls and synchronised wall times. Empty when the run has no such records."""
+    rows = _rows_of(records, "host_overhead")
+    if not rows:
+        return []
+    lines = ["", "host overhead: SparseMoE forward under torch.inference_mode, eager vs replayed from a CUDA graph",
+             f"{'':<26}{'CUDA events, ms':>28}  {'synchronised wall, ms':>28}",
+             f"{'shape':<26}" + f"{'eager':>10}{'graph':>10}{'host':>10}" * 2]
+    lines.append("-" * len(lines[-1]))
+    shapes = []
+    for (config, size), by in sorted(rows.items()):
+        cells = []
+        for key in ("ms", "wall_ms"):
+            values = {}
+            for provider in HOST_PROVIDERS:
+                rec = by.get(provider) or {}
+                bad = ("host_overhead", config, size, "fwd", provider) in failed
+                value = rec.get("ms") if key == "ms" else (rec.get("extra") or {}).get(key)
+                values[provider] = None if bad else value
+                cells.append(_cell(rec, bad, values[provider]))
+            cells.append(_num(values["eager"] - values["graph"]) if values["eager"] and values["graph"] else "-")
+        lines.append(f"{config:<26}" + "".join(f"{c:>10}" for c in cells))
+        d = next(iter(by.values())).get("shape") or {}
+        if "T" in d:
+            shapes.append(f"{config} {d['T']}x{d['H']}x{d['F']}x{d['E']}x{d['k']}")
+    note = ("host = eager - graph: what the host's launches add to a call (events: calls back to back, where the "
+            "host may run ahead; wall: one call at a time, launch to completion).")
+    if shapes:
+        note += f" Shapes (T x H x F x E x k): {'; '.join(shapes)}."
+    return lines + textwrap.wrap(note, 110)
+
+
 def anchor_lines(records: list) -> list:
     """How each anchor ran (version, pinned or autotuned configs), from its records."""
     seen: dict = {}
@@ -411,6 +549,7 @@ def summary(check: Check, records: list, meta: dict, failed: set, interrupted: b
     lines += anchor_lines(records)
     lines.append("")
     lines += render_table(records, failed)
+    lines += render_decode_table(records, failed) + render_host_table(records, failed)
     return lines
 
 
@@ -441,7 +580,8 @@ def main(argv: Optional[list] = None) -> int:
 
     if args.table is not None:
         records, _ = load_records(args.table)
-        print("\n".join(anchor_lines(records) + render_table(records)))
+        print("\n".join(anchor_lines(records) + render_table(records) + render_decode_table(records)
+                        + render_host_table(records)))
         return 0
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(STAGES):
@@ -471,6 +611,8 @@ def main(argv: Optional[list] = None) -> int:
                 stage_tests(check, [p for p in args.tests.split(",") if p], args.marker, args.workers)
             elif name == "sweep":
                 stage_sweep(check)
+            elif name == "decode":
+                failed |= stage_decode(check, size, configs)
             else:
                 test, expr = {
                     "layer": ("benchmarks/test_layer.py", _k(size, configs, TABLE_PROVIDERS)),

@@ -62,7 +62,7 @@ TIE_FLIP_SHARE = 1e-3 if HAS_CUDA else 0.0
 class Record:
     """One measured (or skipped) provider; what the summary and the JSON writer read."""
 
-    group: str  # "layer", "topk_gating", "build_routing", "permute", "unpermute", "grouped_mlp"
+    group: str  # "layer", "topk_gating", "build_routing", "permute", "unpermute", "grouped_mlp", "decode", "host_overhead"
     config: str
     size: str
     mode: str  # "fwd" or "fwd+bwd"

@@ -23,8 +23,9 @@ from typing import Optional
 SCHEMA = 1  # the version written by benchmarks/results.py
 HERE = Path(__file__).resolve().parent
 DEFAULT_DIR = HERE / "results"
-# Groups whose providers are compared by GB/s (memory-bound); the others by TFLOP/s.
-MEMORY_BOUND = ("topk_gating", "build_routing", "permute", "unpermute")
+# Groups whose providers are compared by GB/s (memory-bound); the others by TFLOP/s. decode's GB/s
+# are the touched experts' weight bytes over the provider's time (benchmarks/test_decode.py).
+MEMORY_BOUND = ("topk_gating", "build_routing", "permute", "unpermute", "decode")
 
 
 def load_runs(directory: Path) -> list[dict]:

@@ -75,6 +75,13 @@ def summary_lines(records: Iterable) -> list[str]:
         claim = ANCHOR_CLAIMS.get((config, mode)) if (group, size) == ("layer", "full") else None
         if claim:
             lines.append(f"  {claim}")
+        floor = next((r.extra for r in ran if "floor_ms" in r.extra), None)
+        if floor:  # decode sizes (test_decode.py): the weight-read floor and each provider's share of it
+            shares = ", ".join(f"{r.provider} {r.extra['pct_of_floor']:.0f}%" for r in ran if "pct_of_floor" in r.extra)
+            lines.append(f"  floor: {floor['touched_experts']:.1f} experts' weights "
+                         f"({floor['floor_bytes'] / 1e6:.3g} MB) read once at {floor['copy_gbps']:.0f} GB/s = "
+                         f"{floor['floor_ms']:.4f} ms"
+                         + (f"; % of floor: {shares}" if shares else ""))
         if any(r.ms for r in ran):
             lines.append(header)
             for r in ran:
