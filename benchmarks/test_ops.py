@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from unimoe_kernels import baselines, ops, reference
+from unimoe_kernels.ops import routing
 
 from . import configs, harness
 from .harness import DEVICE, DTYPE, Record
@@ -117,7 +118,8 @@ def _index_add_unpermute(y_sorted, plan, weights, k):
 
 MEMORY_BOUND = {
     "topk_gating": ("torch_sequence", "ours"),
-    "build_routing": ("torch_sort", "ours"),
+    # Both compiled plans side by side (the default, "ours", picks _C when it serves the device).
+    "build_routing": ("torch_sort", "c_plan", "triton_plan", "ours"),
     "permute": ("index_select", "ours"),
     "unpermute": ("index_add", "ours"),
 }
@@ -151,8 +153,14 @@ def test_memory_bound_op(benchmark, size, name, op, provider):
         bytes_moved = 2 * t * e * 4 + n * 8
     elif op == "build_routing":
         want = reference.build_routing(inp.ids, e)
-        if ours:
-            fn = lambda ids: _ours(ops.build_routing, ids, e)  # noqa: E731
+        impl = {"c_plan": "c", "triton_plan": "triton"}.get(provider)
+        if impl == "c" and not routing._c_serves(inp.ids.device):
+            pytest.skip("unimoe_kernels._C does not serve this device")
+        if ours or impl is not None:
+            if ours:
+                fn = lambda ids: _ours(ops.build_routing, ids, e)  # noqa: E731
+            else:
+                fn = lambda ids: ops.build_routing(ids, e, impl=impl)  # noqa: E731
             plan = fn(inp.ids)
             got = (plan.tokens_per_expert, plan.expert_offsets, plan.sorted_slots, plan.slot_rows)
             assert torch.equal(plan.tile_expert.cpu(), want.tile_expert.cpu()), "tile_expert differs from reference.py"

@@ -14,12 +14,15 @@ permute() gathers x rows through sorted_slots // k, grouped_mlp() walks the tile
 unpermute() reads y_sorted through slot_rows.
 
 Implementations (`impl`):
-    "c"     the compiled extension unimoe_kernels._C: a stable O(N + E) counting sort on CPU
-            tensors, five sync-free kernels on the current stream for CUDA tensors. Exposed as
-            the custom op torch.ops.unimoe.routing_plan_c so torch.compile traces it.
-    "torch" reference.build_routing (scatter-add counts, torch.sort, searchsorted), the oracle.
-    "auto"  "c" when _C serves the tensor's device, else "torch".
-Both give identical plans for ids in [0, E). Ids outside that range are the caller's error: the
+    "c"       the compiled extension unimoe_kernels._C: a stable O(N + E) counting sort on CPU
+              tensors, five sync-free kernels on the current stream for CUDA tensors. Exposed as
+              the custom op torch.ops.unimoe.routing_plan_c so torch.compile traces it.
+    "triton"  kernels/routing.py: a blocked stable counting sort in three Triton launches and a
+              few small torch ops on the device (for installs built without nvcc). Custom op
+              torch.ops.unimoe.routing_plan_triton.
+    "torch"   reference.build_routing (scatter-add counts, torch.sort, searchsorted), the oracle.
+    "auto"    "c" when _C serves the tensor's device, else "triton" on CUDA, else "torch".
+All give identical plans for ids in [0, E). Ids outside that range are the caller's error: the
 CPU extension raises ValueError, the others cannot check without a host sync.
 """
 
@@ -33,7 +36,13 @@ from .. import _ext
 from ..reference import build_routing as _build_routing_torch
 from ..types import RoutingPlan
 
-_IMPLS = ("auto", "torch", "c")
+_IMPLS = ("auto", "torch", "c", "triton")
+
+# Slots per block of the Triton plan: one in-register sort of 1024 keys per program, and the
+# [blocks, E] count tables stay small (256 x E at the qwen3-30b-a3b shape's 262144 slots).
+_PLAN_BLOCK = 1024
+# Tiles located per program of the Triton tile map (each loads the E offsets once).
+_TILES_PER_PROGRAM = 64
 
 
 def _num_tiles(num_slots, num_experts: int, block_m: int):
@@ -108,6 +117,48 @@ def _routing_plan_c_fake(ids, num_experts, block_m):
     return i32(num_experts), i32(num_experts + 1), i32(n), i32(n), i32(tiles), i32(tiles)
 
 
+@torch.library.custom_op("unimoe::routing_plan_triton", mutates_args=())
+def routing_plan_triton(
+    ids: torch.Tensor, num_experts: int, block_m: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoutingPlan fields (counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start)
+    computed by the Triton kernels of kernels/routing.py; arguments are validated by build_routing."""
+    from ..kernels import routing as kern
+
+    flat = ids.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int64)
+    flat = flat.contiguous()
+    n, e = flat.numel(), num_experts
+    dev = flat.device
+    blocks = max(1, -(-n // _PLAN_BLOCK))
+    block_counts = torch.empty((blocks, e), dtype=torch.int32, device=dev)
+    kern.routing_histogram_kernel[(blocks,)](flat, block_counts, n, e, BLOCK=_PLAN_BLOCK,
+                                             BINS=_next_pow2(e + 1))
+    counts = block_counts.sum(0, dtype=torch.int32)
+    offsets = torch.zeros(e + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
+    base = offsets[:-1] + (torch.cumsum(block_counts, 0, dtype=torch.int32) - block_counts)
+    first = torch.cumsum(block_counts, 1, dtype=torch.int32) - block_counts
+    sorted_slots = torch.empty(n, dtype=torch.int32, device=dev)
+    slot_rows = torch.empty(n, dtype=torch.int32, device=dev)
+    kern.routing_scatter_kernel[(blocks,)](flat, base, first, sorted_slots, slot_rows, n, e, BLOCK=_PLAN_BLOCK)
+    tiles = _num_tiles(n, e, block_m)
+    tile_expert = torch.empty(tiles, dtype=torch.int32, device=dev)
+    tile_row_start = torch.empty(tiles, dtype=torch.int32, device=dev)
+    kern.routing_tile_map_kernel[(-(-tiles // _TILES_PER_PROGRAM),)](
+        offsets, tile_expert, tile_row_start, e, tiles, n, BLOCK_M=block_m, E_PAD=max(2, _next_pow2(e)),
+        BLOCK_T=_TILES_PER_PROGRAM)
+    return counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start
+
+
+routing_plan_triton.register_fake(_routing_plan_c_fake)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -135,9 +186,12 @@ def build_routing(
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
     if impl == "auto":
-        impl = "c" if _c_serves(ids.device) else "torch"
+        impl = "c" if _c_serves(ids.device) else "triton" if ids.device.type == "cuda" else "torch"
     if impl == "torch":
         return _build_routing_torch(ids, num_experts, block_m)
+    if impl == "triton":
+        fields = torch.ops.unimoe.routing_plan_triton(ids, num_experts, block_m)
+        return RoutingPlan(*fields, block_m=block_m)
 
     if ids.device.type not in ("cpu", "cuda"):
         raise ValueError(f"ids: impl='c' needs a cpu or cuda tensor, got device {ids.device}")
@@ -158,4 +212,4 @@ def build_routing(
     )
 
 
-__all__ = ["build_routing", "routing_plan_c"]
+__all__ = ["build_routing", "routing_plan_c", "routing_plan_triton"]
