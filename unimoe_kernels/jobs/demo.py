@@ -341,6 +341,10 @@ def run(args: argparse.Namespace) -> dict:
         dev = stack_device
         shape = args.stack if args.stack != "auto" else ("uni-moe-8e" if dev.type == "cuda" else "cpu-small")
         print(f"timing a {shape} SparseMoE layer stack on {dev} ...")
+        if dev.type == "cuda":
+            # The first call compiles the Triton kernels for this GPU (cached on disk afterwards);
+            # configs come from the shipped table, so nothing is autotuned here.
+            print("  compiling the Triton kernels for this GPU on first use (seconds; cached for later runs) ...")
         stack = measure_layer_stack(shape, dev, args.bench_rounds)
     final = stages[-1]["eval"]
     report = {
