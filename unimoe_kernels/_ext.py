@@ -21,9 +21,9 @@ def _load() -> Optional[ModuleType]:
         _C = importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         warnings.warn(
-            f"unimoe_kernels._C could not be imported ({exc}); unimoe_kernels falls back to its "
-            "torch implementations (build it with `pip install -e .`, which needs cmake and a "
-            "C++ compiler).",
+            f"unimoe_kernels._C could not be imported ({exc}); the routing plan runs as Triton "
+            "kernels on CUDA tensors and in torch on CPU tensors instead (build it with `pip "
+            "install -e .`, which needs cmake and a C++ compiler).",
             RuntimeWarning,
             stacklevel=3,
         )
