@@ -1,12 +1,13 @@
-"""torch.compile(fullgraph=True) of SparseMoE on the Triton path, and opcheck of its custom ops.
+"""torch.compile(fullgraph=True) of SparseMoE on the Triton and torch paths, torch.export of the
+torch path, and opcheck of the custom ops.
 
 fullgraph=True turns any graph break into an error, so a passing compile is the no-graph-break
 check; the test also asserts that one graph covers the whole forward, with the kernels as custom-op
 nodes and no data-dependent (unbacked) sizes.
 backend="aot_eager" traces forward and backward through AOTAutograd without needing a C++ compiler;
 the Triton kernels stay opaque custom ops (in the interpreter on CPU, conftest sets
-TRITON_INTERPRET=1). The torch (CPU) path is not meant to compile into one graph: its grouped MLP
-reads the expert counts on the host (reference.grouped_mlp).
+TRITON_INTERPRET=1). The torch (CPU) path's grouped GEMMs are the custom op unimoe::grouped_linear
+(grouped_linear.py), so it compiles into one graph too and exports with a dynamic token count.
 """
 
 import copy
@@ -98,13 +99,48 @@ def test_sparse_moe_fullgraph_matches_eager(device, shape, scoring, groups, why)
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_torch_path_fullgraph_and_export_match_eager(lora_rank):
+    """The CPU path: no Python branch on the expert counts, so one graph and an exported program."""
+    torch._dynamo.reset()
+    eager = SparseMoE(16, 8, 5, top_k=2, lora_rank=lora_rank, aux_loss_coef=0.1, backend="torch").train()
+    if lora_rank:
+        with torch.no_grad():
+            eager.experts.lora_B_gate_up.normal_(0, 0.3)
+            eager.experts.lora_B_down.normal_(0, 0.3)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend=backend)
+    for t in (10, 13):  # the second T recompiles with a symbolic T
+        x = torch.randn(t, 16)
+        for a, b in zip(_step(compiled, x, None), _step(eager, x, None)):
+            torch.testing.assert_close(a, b, **FP32)
+    targets = {n.target for n in graphs[0].graph.nodes}
+    assert unimoe.grouped_linear.default in targets
+    for g in graphs:
+        for n in g.graph.nodes:
+            assert not free_unbacked_symbols(n.meta.get("example_value")), n.format_node()
+    torch._dynamo.reset()
+
+    eager.eval()
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    exported = torch.export.export(eager, (torch.randn(10, 16),), dynamic_shapes=({0: tokens},))
+    x = torch.randn(37, 16)
+    torch.testing.assert_close(exported.module()(x), eager(x), **FP32)
+
+
 def _gating_args(device, t=6, e=6, k=2, bias=False, n_groups=1, topk_groups=1):
     logits = torch.randn(t, e, device=device, requires_grad=True)
     b = 0.1 * torch.randn(e, device=device) if bias else None
     return logits, b, k, "softmax", True, 1.5, n_groups, topk_groups
 
 
-@pytest.mark.parametrize("variant", ["plain", "bias_groups", "sigmoid_unnormalised", "empty"])
+@pytest.mark.parametrize("variant", ["plain", "bias_groups", "sigmoid_unnormalised", "empty", "stats",
+                                     "stats_empty"])
 def test_opcheck_topk_gating_fwd(device, variant):
     if variant == "plain":
         args = _gating_args(device)
@@ -113,6 +149,10 @@ def test_opcheck_topk_gating_fwd(device, variant):
     elif variant == "sigmoid_unnormalised":
         logits, b, k, _, _, _, g, tg = _gating_args(device, k=3)
         args = (logits, b, k, "sigmoid", False, 1.0, g, tg)
+    elif variant == "stats":  # also the aux-loss statistics (lse, probability column sums)
+        args = (*_gating_args(device, t=70), True)
+    elif variant == "stats_empty":
+        args = (*_gating_args(device, t=0), True)
     else:  # T = 0: no launch
         args = _gating_args(device, t=0)
     torch.library.opcheck(unimoe.topk_gating_fwd.default, args)
@@ -121,7 +161,7 @@ def test_opcheck_topk_gating_fwd(device, variant):
 @pytest.mark.parametrize("grads", ["weights", "scores", "both"])
 def test_opcheck_topk_gating_bwd(device, grads):
     logits, *rest = _gating_args(device)
-    _, ids, scores = unimoe.topk_gating_fwd(logits.detach(), *rest)
+    _, ids, scores, _, _ = unimoe.topk_gating_fwd(logits.detach(), *rest)
     dw = torch.randn(ids.shape, device=device) if grads != "scores" else None
     ds = torch.randn(scores.shape, device=device) if grads != "weights" else None
     torch.library.opcheck(unimoe.topk_gating_bwd.default, (dw, ds, scores, ids, "softmax", True, 1.5))

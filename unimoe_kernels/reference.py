@@ -11,9 +11,10 @@ Data flow of one layer (x: [T, H] after flattening, E experts, k slots per token
     unpermute(y_sorted, ...)   -> out [T, H]           (out[t] = sum_j w[t, j] y_sorted[row(t, j)])
 
 Everything here is differentiable through torch autograd. It is written for speed on CPU: the
-expert ids are sorted once, each expert does one matmul on a contiguous block of rows, and the
-combine is a k-way gather and batched dot, so there is no Python loop over tokens. The per-expert
-loop reads the counts on the host (one sync), which is free on CPU; the GPU path avoids it.
+expert ids are sorted once, each GEMM is one grouped GEMM over the experts' contiguous blocks of
+rows (grouped_linear.py: torch._grouped_mm inside a custom op), and the combine is a k-way gather
+and batched dot, so there is no Python loop over tokens or experts. Nothing branches on data in
+Python, so torch.compile(fullgraph=True) and torch.export trace every op here into one graph.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .grouped_linear import grouped_linear
 from .types import GatingOutput, RoutingPlan, max_tiles
 
 # ----------------------------------------------------------------------------------------------
@@ -312,17 +314,18 @@ def lora_rank_gates(
     return torch.softmax(rows, dim=-1) * r
 
 
-def _linear_lora(x, w, a, b, scale, dropout_p, training, gate=None):
-    """x @ w.T + scale * ((dropout(x) @ a.T) * gate) @ b.T, never forming b @ a; gate [rows, r] or None."""
-    y = x @ w.t()
+def _linear_lora(x, w, a, b, ends, scale, dropout_p, training, gate=None):
+    """Per expert block of rows: x @ w[e].T + scale * ((dropout(x) @ a[e].T) * gate) @ b[e].T, never
+    forming b @ a; gate [rows, r] or None."""
+    y = grouped_linear(x, w, ends)
     if a is not None:
         xa = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-        xa = xa @ a.t()
+        xa = grouped_linear(xa, a, ends)
         if gate is not None:
             # The gate runs in x's dtype here, as the Triton path rounds x A^T * g to x's dtype.
             xa = xa * gate.to(xa.dtype)
-        # addmm adds the scaled low-rank product in place of two more passes over y.
-        y = torch.addmm(y, xa, b.t(), alpha=scale)
+        # One pass adding the scaled low-rank product.
+        y = torch.add(y, grouped_linear(xa, b, ends), alpha=scale)
     return y
 
 
@@ -341,34 +344,22 @@ def grouped_mlp(
 ) -> torch.Tensor:
     """Expert MLP over rows already grouped by expert: x_sorted [N, H] -> y_sorted [N, H].
 
-    Expert e takes the next tokens_per_expert[e] rows: h = act(x W_gu[e]^T + s (x A_gu[e]^T) B_gu[e]^T),
-    y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale. rank_gates (g_gu [N, r], g_d [N, r],
-    rows in x_sorted's order, e.g. from lora_rank_gates) gate the rank-1 pieces of each LoRA term:
-    s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T. LoRA dropout acts on the LoRA input
-    only, as in PEFT. Reads the counts on the host once (this is the CPU path), so torch.compile
-    cannot trace it into one graph: fullgraph=True holds for the Triton path only.
+    Expert e takes the next tokens_per_expert[e] rows (the counts must sum to N): h = act(x W_gu[e]^T
+    + s (x A_gu[e]^T) B_gu[e]^T), y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale.
+    rank_gates (g_gu [N, r], g_d [N, r], rows in x_sorted's order, e.g. from lora_rank_gates) gate
+    the rank-1 pieces of each LoRA term: s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T.
+    LoRA dropout acts on the LoRA input only, as in PEFT.
+
+    Every GEMM is one grouped_linear op over all experts: no Python branch on the counts, so
+    torch.compile(fullgraph=True) and torch.export trace it into one graph with no data-dependent
+    size (grouped_linear.py says how the groups run).
     """
-    n, h = x_sorted.shape
-    # Unbind once: indexing a parameter per expert would make autograd allocate and zero-fill a
-    # full [E, ...] gradient for every expert in backward.
-    w_gu, w_d = gate_up_proj.unbind(0), down_proj.unbind(0)
-    none = (None,) * len(w_gu)
-    a_gu, b_gu, a_d, b_d = (none,) * 4 if lora is None else (t.unbind(0) for t in lora)
-    counts = tokens_per_expert.tolist()
-    outs = []
-    start = 0
-    for e, rows in enumerate(counts):
-        if rows == 0:
-            continue
-        sl = slice(start, start + rows)
-        start += rows
-        g_gu, g_d = (None, None) if rank_gates is None else (rank_gates[0][sl], rank_gates[1][sl])
-        hid = _linear_lora(x_sorted[sl], w_gu[e], a_gu[e], b_gu[e], lora_scale, lora_dropout, training, g_gu)
-        hid = apply_activation(hid, activation)
-        outs.append(_linear_lora(hid, w_d[e], a_d[e], b_d[e], lora_scale, lora_dropout, training, g_d))
-    if not outs:
-        return x_sorted.new_zeros((n, h))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    ends = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # end row of each expert's block
+    a_gu, b_gu, a_d, b_d = (None,) * 4 if lora is None else lora
+    g_gu, g_d = (None, None) if rank_gates is None else rank_gates
+    hid = _linear_lora(x_sorted, gate_up_proj, a_gu, b_gu, ends, lora_scale, lora_dropout, training, g_gu)
+    hid = apply_activation(hid, activation)
+    return _linear_lora(hid, down_proj, a_d, b_d, ends, lora_scale, lora_dropout, training, g_d)
 
 
 def moe_forward(
