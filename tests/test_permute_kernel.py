@@ -274,8 +274,8 @@ def build(fn, args, consts):
 i32, f32 = "i32", "fp32"
 build(gating.topk_gating_fwd_kernel,
       dict(logits_ptr="*fp32", bias_ptr="*fp32", scores_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
-           T=i32, E=i32, stride_l=i32, scaling_factor=f32),
-      dict(K=3, SCORING=1, NORMALIZE=True, HAS_BIAS=True, N_GROUPS=4, TOPK_GROUPS=2, GROUP_SIZE=4,
+           lse_ptr="*fp32", psum_ptr="*fp32", T=i32, E=i32, stride_l=i32, scaling_factor=f32),
+      dict(K=3, SCORING=1, NORMALIZE=True, HAS_BIAS=True, STATS=True, N_GROUPS=4, TOPK_GROUPS=2, GROUP_SIZE=4,
            BLOCK_T=64, BLOCK_E=16, BLOCK_K=4, BLOCK_G=4))
 build(gating.topk_gating_bwd_kernel,
       dict(scores_ptr="*fp32", ids_ptr="*i32", dweights_ptr="*fp32", dscores_ptr="*fp32", dlogits_ptr="*fp32",

@@ -38,7 +38,7 @@ from . import reference
 from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
-from .ops.gating import check_gating_args, topk_gating
+from .ops.gating import check_gating_args, router_losses, topk_gating
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.routing import build_routing
 from .types import GatingOutput, MoEAux, RoutingPlan
@@ -151,7 +151,9 @@ class TopKRouter(nn.Module):
         # nn.Linear's default init, so a router built here matches one built by a host model.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> GatingOutput:
+    def forward(self, x: torch.Tensor, return_stats: bool = False):
+        """x [T, H] -> GatingOutput; with return_stats, (GatingOutput, ops.gating.RouterStats) for
+        ops.gating.router_losses."""
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             x = x * noise
@@ -162,6 +164,7 @@ class TopKRouter(nn.Module):
                 logits, self.top_k, scoring=self.scoring, normalize=self.normalize_topk,
                 scaling_factor=self.scaling_factor, expert_bias=self.expert_bias,
                 n_groups=self.n_groups, topk_groups=self.topk_groups, backend=self.backend,
+                return_stats=return_stats,
             )
 
 
@@ -516,7 +519,12 @@ class SparseMoE(nn.Module):
                                                    self.router.weight)
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
-        gating = self.router(x2)
+        # The losses are made only when returned or trained through (in inference, and in training
+        # without either coefficient, nothing of them runs); their statistics come from the gating
+        # pass itself.
+        attach = self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0)
+        need_losses = attach or return_aux
+        gating, stats = self.router(x2, return_stats=True) if need_losses else (self.router(x2), None)
         plan = build_routing(gating.ids, self.num_experts)
         weights = gating.weights
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -540,13 +548,9 @@ class SparseMoE(nn.Module):
             y_local = self.experts.mlp(x_local, state.tokens_per_local_expert, plan=state.local_plan)
             y = combine(y_local, state, weights, backend=self.experts.backend)
 
-        # The losses cost a few small kernels: computed only when returned or trained through (in
-        # inference, and in training without either coefficient, nothing of them runs).
-        attach = self.training and torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0)
-        if attach or return_aux:
+        if need_losses:
             with router_fp32(x.device):
-                lbl = reference.load_balancing_loss(gating.scores, gating.ids, self.num_experts, self.router.scoring)
-                zl = reference.z_loss(gating.logits)
+                lbl, zl = router_losses(gating, stats, plan.tokens_per_expert, self.num_experts, self.router.scoring)
         if attach:
             y = attach_aux_loss(y, self.aux_loss_coef * lbl + self.z_loss_coef * zl)
         if token_groups is not None:

@@ -10,6 +10,9 @@ Forward, one program per BLOCK_T tokens, one read of the logits and one write of
         stable sort) -> ids [T, K] int32, raw weights gathered from the unbiased scores
     weights = scaling_factor * raw / max(sum raw, 1e-20) (or scaling_factor * raw)   [T, K] fp32
 
+With STATS, the same pass also writes logsumexp(logits) per row [T] and per-program column sums of
+the probabilities [programs, E]: the aux losses then read O(T + E) numbers instead of [T, E] twice.
+
 Backward, same tiling: d(weights) -> d(raw weights) through the renormalisation, scattered onto the
 chosen experts and added to d(scores) (the aux losses' gradient), then through softmax or sigmoid
 -> d(logits) [T, E] fp32. Scores are recomputed nowhere: the forward saved them.
@@ -38,6 +41,8 @@ def topk_gating_fwd_kernel(
     scores_ptr,  # [T, E] fp32 contiguous, written
     weights_ptr,  # [T, K] fp32 contiguous, written
     ids_ptr,  # [T, K] int32 contiguous, written
+    lse_ptr,  # [T] fp32 written when STATS: logsumexp of each row of logits (z-loss)
+    psum_ptr,  # [programs, E] fp32 written when STATS: this program's column sums of probabilities
     T,
     E,
     stride_l,
@@ -46,6 +51,7 @@ def topk_gating_fwd_kernel(
     SCORING: tl.constexpr,
     NORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,
     N_GROUPS: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
@@ -65,13 +71,25 @@ def topk_gating_fwd_kernel(
     # Rows past T load 0 rather than -inf so that their (never stored) softmax stays finite.
     x = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
     x = tl.where(cmask[None, :], x, float("-inf"))
+    m = tl.max(x, axis=1)
+    ex = tl.exp(x - m[:, None])
+    ex_sum = tl.sum(ex, axis=1)
     if SCORING == 0:
-        m = tl.max(x, axis=1)
-        ex = tl.exp(x - m[:, None])
-        p = ex / tl.sum(ex, axis=1)[:, None]
+        p = ex / ex_sum[:, None]
     else:
         p = tl.sigmoid(x)
     tl.store(scores_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
+    if STATS:
+        # What the aux losses need, from the tile already in registers: logsumexp per row (z-loss)
+        # and this program's column sums of the probabilities (load-balancing loss; sigmoid scores
+        # are normalised per token first, with reference.load_balancing_loss's floor).
+        tl.store(lse_ptr + rows, m + tl.log(ex_sum), mask=rmask)
+        if SCORING == 0:
+            probs = p
+        else:
+            probs = p / tl.maximum(tl.sum(tl.where(cmask[None, :], p, 0.0), axis=1), NORM_FLOOR)[:, None]
+        col = tl.sum(tl.where(mask, probs, 0.0), axis=0)
+        tl.store(psum_ptr + pid.to(tl.int64) * E + cols, col, mask=cmask)
 
     sel = p
     if HAS_BIAS:

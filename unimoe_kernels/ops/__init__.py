@@ -6,10 +6,10 @@ Expert parallel: topk_gating -> build_routing -> dispatch -> grouped_mlp -> comb
 """
 
 from .dispatch import combine, dispatch
-from .gating import topk_gating
+from .gating import RouterStats, router_losses, topk_gating
 from .grouped_gemm import grouped_mlp, grouped_mlp_combine, grouped_mlp_gather
 from .permute import permute, unpermute
 from .routing import build_routing
 
-__all__ = ["topk_gating", "build_routing", "permute", "unpermute", "grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine",
+__all__ = ["topk_gating", "router_losses", "RouterStats", "build_routing", "permute", "unpermute", "grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine",
            "dispatch", "combine"]

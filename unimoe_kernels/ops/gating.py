@@ -12,15 +12,16 @@ gradients up to fp32 rounding. The two kernels are the custom ops unimoe::topk_g
 unimoe::topk_gating_bwd, with fakes and autograd registered, so torch.compile(fullgraph=True)
 traces them as single nodes.
 
-The aux-loss statistics (load-balancing loss, z-loss) are computed from the returned scores, ids
-and logits by reference.load_balancing_loss and reference.z_loss; their gradient reaches the logits
-through d(scores) here and through the returned logits tensor.
+The aux losses (load-balancing loss, z-loss): with return_stats=True the same kernel pass also
+writes logsumexp per row and column sums of the probabilities (RouterStats), and router_losses
+makes both losses from them and the plan's expert counts, O(T + E) work; their gradient reaches the
+logits through d(scores) here and through the returned logits tensor, as the reference's would.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -33,6 +34,68 @@ from ..types import GatingOutput
 _TILE_ELEMS = 2048
 # Most tokens per program; more only adds masked rows for small T.
 _MAX_BLOCK_T = 64
+# Floor of a sigmoid row sum when scores are normalised into probabilities (reference's value).
+_PROB_FLOOR = 1e-20
+
+
+class RouterStats(NamedTuple):
+    """What the aux losses need from a gating pass, without their gradient (RouterLosses routes it
+    through the scores and logits): lse [T] fp32, logsumexp of each row of logits; prob_sums [E]
+    fp32, column sums of the routing probabilities (softmax scores, or sigmoid scores normalised
+    per token)."""
+
+    lse: torch.Tensor
+    prob_sums: torch.Tensor
+
+
+class _RouterLosses(torch.autograd.Function):
+    """(load-balancing loss, z-loss) from RouterStats and the expert counts, with the gradients
+    reference.load_balancing_loss and reference.z_loss would give, to scores and logits:
+
+        lbl = E * sum_e (counts_e / N) * (prob_sums_e / T)   d lbl / d probs[t, e] = E counts_e / (N T)
+        z   = sum_t lse_t^2 / T                              d z / d logits[t] = 2 lse_t softmax(logits[t]) / T
+    """
+
+    @staticmethod
+    def forward(ctx, scores, logits, lse, prob_sums, counts, num_experts: int, num_slots: int, scoring: str):
+        t = scores.shape[0]
+        f = counts.to(torch.float32) / max(num_slots, 1)
+        lbl = num_experts * (f * prob_sums).sum() / max(t, 1)
+        z = (lse * lse).sum() / max(t, 1)
+        ctx.save_for_backward(scores, logits, lse, f)
+        ctx.cfg = (num_experts, scoring)
+        return lbl, z
+
+    @staticmethod
+    def backward(ctx, d_lbl, d_z):
+        scores, logits, lse, f = ctx.saved_tensors
+        num_experts, scoring = ctx.cfg
+        t = max(scores.shape[0], 1)
+        d_scores = d_logits = None
+        if ctx.needs_input_grad[0]:
+            c = (d_lbl * num_experts / t) * f  # [E]: d lbl / d probs of any token
+            if scoring == "softmax":
+                d_scores = c.expand_as(scores)
+            else:
+                # probs = scores / max(S, floor), S = row sum: the quotient rule, the floor's
+                # gradient zero where it binds (as clamp_min's).
+                s = scores.sum(-1, keepdim=True)
+                s_c = s.clamp_min(_PROB_FLOOR)
+                corr = ((c * scores).sum(-1, keepdim=True) / s_c) * (s >= _PROB_FLOOR)
+                d_scores = (c - corr) / s_c
+        if ctx.needs_input_grad[1]:
+            d_logits = (d_z * 2.0 / t) * lse[:, None] * torch.exp(logits - lse[:, None])
+        return d_scores, d_logits, None, None, None, None, None, None
+
+
+def router_losses(gating: GatingOutput, stats: RouterStats, tokens_per_expert: torch.Tensor, num_experts: int,
+                  scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(load_balancing_loss, z_loss), scalar fp32, equal to reference.load_balancing_loss(gating.scores,
+    gating.ids, ...) and reference.z_loss(gating.logits) in value and gradient, from the statistics
+    of the gating pass (topk_gating(..., return_stats=True)) and the plan's tokens_per_expert: no
+    further pass over the [T, E] scores or logits in the forward."""
+    return _RouterLosses.apply(gating.scores, gating.logits, stats.lse.detach(), stats.prob_sums.detach(),
+                               tokens_per_expert, num_experts, gating.ids.numel(), scoring)
 
 
 def check_gating_args(num_experts: int, top_k: int, n_groups: int, topk_groups: Optional[int], scoring: str) -> None:
@@ -71,26 +134,37 @@ def _blocks(num_experts: int) -> tuple[int, int]:
     return block_t, block_e
 
 
-def _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
+def _stats_rows(t: int, e: int) -> int:
+    """Rows of the per-program column sums: one per program of the forward kernel (1 when T = 0)."""
+    return max(1, triton_cdiv(t, _blocks(e)[0]))
+
+
+def _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups,
+                          stats=False):
     """Launches the forward kernel; the body of unimoe::topk_gating_fwd."""
     from ..kernels import gating as kern  # lazy: importing triton is deferred to first launch
 
     t, e = logits.shape
-    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
-    scores = torch.empty((t, e), dtype=torch.float32, device=logits.device)
+    dev = logits.device
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=dev)
+    scores = torch.empty((t, e), dtype=torch.float32, device=dev)
+    lse = torch.empty((t if stats else 0,), dtype=torch.float32, device=dev)
+    # Zeros: an empty batch launches nothing and must still sum to zero probability.
+    psum = torch.zeros((_stats_rows(t, e), e) if stats else (0,), dtype=torch.float32, device=dev)
     if t > 0:
         logits_c = _unit_inner(logits)
         block_t, block_e = _blocks(e)
         kern.topk_gating_fwd_kernel[(triton_cdiv(t, block_t),)](
             logits_c, expert_bias if expert_bias is not None else scores, scores, weights, ids,
+            lse if stats else scores, psum if stats else scores,
             t, e, logits_c.stride(0), float(scaling_factor),
             K=top_k, SCORING=_scoring_id(kern, scoring), NORMALIZE=bool(normalize),
-            HAS_BIAS=expert_bias is not None, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups, GROUP_SIZE=e // n_groups,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), BLOCK_G=_next_pow2(n_groups),
-            num_warps=4,
+            HAS_BIAS=expert_bias is not None, STATS=bool(stats), N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
+            GROUP_SIZE=e // n_groups, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
+            BLOCK_G=_next_pow2(n_groups), num_warps=4,
         )
-    return weights, ids, scores
+    return weights, ids, scores, lse, psum
 
 
 def _topk_gating_bwd_impl(d_weights, d_scores, scores, ids, scoring, normalize, scaling_factor):
@@ -132,19 +206,26 @@ def topk_gating_fwd(
     scaling_factor: float,
     n_groups: int,
     topk_groups: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E] fp32 (unit column stride not required), expert_bias [E] fp32 contiguous or None
-    -> (weights [T, k] fp32, ids [T, k] int32, scores [T, E] fp32); arguments checked by topk_gating."""
-    return _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups)
+    -> (weights [T, k] fp32, ids [T, k] int32, scores [T, E] fp32, lse [T] fp32, probability column
+    sums [programs, E] fp32); the last two only with stats (else [0]), not differentiable (the
+    losses made from them route their gradient through scores and logits: RouterLosses).
+    Arguments checked by topk_gating."""
+    return _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups,
+                                 stats)
 
 
 @topk_gating_fwd.register_fake
-def _(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups):
+def _(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups, stats=False):
     t, e = logits.shape
     return (
         logits.new_empty((t, top_k), dtype=torch.float32),
         logits.new_empty((t, top_k), dtype=torch.int32),
         logits.new_empty((t, e), dtype=torch.float32),
+        logits.new_empty((t if stats else 0,), dtype=torch.float32),
+        logits.new_empty((_stats_rows(t, e), e) if stats else (0,), dtype=torch.float32),
     )
 
 
@@ -169,20 +250,21 @@ def _(d_weights, d_scores, scores, ids, scoring, normalize, scaling_factor):
 
 
 def _gating_setup_context(ctx, inputs, output):
-    _logits, _bias, _top_k, scoring, normalize, scaling_factor, _n_groups, _topk_groups = inputs
-    _weights, ids, scores = output
+    _logits, _bias, _top_k, scoring, normalize, scaling_factor, _n_groups, _topk_groups, _stats = inputs
+    _weights, ids, scores, lse, psum = output
+    ctx.mark_non_differentiable(ids, lse, psum)
     ctx.save_for_backward(scores, ids)
     ctx.cfg = (scoring, bool(normalize), float(scaling_factor))
     # Unused outputs (no aux loss: no d(scores)) come back as None and the kernel skips reading them.
     ctx.set_materialize_grads(False)
 
 
-def _gating_backward(ctx, d_weights, _d_ids, d_scores):
+def _gating_backward(ctx, d_weights, _d_ids, d_scores, _d_lse, _d_psum):
     if d_weights is None and d_scores is None:
-        return (None,) * 8
+        return (None,) * 9
     scores, ids = ctx.saved_tensors
     d_logits = topk_gating_bwd(d_weights, d_scores, scores, ids, *ctx.cfg)
-    return (d_logits,) + (None,) * 7
+    return (d_logits,) + (None,) * 8
 
 
 topk_gating_fwd.register_autograd(_gating_backward, setup_context=_gating_setup_context)
@@ -199,11 +281,14 @@ def topk_gating(
     n_groups: int = 1,
     topk_groups: Optional[int] = None,
     backend: str = "auto",
-) -> GatingOutput:
+    return_stats: bool = False,
+):
     """Differentiable top-k gating of logits [T, E]; see reference.topk_gating for the semantics.
 
     backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton". fp64 logits
     always take the torch path, which keeps fp64 end to end (gradcheck); the kernels compute in fp32.
+    return_stats=True returns (GatingOutput, RouterStats): what router_losses needs, made in the
+    same pass by the Triton path (the torch path computes it from scores and logits).
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -227,14 +312,24 @@ def topk_gating(
             raise ValueError(f"expert_bias is on {expert_bias.device} but logits are on {logits.device}")
     use_triton = resolve(backend, logits.device) == "triton" and logits.dtype != torch.float64
     if not use_triton:
-        return reference.topk_gating(
+        out = reference.topk_gating(
             logits, top_k, scoring=scoring, normalize=normalize, scaling_factor=scaling_factor,
             expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
         )
+        if not return_stats:
+            return out
+        with torch.no_grad():
+            lse = torch.logsumexp(out.logits, dim=-1)
+            probs = out.scores
+            if scoring == "sigmoid":
+                probs = probs / probs.sum(-1, keepdim=True).clamp_min(_PROB_FLOOR)
+            return out, RouterStats(lse, probs.sum(0))
     logits32 = logits.to(torch.float32)
     bias32 = None if expert_bias is None else expert_bias.detach().to(torch.float32).contiguous()
     topk_groups = n_groups if topk_groups is None else topk_groups
-    weights, ids, scores = topk_gating_fwd(
+    weights, ids, scores, lse, psum = topk_gating_fwd(
         logits32, bias32, top_k, scoring, bool(normalize), float(scaling_factor), n_groups, topk_groups,
+        bool(return_stats),
     )
-    return GatingOutput(weights=weights, ids=ids, scores=scores, logits=logits32)
+    out = GatingOutput(weights=weights, ids=ids, scores=scores, logits=logits32)
+    return (out, RouterStats(lse, psum.sum(0))) if return_stats else out
