@@ -11,5 +11,7 @@ from .grouped_gemm import grouped_mlp, grouped_mlp_combine, grouped_mlp_gather
 from .permute import permute, unpermute
 from .routing import build_routing
 
-__all__ = ["topk_gating", "router_losses", "RouterStats", "build_routing", "permute", "unpermute", "grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine",
-           "dispatch", "combine"]
+__all__ = [
+    "topk_gating", "router_losses", "RouterStats", "build_routing", "permute", "unpermute", "grouped_mlp",
+    "grouped_mlp_gather", "grouped_mlp_combine", "dispatch", "combine",
+]
