@@ -28,13 +28,19 @@ def pytest_addoption(parser):
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's pytest_configure reads --benchmark-quiet
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "on_device: takes the `device` fixture, so it runs the kernels on the GPU "
+                                       "when there is one (set by this conftest; the GPU check selects them)")
     if config.getoption("capture") == "no":
         config.option.bench_tables = True  # -s: the user is watching the output
     if not config.option.bench_tables:
         config.option.benchmark_quiet = True  # pytest-benchmark's tables; timings still recorded
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

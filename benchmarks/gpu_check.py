@@ -10,7 +10,7 @@ A failed or timed-out stage is reported and the next one runs:
 
     wheels     pip install --no-index --no-deps wheels/*.whl            anchors' wheels (no network there)
     build      pip install --no-index --no-build-isolation --no-deps -e .   builds _C; then has_c, has_c_cuda
-    tests      pytest -m gpu tests -n WORKERS (xdist)                   -> junit-tests.xml
+    tests      pytest -m 'gpu or on_device' tests -n WORKERS                   -> junit-tests.xml
     decode     benchmarks/test_decode.py, full sizes: T in {1, 8, 64, 256} at qwen3-30b-a3b and
                mixtral (ours, torch._grouped_mm, Liger) against the weight-read floor, and the
                SparseMoE forward eager vs CUDA-graph replay at T=4096 (the host overhead)
@@ -571,7 +571,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out, of {','.join(STAGES)}")
     parser.add_argument("--configs", default="", help="comma-separated shape names to benchmark (default: all)")
     parser.add_argument("--tests", default="tests", help="comma-separated test paths of the tests stage")
-    parser.add_argument("--marker", default="gpu", help="pytest -m expression of the tests stage ('' for none)")
+    # on_device: every kernel test taking the `device` fixture runs on the GPU too (fp32/fp16 edge
+    # cases, LoRA, dropout, gradients), not only the GPU-only ones.
+    parser.add_argument("--marker", default="gpu or on_device",
+                        help="pytest -m expression of the tests stage ('' for none)")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("UNIMOE_GPU_CHECK_WORKERS", WORKERS)),
                         help=f"xdist workers of the tests stage (default {WORKERS})")
     parser.add_argument("--table", type=Path, default=None, metavar="DIR",
