@@ -1,10 +1,7 @@
-"""patch_moe on tiny random transformers MoE models (no downloads): the patched model must compute what
-the unpatched one computes (logits, router logits / aux loss, every gradient, greedy generation),
-share its weight Parameters, save in the host's format, and with LoRA equal an independent oracle:
-the unpatched model whose expert weights are parametrised as W + s * B @ A.
-
-Shapes are tiny (H=32, two layers, 2x7 tokens) so the whole file runs in seconds on CPU; the
-expert counts and k are chosen to cover a prime E (5) and k=3 (not a power of two).
+"""patch_moe on tiny random transformers MoE models (tests/tiny_hf.py, no downloads): the patched model
+must compute what the unpatched one computes (logits, router logits / aux loss, every gradient,
+greedy generation), share its weight Parameters, save in the host's format, and with LoRA equal an
+independent oracle: the unpatched model whose expert weights are parametrised as W + s * B @ A.
 """
 
 from __future__ import annotations
@@ -22,61 +19,10 @@ from unimoe_kernels.integrations.transformers import (  # noqa: E402
     patch_moe, patched_experts, unpatch_moe, unsupported_reason,
 )
 
-VOCAB = 100
-COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def _config(family: str, **overrides):
-    if family == "mixtral":
-        cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **COMMON)
-    elif family == "qwen2_moe":
-        # Shared expert with its sigmoid gate; no renormalisation of the top-k weights; prime E.
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
-                                          num_experts=5, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
-    elif family == "qwen3_moe":
-        # k=3: not a power of two; renormalised top-k.
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
-                                          norm_topk_prob=True, head_dim=8, **COMMON)
-    elif family == "olmoe":
-        cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=6, num_experts_per_tok=2, **COMMON)
-    else:
-        raise AssertionError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM"}
-FAMILIES = tuple(_CLASSES)
-
-
-def _model(family: str, **overrides) -> nn.Module:
-    torch.manual_seed(0)
-    model = getattr(transformers, _CLASSES[family])(_config(family, **overrides)).float()
-    # HF's init (std 0.02) makes the router almost uniform; larger router weights give clear top-k
-    # margins, so no near-tie can flip between two summation orders.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(0.0, 1.0)
-    return model.eval()
-
-
-def _tokens(batch=2, seq=7):
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids, output_router_logits=True)
-    (out.loss + out.aux_loss).backward()
-    return out, _grads(model)
+from tiny_hf import FAMILIES, VOCAB, compiled_greedy, eager_greedy  # noqa: E402
+from tiny_hf import loss_and_grads as _loss_and_grads  # noqa: E402
+from tiny_hf import model as _model  # noqa: E402
+from tiny_hf import tokens as _tokens  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -451,3 +397,99 @@ def test_lora_with_trainable_base_and_mode_kept():
     ids = _tokens()
     model(ids, labels=ids).loss.backward()
     assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.abs().sum() > 0
+
+
+INTERFACE = ("config", "num_experts", "hidden_dim", "intermediate_dim", "act_fn", "_apply_gate", "has_gate", "has_bias",
+             "is_transposed", "is_concatenated", "has_post_expert_norm", "_is_expert_parallel")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_experts_keep_the_interface_attributes(family):
+    model = _model(family)
+    hosts = {n: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
+    patch_moe(model)
+    for name, ex in patched_experts(model).items():
+        host = hosts[name]
+        for attr in INTERFACE:
+            assert hasattr(ex, attr), attr
+            if attr not in ("_apply_gate",):
+                assert getattr(ex, attr) == getattr(host, attr), attr
+        assert ex.config is model.config
+    # A module outside transformers gets the flags of the layout PatchedExperts holds.
+    block = nn.ModuleDict({"experts": _ToyExperts()})
+    patch_moe(block)
+    ex = block["experts"]
+    assert (ex.has_gate, ex.has_bias, ex.is_transposed, ex.is_concatenated, ex.has_post_expert_norm,
+            ex._is_expert_parallel) == (True, False, False, True, False, False)
+
+
+def test_patched_experts_skip_the_sentinel_index_like_the_host():
+    """Index == num_experts (transformers' "expert on another rank") is skipped, not an error."""
+    ref = _model("qwen3_moe")
+    ref.set_experts_implementation("eager")
+    host = ref.model.layers[0].mlp.experts
+    model = copy.deepcopy(ref)
+    patch_moe(model, lora_rank=2)
+    ex = patched_experts(model)["model.layers.0.mlp.experts"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 32, generator=g)
+    idx = torch.randint(0, 5, (5, 3), generator=g)
+    idx[1, 0], idx[4] = 5, 5
+    w = torch.rand(5, 3, generator=g)
+    outs = []
+    for m in (ex, host):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = m(xx, idx, ww)
+        outs.append((y, *torch.autograd.grad(y, (xx, ww), torch.ones_like(y))))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert outs[0][2][1, 0] == 0 and outs[0][2][4].abs().max() == 0
+
+
+def test_set_experts_implementation_on_a_patched_model(monkeypatch):
+    calls = []
+    real = moe_modules.grouped_mlp_combine
+    monkeypatch.setattr(moe_modules, "grouped_mlp_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref = _model("mixtral")
+    before = ref.config._experts_implementation
+    model = copy.deepcopy(ref)
+    patch_moe(model)
+    assert model.get_experts_implementation()[""] == "unimoe"  # what runs, truthfully
+    ids = _tokens()
+    want = ref(ids).logits
+    for impl, ours in (("grouped_mm", False), ("batched_mm", False), ("eager", False), ("unimoe", True)):
+        calls.clear()
+        model.set_experts_implementation(impl)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert bool(calls) == ours, impl  # transformers' kernels on the same Parameters, or ours
+    unpatch_moe(model)
+    assert model.config._experts_implementation == before
+
+
+def test_set_experts_implementation_with_patch_lora_raises():
+    model = _model("qwen2_moe")
+    patch_moe(model, lora_rank=2)
+    model.set_experts_implementation("grouped_mm")
+    with pytest.raises(RuntimeError, match="without the adapter"):
+        model(_tokens())
+    model.set_experts_implementation("unimoe")
+    model(_tokens())
+
+
+def test_patched_model_compiles_fullgraph_and_exports():
+    """_can_compile_fullgraph stays True after patch_moe, and it is true."""
+    ref = _model("qwen2_moe")
+    model = copy.deepcopy(ref)
+    patch_moe(model)
+    assert model._can_compile_fullgraph
+    prompt = _tokens(batch=2, seq=5)
+    want = eager_greedy(ref, prompt)
+    got, graphs = compiled_greedy(model, prompt)
+    assert graphs and torch.equal(got, want)
+    ids = _tokens()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False},
+                             dynamic_shapes={"input_ids": {1: seq}, "use_cache": None})
+    other = _tokens(seq=9)
+    torch.testing.assert_close(ep.module()(input_ids=other, use_cache=False).logits, ref(other).logits,
+                               rtol=1e-5, atol=1e-5)

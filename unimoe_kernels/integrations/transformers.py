@@ -1,4 +1,16 @@
-"""Patch Hugging Face transformers MoE models to run their experts on this package's kernels.
+"""Run Hugging Face transformers MoE models on this package's kernels: two doors.
+
+1. `experts_implementation="unimoe"` (experts_interface.py): importing this module registers
+   "unimoe" in transformers' ExpertsInterface (`register()` does it for lazy importers), so
+
+       model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="unimoe")
+       model.set_experts_implementation("unimoe")          # or switch a loaded model
+
+   runs every experts module on the grouped kernels with its own Parameters, flags and semantics,
+   including PEFT target_parameters LoRA on the expert weights (fused, never W + B·A).
+
+2. `patch_moe(model, lora_rank=...)` swaps the experts modules for PatchedExperts, which carry this
+   package's own per-expert LoRA (and export / import it as PEFT adapters, integrations.peft).
 
 Data flow of a patched MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, any transformers v5 block):
 
@@ -10,7 +22,9 @@ Data flow of a patched MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, any tran
                                                   GroupedExperts holding the host's own
                                                   gate_up_proj [E, 2F, H] / down_proj [E, H, F]
                                                   nn.Parameter objects (no copy), plus optional
-                                                  LoRA lora_A_* / lora_B_* (base then frozen)
+                                                  LoRA lora_A_* / lora_B_* (base then frozen);
+                                                  slots naming expert index E (transformers'
+                                                  "expert on another rank") are skipped
       (+ shared expert with its sigmoid gate, Qwen2-MoE)             host code, unchanged
 
 Only the experts module is replaced, so the parameter names of the host's state dict (and what
@@ -18,10 +32,17 @@ Only the experts module is replaced, so the parameter names of the host's state 
 host's, and a model this module does not know still works as long as its experts follow the v5
 experts interface: parameters gate_up_proj [E, 2F, H] (gate rows first) and down_proj [E, H, F],
 no bias, a SiLU or exact-GELU gate activation, called as experts(hidden_states, top_k_index,
-top_k_weights). Nothing here imports transformers: modules are recognised by that interface.
+top_k_weights). PatchedExperts keeps the interface attributes transformers' code reads on experts
+modules (config, num_experts, act_fn, _apply_gate, has_gate, has_bias, is_transposed,
+is_concatenated, has_post_expert_norm, _is_expert_parallel).
 
-`unpatch_moe(model, merge_lora=...)` puts the host's experts modules back (folding the LoRA delta
-into the base weights when asked), e.g. before `save_pretrained` of a merged model.
+The model's experts implementation stays truthful: patch_moe sets the config's
+`_experts_implementation` to "unimoe" (unless some experts module under that config could not be
+swapped), and a later `set_experts_implementation("grouped_mm" | "batched_mm" | "eager" | ...)`
+makes the patched modules hand every call to the host module they replaced, i.e. transformers'
+kernels; with patch_moe's LoRA on them that raises instead, since those kernels would silently drop
+the adapter. `unpatch_moe(model, merge_lora=...)` puts the host's experts modules back (folding the
+LoRA delta into the base weights when asked) and the implementation the config had before.
 """
 
 from __future__ import annotations
@@ -33,10 +54,11 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..backend import check_backend
 from ..modules import GroupedExperts
+from . import experts_interface
+from .experts_interface import EXPERTS_IMPLEMENTATION, glu_activation, register, skip_sentinel
 
 # Host experts attributes (set by transformers' @use_experts_implementation) whose non-default value
 # means a layout GroupedExperts does not hold: weights stored [E, H, 2F], gate/up interleaved, a bias,
@@ -44,31 +66,11 @@ from ..modules import GroupedExperts
 _LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                  "has_post_expert_norm": False}
 _EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")
+# Attributes transformers' experts modules carry (expert-parallel plans, exporters and the experts
+# implementations read them) that PatchedExperts keeps: copied from the host, or these defaults
+# (the layout PatchedExperts holds) for a host outside transformers.
+_INTERFACE_DEFAULTS = {**_LAYOUT_FLAGS, "_is_expert_parallel": False}
 _LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
-
-
-def _activation_of(act_fn) -> Optional[str]:
-    """'swiglu' or 'geglu' when act_fn computes silu or exact (erf) gelu, else None.
-
-    Decided by evaluating it rather than by class name, so any module or function that computes the
-    same thing qualifies and a look-alike (gelu with the tanh approximation) does not.
-    """
-    if not callable(act_fn):
-        return None
-    # Points on both sides of 0 and in the tails, in fp64 so that the tanh approximation of gelu
-    # (off by up to ~1e-3) cannot pass for the exact form.
-    probe = torch.linspace(-6.0, 6.0, 49, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            out = act_fn(probe)
-    except Exception:  # an activation that cannot run on a CPU fp64 tensor is not one we know
-        return None
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
-        return None
-    for name, ref in (("swiglu", F.silu), ("geglu", F.gelu)):
-        if torch.allclose(out, ref(probe), rtol=0.0, atol=1e-12):
-            return name
-    return None
 
 
 def unsupported_reason(module: nn.Module) -> Optional[str]:
@@ -79,7 +81,9 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     down = module._parameters.get("down_proj")
     if gate_up is None or down is None:
         if hasattr(module, "parameter_name") or hasattr(module, "parametrizations"):
-            return "its expert weights are wrapped (a PEFT ParamWrapper or a parametrization); import that adapter with integrations.peft instead"
+            return ("its expert weights are wrapped (a PEFT ParamWrapper or a parametrization); run the model with "
+                    'set_experts_implementation("unimoe"), which reads PEFT\'s LoRA factors, or import that adapter '
+                    "with integrations.peft instead")
         return "no gate_up_proj / down_proj parameters"
     for flag, ok in _LAYOUT_FLAGS.items():
         if getattr(module, flag, ok) != ok:
@@ -102,8 +106,12 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         params = []
     if tuple(params) != _EXPERTS_CALL:
         return f"forward is not experts{_EXPERTS_CALL} (got {tuple(params)})"
-    if _activation_of(getattr(module, "act_fn", None)) is None:
+    if glu_activation(getattr(module, "act_fn", None)) is None:
         return f"act_fn {getattr(module, 'act_fn', None)!r} is neither silu nor exact gelu"
+    gate_fn = getattr(type(module), "_apply_gate", None)
+    default_gate = experts_interface._DEFAULT_APPLY_GATE
+    if gate_fn is not None and default_gate is not None and gate_fn is not default_gate:
+        return "it overrides _apply_gate (a gate other than act_fn(gate) * up)"
     return None
 
 
@@ -133,7 +141,13 @@ class PatchedExperts(GroupedExperts):
     """GroupedExperts on a host experts module's own weight Parameters (the v5 experts call).
 
     Built by `from_host`; `host_experts` is the module it replaced (kept out of the module tree so
-    its parameters are not registered twice), which `unpatch_moe` puts back.
+    its parameters are not registered twice), which `unpatch_moe` puts back. A slot whose expert
+    index is >= num_experts is skipped, as transformers' experts skip it.
+
+    It follows the config's experts implementation: while that is "unimoe" (or what it was right
+    after patching) this package's kernels run; after set_experts_implementation to anything else
+    every call goes to host_experts, i.e. transformers' kernels on the same Parameters, and with
+    this module's LoRA that raises (those kernels would drop the adapter without a word).
 
     With LoRA, a forward that builds a graph (training mode, grad enabled) raises when any LoRA
     factor has requires_grad=False: something froze the adapters after patching (PEFT's
@@ -143,8 +157,23 @@ class PatchedExperts(GroupedExperts):
     """
 
     require_trainable_lora = True
+    # The config's experts implementation right after patching, and before it (set by patch_moe).
+    _impl_at_patch: Optional[str] = EXPERTS_IMPLEMENTATION
+    _impl_before_patch: Optional[str] = None
+    _config_marked = False  # whether patch_moe set the config to "unimoe"
+
+    def requested_implementation(self) -> Optional[str]:
+        """The experts implementation the host config asks for now (None without a config)."""
+        return getattr(getattr(self, "config", None), "_experts_implementation", None)
+
+    def runs_this_package(self) -> bool:
+        """False once the config was switched to another experts implementation after patching."""
+        impl = self.requested_implementation()
+        return impl is None or impl in (EXPERTS_IMPLEMENTATION, self._impl_at_patch)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if not self.runs_this_package():
+            return self._host_forward(hidden_states, top_k_index, top_k_weights)
         if self.lora_rank and self.require_trainable_lora and self.training and torch.is_grad_enabled():
             frozen = [n for n in _LORA_NAMES if not getattr(self, n).requires_grad]
             if frozen:
@@ -154,7 +183,24 @@ class PatchedExperts(GroupedExperts):
                     "(e.g. after peft.get_peft_model), or set require_trainable_lora = False on this module "
                     "to freeze them on purpose"
                 )
-        return super().forward(hidden_states, top_k_index, top_k_weights)
+        ids, weights = skip_sentinel(top_k_index, top_k_weights, self.num_experts)
+        return super().forward(hidden_states, ids, weights)
+
+    def _host_forward(self, hidden_states, top_k_index, top_k_weights):
+        impl = self.requested_implementation()
+        if self.lora_rank:
+            raise RuntimeError(
+                f'experts_implementation is {impl!r} but these experts were patched by patch_moe with '
+                f"lora_rank={self.lora_rank}: transformers' kernels would run without the adapter. Call "
+                'set_experts_implementation("unimoe") to keep it, or unpatch_moe(model, merge_lora=True) to fold '
+                "it into the weights and use any implementation"
+            )
+        host = self.host_experts
+        # The host is outside the module tree: it follows this module's mode and expert-parallel flag.
+        host.training = self.training
+        if hasattr(host, "_is_expert_parallel"):
+            host._is_expert_parallel = self._is_expert_parallel
+        return host(hidden_states, top_k_index, top_k_weights)
 
     @classmethod
     def from_host(
@@ -175,7 +221,7 @@ class PatchedExperts(GroupedExperts):
         # Built on the meta device so that no [E, 2F, H] tensor is allocated only to be thrown away:
         # the base weights are the host's Parameters, assigned just below.
         self = cls(
-            e, h, f2 // 2, activation=_activation_of(host.act_fn), lora_rank=lora_rank, lora_alpha=lora_alpha,
+            e, h, f2 // 2, activation=glu_activation(host.act_fn), lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, freeze_base=False, backend=backend, device="meta", dtype=gate_up.dtype,
         )
         self.gate_up_proj = gate_up
@@ -191,10 +237,13 @@ class PatchedExperts(GroupedExperts):
             gate_up.requires_grad_(False)
             down.requires_grad_(False)
         object.__setattr__(self, "host_experts", host)
-        # Attributes host code may read on its experts module (transformers' MoE utilities do).
-        for attr in ("config", "hidden_dim", "intermediate_dim", "act_fn"):
+        # Attributes host code may read on its experts module (transformers' MoE utilities do); act_fn
+        # and _apply_gate (the host's, bound to it) stay outside the module tree and the state dict.
+        for attr in ("config", "hidden_dim", "intermediate_dim", "act_fn", "_apply_gate"):
             if hasattr(host, attr):
                 object.__setattr__(self, attr, getattr(host, attr))
+        for attr, default in _INTERFACE_DEFAULTS.items():
+            setattr(self, attr, getattr(host, attr, default))
         return self
 
     def reset_lora_parameters(self) -> None:
@@ -265,6 +314,7 @@ def patch_moe(
     check_backend(backend)
 
     swapped, already, skipped = [], [], []
+    skipped_configs = []
     for name, parent, attr, module in list(_candidates(model)):
         if isinstance(module, PatchedExperts):
             if lora_rank and module.lora_rank != lora_rank:
@@ -276,6 +326,7 @@ def patch_moe(
         reason = unsupported_reason(module)
         if reason is not None:
             skipped.append((name, reason))
+            skipped_configs.append(getattr(module, "config", None))
             continue
         new = PatchedExperts.from_host(
             module, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -283,7 +334,7 @@ def patch_moe(
         )
         new.train(module.training)
         setattr(parent, attr, new)
-        swapped.append(name)
+        swapped.append((name, new))
 
     if skipped:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped)
@@ -302,7 +353,29 @@ def patch_moe(
                 "no LoRA would be trained"
             )
         _check_lora_trainable(model)
+    _mark_configs([m for _, m in swapped], skipped_configs)
     return len(swapped)
+
+
+def _mark_configs(new: list, skipped_configs: list) -> None:
+    """Set the experts implementation of the swapped modules' configs to "unimoe" and record, on each
+    module, the value before and after.
+
+    A config that also governs an experts module left unpatched keeps its value: "unimoe" would send
+    that module to kernels that cannot run it. Its patched modules then treat that value as theirs.
+    """
+    registered = register()
+    for m in new:  # every "before" first: several modules may share one config
+        m._impl_before_patch = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    for m in new:
+        config = getattr(m, "config", None)
+        if (registered and hasattr(config, "_experts_implementation_internal")
+                and not any(c is config for c in skipped_configs)):
+            config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+            m._config_marked = True
+    for m in new:
+        config = getattr(m, "config", None)
+        m._impl_at_patch = getattr(config, "_experts_implementation", None) or EXPERTS_IMPLEMENTATION
 
 
 def _check_lora_trainable(model: nn.Module) -> None:
@@ -352,9 +425,19 @@ def unpatch_moe(model: nn.Module, *, merge_lora: bool = False) -> int:
                     child.gate_up_proj.copy_(gu)
                     child.down_proj.copy_(d)
             host.train(child.training)
+            if hasattr(host, "_is_expert_parallel"):
+                host._is_expert_parallel = child._is_expert_parallel
+            config = getattr(child, "config", None)
+            # The implementation the config had before patch_moe, unless it was switched since.
+            if child._config_marked and config._experts_implementation == EXPERTS_IMPLEMENTATION:
+                config._experts_implementation_internal = child._impl_before_patch
             setattr(parent, attr, host)
             count += 1
     return count
 
 
-__all__ = ["patch_moe", "unpatch_moe", "patched_experts", "mark_lora_trainable", "PatchedExperts", "unsupported_reason"]
+# Importing this module makes experts_implementation="unimoe" available to transformers.
+register()
+
+__all__ = ["patch_moe", "unpatch_moe", "patched_experts", "mark_lora_trainable", "PatchedExperts", "unsupported_reason",
+           "register", "EXPERTS_IMPLEMENTATION"]
