@@ -8,11 +8,15 @@ Flow of one benchmark (config, size, LoRA or not, mode, provider):
 
 Providers, base (no LoRA):   hf_eager        transformers' own per-expert loop (the default)
                              hf_grouped_mm   transformers' experts_implementation="grouped_mm"
+                             hf_unimoe       experts_implementation="unimoe": this package's kernels
                              patched         patch_moe(block): GroupedExperts on the same weights
           LoRA r=8 alpha=16: peft            PEFT target_parameters on the unpatched block (delta-W)
+                             peft_unimoe     the same PEFT model with experts_implementation="unimoe":
+                                             PEFT's factors through the fused LoRA path
                              patched         patch_moe(block, lora_rank=8) with PEFT's adapter loaded
-Shapes come from benchmarks/configs.py ("mixtral", "qwen3-30b-a3b"): tiny on CPU, full (marked gpu)
-on a GPU. TFLOP/s counts the expert GEMMs (baselines.flops), as in test_layer.py.
+Shapes come from benchmarks/configs.py ("mixtral", "qwen3-30b-a3b", and "peft-moe-lora" at its own
+rank 16, alpha 32, LoRA providers only): tiny on CPU, full (marked gpu) on a GPU. TFLOP/s counts the
+expert GEMMs (baselines.flops), as in test_layer.py.
 """
 
 from __future__ import annotations
@@ -31,16 +35,23 @@ from .harness import DEVICE, DTYPE, Record
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = ("mixtral", "qwen3-30b-a3b")
+CONFIGS = ("mixtral", "qwen3-30b-a3b", "peft-moe-lora")
 LORA = (0, 8)  # rank; 8 with alpha 16 is the Uni-MoE recipe (ANCHORS.md)
-PROVIDERS = {0: ("hf_eager", "hf_grouped_mm", "patched"), 8: ("peft", "patched")}
+LORA_PROVIDERS = ("peft", "peft_unimoe", "patched")
+PROVIDERS = {0: ("hf_eager", "hf_grouped_mm", "hf_unimoe", "patched")}
 MODES = ("fwd", "fwd+bwd")
+
+
+def _ranks(name):
+    # The PEFT MoE-LoRA case is measured at the rank it is defined with, with LoRA only.
+    return (configs.get(name, "full").r,) if name == "peft-moe-lora" else LORA
 
 
 def _params():
     out = []
-    for size, name, r, mode in itertools.product(("tiny", "full"), CONFIGS, LORA, MODES):
-        for provider in PROVIDERS[r]:
+    cases = [(name, r) for name in CONFIGS for r in _ranks(name)]
+    for size, (name, r), mode in itertools.product(("tiny", "full"), cases, MODES):
+        for provider in PROVIDERS.get(r, LORA_PROVIDERS):
             marks = [pytest.mark.gpu] if size == "full" else []  # full sizes: GBs of weights, minutes on CPU
             out.append(pytest.param(size, name, r, mode, provider, marks=marks, id=f"{size}-{name}-r{r}-{mode}-{provider}"))
     return out
@@ -119,7 +130,7 @@ def _case(cfg, size, r, mode) -> _Case:
 def _provider(provider, case):
     """-> the module to call on x [1, T, H], or a string saying why it cannot run here."""
     from unimoe_kernels.integrations.peft import load_peft_adapter
-    from unimoe_kernels.integrations.transformers import patch_moe
+    from unimoe_kernels.integrations.transformers import EXPERTS_IMPLEMENTATION, patch_moe
 
     if provider == "hf_eager":
         return case.block
@@ -132,6 +143,12 @@ def _provider(provider, case):
         return block
     if provider == "peft":
         return case.peft
+    if provider in ("hf_unimoe", "peft_unimoe"):
+        # The block's config is shared by its experts module (copied along with it).
+        block = copy.deepcopy(case.peft if provider == "peft_unimoe" else case.block)
+        target = block.base_model.model if provider == "peft_unimoe" else block
+        target.config._experts_implementation = EXPERTS_IMPLEMENTATION
+        return block
     block = copy.deepcopy(case.block)
     if case.r:
         peft = pytest.importorskip("peft")
@@ -173,3 +190,17 @@ def test_hf_block(benchmark, size, name, r, mode, provider):
     rec = Record("hf_block", cfg.name + (f"-lora{r}" if r else ""), size, mode, provider, ms=ms, shape=cfg.as_dict(),
                  peak_mem_mb=harness.peak_memory_mb(call, args_for(0), setup) if ms else None)
     harness.record(benchmark, rec, flop_count=flop_count.total)
+
+
+def test_peft_experts_lora_script():
+    """benchmarks/peft_experts_lora.py at the tiny PEFT MoE-LoRA shape: the three providers agree
+    (checked inside measure) and the fused path keeps less memory than PEFT's W + s B A paths."""
+    from . import peft_experts_lora
+
+    pytest.importorskip("peft")
+    results = {r.provider: r for r in peft_experts_lora.measure("tiny", rounds=1, device="cpu")}
+    assert list(results) == list(peft_experts_lora.PROVIDERS)
+    ours = results["peft+unimoe"]
+    for name in ("peft+eager", "peft+grouped_mm"):
+        assert ours.saved_mib < results[name].saved_mib and ours.peak_mib < results[name].peak_mib, (ours, results[name])
+    assert "peft+unimoe" in peft_experts_lora.format_table(list(results.values()), "t")
