@@ -26,10 +26,12 @@ the torch path) run a loop of mm over the groups, reading the ends on the host o
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from typing import Optional
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 # torch._grouped_mm's CPU kernel requires 16-byte row strides and storage alignment.
 _GMM_ALIGN_BYTES = 16
@@ -140,16 +142,47 @@ grouped_linear_op.register_autograd(_grad, setup_context=_setup_context)
 
 # FLOP counts for torch.utils.flop_counter (which sees these ops, not the GEMMs inside): 2 N K M
 # per GEMM over all groups together, whatever the group sizes.
-@register_flop_formula(torch.ops.unimoe.grouped_linear)
 def _grouped_linear_flops(x_shape, w_shape, ends_shape, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[1]
 
 
-@register_flop_formula(torch.ops.unimoe.grouped_linear_bwd)
 def _grouped_linear_bwd_flops(dy_shape, x_shape, w_shape, ends_shape, need_dx, need_dw, out_shape=None,
                               **kwargs) -> int:
     k = w_shape[2] if w_shape is not None else x_shape[1]
     return 2 * dy_shape[0] * dy_shape[1] * k * (int(need_dx) + int(need_dw))
+
+
+def _register_flop_formulas(flop_counter) -> None:
+    flop_counter.register_flop_formula(torch.ops.unimoe.grouped_linear)(_grouped_linear_flops)
+    flop_counter.register_flop_formula(torch.ops.unimoe.grouped_linear_bwd)(_grouped_linear_bwd_flops)
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers the FLOP formulas as torch.utils.flop_counter is first imported: importing it here
+    would import triton (flop_counter does), and triton must not be imported before the user has
+    chosen TRITON_INTERPRET (the interpreter is fixed when triton loads)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch.utils.flop_counter":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _register_flop_formulas(module)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if "torch.utils.flop_counter" in sys.modules:
+    _register_flop_formulas(sys.modules["torch.utils.flop_counter"])
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
