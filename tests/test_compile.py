@@ -6,8 +6,9 @@ check; the test also asserts that one graph covers the whole forward, with the k
 nodes and no data-dependent (unbacked) sizes.
 backend="aot_eager" traces forward and backward through AOTAutograd without needing a C++ compiler;
 the Triton kernels stay opaque custom ops (in the interpreter on CPU, conftest sets
-TRITON_INTERPRET=1). The torch (CPU) path's grouped GEMMs are the custom op unimoe::grouped_linear
-(grouped_linear.py), so it compiles into one graph too and exports with a dynamic token count.
+TRITON_INTERPRET=1). The torch (CPU) path's expert MLP is the custom op pair
+unimoe::torch_grouped_mlp_fwd / _bwd (torch_grouped_mlp.py), so it compiles into one graph too and
+exports with a dynamic token count.
 """
 
 import copy
@@ -120,7 +121,7 @@ def test_torch_path_fullgraph_and_export_match_eager(lora_rank):
         for a, b in zip(_step(compiled, x, None), _step(eager, x, None)):
             torch.testing.assert_close(a, b, **FP32)
     targets = {n.target for n in graphs[0].graph.nodes}
-    assert unimoe.grouped_linear.default in targets
+    assert unimoe.torch_grouped_mlp_fwd.default in targets
     for g in graphs:
         for n in g.graph.nodes:
             assert not free_unbacked_symbols(n.meta.get("example_value")), n.format_node()

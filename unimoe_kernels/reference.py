@@ -11,10 +11,10 @@ Data flow of one layer (x: [T, H] after flattening, E experts, k slots per token
     unpermute(y_sorted, ...)   -> out [T, H]           (out[t] = sum_j w[t, j] y_sorted[row(t, j)])
 
 Everything here is differentiable through torch autograd. It is written for speed on CPU: the
-expert ids are sorted once, each GEMM is one grouped GEMM over the experts' contiguous blocks of
-rows (grouped_linear.py: torch._grouped_mm inside a custom op), and the combine is a k-way gather
-and batched dot, so there is no Python loop over tokens or experts. Nothing branches on data in
-Python, so torch.compile(fullgraph=True) and torch.export trace every op here into one graph.
+expert ids are sorted once, the expert MLP walks the experts' contiguous blocks of rows inside one
+custom op (torch_grouped_mlp.py: each block's GEMMs and activation while it is in cache), and the
+combine is a k-way gather and batched dot, so there is no Python loop over tokens. Nothing in traced
+Python branches on data, so torch.compile(fullgraph=True) and torch.export trace every op here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .grouped_linear import grouped_linear
+from . import torch_grouped_mlp
 from .types import GatingOutput, RoutingPlan, max_tiles
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +272,28 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def activation_backward(z: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
+    """d(apply_activation)/dz applied to dh: z [rows, 2F|F], dh [rows, F] -> dz [rows, 2F|F].
+
+    Through the derivative kernels autograd itself uses (silu_backward, gelu_backward,
+    threshold_backward), so the numbers are autograd's.
+    """
+    aten = torch.ops.aten
+    if activation in GLU_ACTIVATIONS:
+        gate, up = z.chunk(2, dim=-1)
+        act = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
+        d_act = dh * up
+        d_gate = aten.silu_backward(d_act, gate) if activation == "swiglu" else aten.gelu_backward(d_act, gate)
+        return torch.cat([d_gate, dh * act], dim=-1)
+    if activation == "gelu":
+        return aten.gelu_backward(dh, z)
+    if activation == "relu":
+        return aten.threshold_backward(dh, z, 0)
+    if activation == "silu":
+        return aten.silu_backward(dh, z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 class LoRAWeights(NamedTuple):
     """Per-expert LoRA factors in the layout of SparseMoE's parameters."""
 
@@ -314,21 +336,6 @@ def lora_rank_gates(
     return torch.softmax(rows, dim=-1) * r
 
 
-def _linear_lora(x, w, a, b, ends, scale, dropout_p, training, gate=None):
-    """Per expert block of rows: x @ w[e].T + scale * ((dropout(x) @ a[e].T) * gate) @ b[e].T, never
-    forming b @ a; gate [rows, r] or None."""
-    y = grouped_linear(x, w, ends)
-    if a is not None:
-        xa = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-        xa = grouped_linear(xa, a, ends)
-        if gate is not None:
-            # The gate runs in x's dtype here, as the Triton path rounds x A^T * g to x's dtype.
-            xa = xa * gate.to(xa.dtype)
-        # One pass adding the scaled low-rank product.
-        y = torch.add(y, grouped_linear(xa, b, ends), alpha=scale)
-    return y
-
-
 def grouped_mlp(
     x_sorted: torch.Tensor,
     tokens_per_expert: torch.Tensor,
@@ -348,18 +355,23 @@ def grouped_mlp(
     + s (x A_gu[e]^T) B_gu[e]^T), y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale.
     rank_gates (g_gu [N, r], g_d [N, r], rows in x_sorted's order, e.g. from lora_rank_gates) gate
     the rank-1 pieces of each LoRA term: s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T.
-    LoRA dropout acts on the LoRA input only, as in PEFT.
+    LoRA dropout acts on the LoRA input only, as in PEFT: x' = dropout(x) here, and h's mask drawn
+    here too, so the op itself is deterministic.
 
-    Every GEMM is one grouped_linear op over all experts: no Python branch on the counts, so
-    torch.compile(fullgraph=True) and torch.export trace it into one graph with no data-dependent
-    size (grouped_linear.py says how the groups run).
+    The per-expert loop and its backward are the custom ops of torch_grouped_mlp.py: no Python
+    branch on the counts is visible to a tracer, so torch.compile(fullgraph=True) and torch.export
+    trace it as one node with no data-dependent size.
     """
-    ends = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # end row of each expert's block
-    a_gu, b_gu, a_d, b_d = (None,) * 4 if lora is None else lora
-    g_gu, g_d = (None, None) if rank_gates is None else rank_gates
-    hid = _linear_lora(x_sorted, gate_up_proj, a_gu, b_gu, ends, lora_scale, lora_dropout, training, g_gu)
-    hid = apply_activation(hid, activation)
-    return _linear_lora(hid, down_proj, a_d, b_d, ends, lora_scale, lora_dropout, training, g_d)
+    x_lora = mask_h = None
+    if lora is not None and lora_dropout > 0 and training:
+        x_lora = F.dropout(x_sorted, lora_dropout, True)
+        keep = 1.0 - lora_dropout
+        mask_h = torch.empty((x_sorted.shape[0], down_proj.shape[2]), dtype=x_sorted.dtype,
+                             device=x_sorted.device).bernoulli_(keep).div_(keep)
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_sorted, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ())))
+    return torch_grouped_mlp.grouped_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora,
+                                         lora_scale, x_lora, mask_h, rank_gates, save_preact=grads)
 
 
 def moe_forward(

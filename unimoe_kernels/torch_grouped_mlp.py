@@ -1,0 +1,279 @@
+"""The torch path's grouped expert MLP as two custom ops: the CPU kernels behind reference.grouped_mlp.
+
+Data flow (N expert-sorted rows, expert e owns the next counts[e] rows R_e, s = lora_scale, g the
+optional rank gates [N, r], x' = x or dropout(x) and m the dropout mask of h, both made outside):
+
+    forward  unimoe::torch_grouped_mlp_fwd, per expert e (one loop, rows R_e at a time):
+      xa = x'_R A_gu[e]^T                        [n, r]    side products, saved (ungated)
+      z  = x_R W_gu[e]^T + s (xa * g_gu) B_gu[e]^T        pre-activation [n, 2F|F], saved for backward
+      h  = act(z),  h' = h * m
+      ha = h'_R A_d[e]^T                          [n, r]
+      y_R = h W_d[e]^T + s (ha * g_d) B_d[e]^T    [n, H]
+    backward unimoe::torch_grouped_mlp_bwd, per expert e, dy [N, H]:
+      h = act(z) again (cheap, the block is in cache); dyb = dy_R B_d[e]
+      dW_d = dy^T h, dB_d = s dy^T (ha*g_d), dA_d = s (dyb*g_d)^T h', dg_d = s dyb * ha
+      dh = dy W_d[e] + s ((dyb*g_d) A_d[e]) * m;  dz = act'(z) dh (reference.activation_backward)
+      dW_gu = dz^T x, dB_gu = s dz^T (xa*g_gu), dzb = dz B_gu[e], dA_gu = s (dzb*g_gu)^T x'
+      dx = dz W_gu[e] (+ s (dzb*g_gu) A_gu[e] when x' is x; else that part is d(x'), and autograd
+      takes it through the dropout outside), dg_gu = s dzb * xa
+
+Why custom ops with a loop inside: the group sizes are data. Read with .tolist() in traced Python,
+they make torch.compile break the graph (an error with fullgraph=True) and torch.export fail. As
+custom ops the whole MLP is one node that tracers see through its fake implementation (shapes
+only), so a layer on the torch path compiles into one graph and exports. The loop runs inside, at
+run time, one expert's rows at a time: each block's GEMM, activation and their backward run while
+the block is in cache. Measured at the `bench` shape on 2 cores this is what keeps the CPU path at
+the dense chain's speed: torch._grouped_mm for each GEMM (one call over all experts) with the
+activation on whole [N, 2F] tensors between them was ~10% slower without LoRA and ~20% with r=8,
+the elementwise passes over tensors larger than the cache costing more than the per-expert calls.
+
+Weight gradients are computed only for weights that require grad (a frozen base costs no dW GEMM)
+and B·A is never formed. Any floating dtype (fp64 for gradcheck); operands share x's dtype (the
+callers cast under autocast), rank gates are cast to it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+# The module, not its names: reference imports this one at its top (grouped_mlp calls in here).
+from . import reference
+
+
+def _empty(ref: torch.Tensor) -> torch.Tensor:
+    # custom ops cannot return None: an absent result is a 0-element tensor.
+    return ref.new_empty((0,))
+
+
+def _groups(counts: torch.Tensor):
+    """(expert, row slice) of every expert with rows; reads the counts on the host once."""
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if g is None else t * g.to(t.dtype)
+
+
+def _fwd_impl(x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, x_lora, mask_h, g_gu, g_d,
+              save_preact):
+    n, hdim = x.shape
+    lora = a_gu is not None
+    xl = x if x_lora is None else x_lora
+    y = x.new_empty((n, hdim))
+    z_all = x.new_empty((n, w_gu.shape[1])) if save_preact else _empty(x)
+    xa_all = x.new_empty((n, a_gu.shape[1])) if lora else _empty(x)
+    ha_all = x.new_empty((n, a_d.shape[1])) if lora else _empty(x)
+    for e, rows in _groups(counts):
+        z = torch.mm(x[rows], w_gu[e].t(), out=z_all[rows]) if save_preact else torch.mm(x[rows], w_gu[e].t())
+        if lora:
+            xa = torch.mm(xl[rows], a_gu[e].t(), out=xa_all[rows])
+            z.addmm_(_gated(xa, None if g_gu is None else g_gu[rows]), b_gu[e].t(), alpha=scale)
+        h = reference.apply_activation(z, activation)
+        torch.mm(h, w_d[e].t(), out=y[rows])
+        if lora:
+            hl = h if mask_h is None else h * mask_h[rows]
+            ha = torch.mm(hl, a_d[e].t(), out=ha_all[rows])
+            y[rows].addmm_(_gated(ha, None if g_d is None else g_d[rows]), b_d[e].t(), alpha=scale)
+    return y, z_all, xa_all, ha_all
+
+
+def _bwd_impl(dy, x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, x_lora, mask_h, g_gu, g_d, z_all,
+              xa_all, ha_all, need_dx, need_dw_gu, need_dw_d, need_lora, need_gates):
+    lora = a_gu is not None
+    need_lora, need_gates = need_lora and lora, need_gates and lora and g_gu is not None
+    dy = dy.contiguous()  # a broadcast gradient (e.g. of .sum()) has zero strides
+    xl = x if x_lora is None else x_lora
+    out = {}
+
+    def result(name, like, want):
+        """The gradient buffer `name` shaped like `like`: every row block and every active expert's
+        slice is written below, so only the slices of idle experts are zeroed here."""
+        if not want:
+            return None
+        # Contiguous whatever like's strides (an is_transposed weight is a transposed view).
+        out[name] = buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if buf.dim() == 3:
+            for e in idle:
+                buf[e].zero_()
+        return buf
+
+    idle = [e for e, n in enumerate(counts.tolist()) if n == 0]
+    dx = result("dx", x, need_dx)
+    dxl = result("dx_lora", x_lora, need_dx and lora and x_lora is not None)
+    dw_gu, dw_d = result("dw_gu", w_gu, need_dw_gu), result("dw_d", w_d, need_dw_d)
+    da_gu, db_gu = result("da_gu", a_gu, need_lora), result("db_gu", b_gu, need_lora)
+    da_d, db_d = result("da_d", a_d, need_lora), result("db_d", b_d, need_lora)
+    dg_gu, dg_d = result("dg_gu", g_gu, need_gates), result("dg_d", g_d, need_gates)
+    # Anything upstream of h (x, W_gu, LoRA of gate_up, gates) needs dz.
+    need_dz = need_dx or need_dw_gu or need_lora or need_gates
+    for e, rows in _groups(counts):
+        z = z_all[rows]
+        h = reference.apply_activation(z, activation)
+        dye = dy[rows]
+        if dw_d is not None:
+            torch.mm(dye.t(), h, out=dw_d[e])
+        dh = torch.mm(dye, w_d[e]) if need_dz else None
+        if lora:
+            gd = None if g_d is None else g_d[rows].to(dy.dtype)
+            hl = h if mask_h is None else h * mask_h[rows]
+            dyb = torch.mm(dye, b_d[e])                         # [n, r]
+            dyb_g = _gated(dyb, gd)
+            if need_lora:
+                torch.mm(dye.t(), _gated(ha_all[rows], gd), out=db_d[e]).mul_(scale)
+                torch.mm(dyb_g.t(), hl, out=da_d[e]).mul_(scale)
+            if need_gates:
+                dg_d[rows] = (dyb * ha_all[rows]).mul_(scale)
+            if need_dz:
+                dhl = torch.mm(dyb_g, a_d[e]).mul_(scale)       # d(h') through the LoRA term
+                dh.add_(dhl if mask_h is None else dhl * mask_h[rows])
+        if not need_dz:
+            continue
+        dz = reference.activation_backward(z, dh, activation)
+        if dw_gu is not None:
+            torch.mm(dz.t(), x[rows], out=dw_gu[e])
+        if dx is not None:
+            torch.mm(dz, w_gu[e], out=dx[rows])
+        if lora:
+            gg = None if g_gu is None else g_gu[rows].to(dy.dtype)
+            dzb = torch.mm(dz, b_gu[e])                         # [n, r]
+            dzb_g = _gated(dzb, gg)
+            if need_lora:
+                torch.mm(dz.t(), _gated(xa_all[rows], gg), out=db_gu[e]).mul_(scale)
+                torch.mm(dzb_g.t(), xl[rows], out=da_gu[e]).mul_(scale)
+            if need_gates:
+                dg_gu[rows] = (dzb * xa_all[rows]).mul_(scale)
+            if need_dx and dxl is None:  # x' is x: the LoRA input's gradient adds to dx
+                dx[rows].addmm_(dzb_g, a_gu[e], alpha=scale)
+            elif need_dx:  # d(x'), which autograd takes through the dropout outside
+                torch.mm(dzb_g, a_gu[e], out=dxl[rows]).mul_(scale)
+    names = ("dx", "dw_gu", "dw_d", "da_gu", "db_gu", "da_d", "db_d", "dx_lora", "dg_gu", "dg_d")
+    return tuple(out.get(k, _empty(dy)) for k in names)
+
+
+# The operands both ops take, in this order, declared once (the schema of torch.library).
+_OPERANDS = ("Tensor x, Tensor counts, Tensor gate_up_proj, Tensor down_proj, Tensor? a_gate_up, Tensor? b_gate_up, "
+             "Tensor? a_down, Tensor? b_down, str activation, float scale, Tensor? x_lora, Tensor? mask_h, "
+             "Tensor? rank_gate_gate_up, Tensor? rank_gate_down")
+
+# (y [N, H], z [N, 2F|F] or [0] without save_preact, xa [N, r] or [0], ha [N, r] or [0]) of the grouped
+# MLP over x [N, H] with counts [E] rows per expert (module docstring).
+torch_grouped_mlp_fwd = torch.library.custom_op(
+    "unimoe::torch_grouped_mlp_fwd", _fwd_impl, mutates_args=(),
+    schema=f"({_OPERANDS}, bool save_preact) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch_grouped_mlp_fwd.register_fake
+def _(x, counts, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale, x_lora, mask_h,
+      rank_gate_gate_up, rank_gate_down, save_preact):
+    n = x.shape[0]
+    lora = a_gate_up is not None
+    return (x.new_empty((n, down_proj.shape[1])),
+            x.new_empty((n, gate_up_proj.shape[1])) if save_preact else x.new_empty((0,)),
+            x.new_empty((n, a_gate_up.shape[1])) if lora else x.new_empty((0,)),
+            x.new_empty((n, a_down.shape[1])) if lora else x.new_empty((0,)))
+
+
+# (dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d, d x_lora, d rank_gate_gate_up,
+# d rank_gate_down) for d(y) = dy; a result not asked for (or without its input) is [0].
+torch_grouped_mlp_bwd = torch.library.custom_op(
+    "unimoe::torch_grouped_mlp_bwd", _bwd_impl, mutates_args=(),
+    schema=f"(Tensor dy, {_OPERANDS}, Tensor z, Tensor xa, Tensor ha, bool need_dx, bool need_dw_gate_up, "
+           "bool need_dw_down, bool need_lora, bool need_rank_gates) -> (" + ", ".join(["Tensor"] * 10) + ")")
+
+
+@torch_grouped_mlp_bwd.register_fake
+def _(dy, x, counts, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale, x_lora, mask_h,
+      rank_gate_gate_up, rank_gate_down, z, xa, ha, need_dx, need_dw_gate_up, need_dw_down, need_lora,
+      need_rank_gates):
+    lora = a_gate_up is not None
+    gates = need_rank_gates and lora and rank_gate_gate_up is not None
+
+    def maybe(flag, like):
+        return torch.empty_like(like) if flag and like is not None else dy.new_empty((0,))
+
+    return (maybe(need_dx, x), maybe(need_dw_gate_up, gate_up_proj), maybe(need_dw_down, down_proj),
+            maybe(need_lora and lora, a_gate_up), maybe(need_lora and lora, b_gate_up),
+            maybe(need_lora and lora, a_down), maybe(need_lora and lora, b_down),
+            maybe(need_dx and lora, x_lora), maybe(gates, rank_gate_gate_up), maybe(gates, rank_gate_down))
+
+
+# No argument has a default: torch.library leaves an argument at its default out of the call, and
+# needs_input_grad (indexed below by argument position) would then be shorter.
+def _setup_context(ctx, inputs, output):
+    (x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, x_lora, mask_h, g_gu, g_d, _) = inputs
+    _, z, xa, ha = output
+    ctx.activation, ctx.scale = activation, scale
+    ctx.save_for_backward(x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, x_lora, mask_h, g_gu, g_d, z, xa, ha)
+
+
+def _backward(ctx, dy, _dz, _dxa, _dha):
+    (x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, x_lora, mask_h, g_gu, g_d, z, xa, ha) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_lora, need_gates = any(need[4:8]), any(need[12:14])
+    grads = torch_grouped_mlp_bwd(
+        dy, x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, ctx.activation, ctx.scale, x_lora, mask_h, g_gu, g_d, z, xa, ha,
+        need[0] or need[10], need[2], need[3], need_lora, need_gates,
+    )
+    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dx_lora, dg_gu, dg_d = grads
+    keep = lambda flag, t: t if flag else None  # noqa: E731
+    return (keep(need[0], dx), None, keep(need[2], dw_gu), keep(need[3], dw_d),
+            keep(need[4], da_gu), keep(need[5], db_gu), keep(need[6], da_d), keep(need[7], db_d),
+            None, None, keep(need[10], dx_lora), None, keep(need[12], dg_gu), keep(need[13], dg_d), None)
+
+
+torch_grouped_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOP counts for torch.utils.flop_counter, which sees these ops and not the GEMMs inside: 2 M K N
+# per GEMM over all rows together, whatever the group sizes (baselines.flops' convention).
+def _widths(gate_up_shape, down_shape, a_shape):
+    f_in, hdim, fdim = gate_up_shape[1], down_shape[1], down_shape[2]
+    return f_in, hdim, fdim, (a_shape[1] if a_shape is not None else 0)
+
+
+@register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_fwd)
+def _fwd_flops(x_shape, counts_shape, gate_up_shape, down_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
+    n = x_shape[0]
+    f_in, hdim, fdim, r = _widths(gate_up_shape, down_shape, a_shape)
+    return 2 * n * (hdim * f_in + fdim * hdim) + 2 * n * r * (hdim + f_in + fdim + hdim)
+
+
+@register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_bwd)
+def _bwd_flops(dy_shape, x_shape, counts_shape, gate_up_shape, down_shape, a_shape, b_gu_shape, a_d_shape, b_d_shape,
+               activation, scale, x_lora_shape, mask_shape, g_gu_shape, g_d_shape, z_shape, xa_shape, ha_shape,
+               need_dx, need_dw_gu, need_dw_d, need_lora, need_gates, out_shape=None, **kwargs) -> int:
+    n = dy_shape[0]
+    f_in, hdim, fdim, r = _widths(gate_up_shape, down_shape, a_shape)
+    need_dz = need_dx or need_dw_gu or need_lora or need_gates
+    flops = 2 * n * hdim * fdim * (int(need_dw_d) + int(need_dz))       # dW_d, dh
+    flops += 2 * n * f_in * hdim * (int(need_dw_gu) + int(need_dx))     # dW_gu, dx
+    if r:
+        flops += 2 * n * hdim * r                                       # dyb = dy B_d
+        flops += 2 * n * r * (hdim + fdim) * int(need_lora)             # dB_d, dA_d
+        flops += 2 * n * r * fdim * int(need_dz)                        # dh += dyb A_d
+        if need_dz:
+            flops += 2 * n * f_in * r                                   # dzb = dz B_gu
+            flops += 2 * n * r * (f_in + hdim) * int(need_lora)         # dB_gu, dA_gu
+            flops += 2 * n * r * hdim * int(need_dx)                    # dx += dzb A_gu
+    return flops
+
+
+def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora, scale, x_lora, mask_h, rank_gates,
+                save_preact):
+    """The forward op with autograd; returns y [N, H] (module docstring)."""
+    reference.is_glu(activation)  # raises ValueError for an unknown activation
+    a_gu, b_gu, a_d, b_d = (None,) * 4 if lora is None else lora
+    g_gu, g_d = (None, None) if rank_gates is None else rank_gates
+    y, _, _, _ = torch_grouped_mlp_fwd(x, tokens_per_expert, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d, activation,
+                                       float(scale), x_lora, mask_h, g_gu, g_d, save_preact)
+    return y
+
+
+__all__ = ["torch_grouped_mlp_fwd", "torch_grouped_mlp_bwd", "grouped_mlp"]
