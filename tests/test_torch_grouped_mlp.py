@@ -20,7 +20,9 @@ from unimoe_kernels import baselines, reference
 from unimoe_kernels import torch_grouped_mlp as tgm
 
 COUNTS = torch.tensor([0, 5, 0, 3, 4, 0])  # idle experts first, in the middle and last
-E, H, FF, R = len(COUNTS), 8, 6, 3
+# Every width a multiple of 4, so fp32 operands meet torch._grouped_mm's 16-byte stride rule and
+# both inner paths can run (the mode fixture picks one).
+E, H, FF, R = len(COUNTS), 8, 4, 4
 N = int(COUNTS.sum())
 
 
@@ -74,17 +76,36 @@ def _grads(y, o, dy):
     return torch.autograd.grad(y, leaves, dy, allow_unused=True, retain_graph=True)  # x_lora is shared
 
 
+@pytest.fixture(params=["per_expert", "grouped"])
+def mode(request, monkeypatch):
+    """Which inner path runs: a torch.mm per expert block, or one torch._grouped_mm per GEMM (fp32
+    only); the fixture's value is (dtype, tolerance) for that path, and it checks the path ran."""
+    calls = []
+    real = tgm._AllExperts.__init__
+    monkeypatch.setattr(tgm._AllExperts, "__init__", lambda self, ends: calls.append(1) or real(self, ends))
+    grouped = request.param == "grouped"
+    monkeypatch.setattr(tgm, "_GROUPED_BELOW_ROWS", 10**9 if grouped else 0)
+    monkeypatch.setattr(tgm, "_GROUPED_MIN_EXPERTS", 0)
+    if grouped:
+        yield torch.float32, dict(rtol=1e-5, atol=1e-6)
+        assert calls
+    else:
+        yield torch.float64, dict(rtol=1e-10, atol=1e-12)
+        assert not calls
+
+
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 @pytest.mark.parametrize("lora,gates,dropout", [(False, False, False), (True, False, False), (True, True, True)])
-def test_output_and_every_gradient_match_autograd(activation, lora, gates, dropout):
-    o = _operands(activation, lora, gates, dropout)
+def test_output_and_every_gradient_match_autograd(activation, lora, gates, dropout, mode):
+    dtype, tol = mode
+    o = _operands(activation, lora, gates, dropout, dtype=dtype)
     y = _ours(o, activation, 1.5)
     want = _oracle(o, activation, 1.5)
-    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
-    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(y, want, **tol)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
     grads = _grads(y, o, dy)
     for got, ref in zip(grads, _grads(want, o, dy)):
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, ref, **tol)
     if lora:  # idle experts' LoRA factors get exact zeros
         assert grads[list(o).index("a_gu")][[0, 2, 5]].abs().sum() == 0
 
@@ -107,7 +128,7 @@ def test_low_precision_error_within_twice_autograds(dtype):
         assert err <= 2 * err_plain + floor * t.abs().max(), (i, float(err), float(err_plain))
 
 
-def test_frozen_base_gets_no_gradient_and_no_weight_gemm():
+def test_frozen_base_gets_no_gradient_and_no_weight_gemm(mode):
     o = _operands(base_grad=False, dtype=torch.float32)
     y = _ours(o, "swiglu", 1.0)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
@@ -138,7 +159,7 @@ def test_no_rows():
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_opcheck(lora):
+def test_opcheck(lora, mode):
     o = _operands(lora=lora, gates=lora, dropout=lora, dtype=torch.float32)
     if lora:  # a leaf: opcheck runs backward several times
         o["x_lora"] = o["x_lora"].detach().requires_grad_(True)

@@ -167,9 +167,11 @@ def peft_lora_factors(module: torch.nn.Module, name: str, transposed: bool):
         base, proxy = found
         lhs, rhs, scaling = (getattr(proxy, a, None) for a in ("lhs", "rhs", "scaling"))
         if isinstance(lhs, torch.Tensor) and isinstance(rhs, torch.Tensor) and isinstance(scaling, (int, float)):
-            if transposed:  # stored [E, in, out] = base + s lhs rhs: in [E, out, in], B = rhs^T, A = lhs^T
-                return base.transpose(1, 2), (lhs.transpose(1, 2), rhs.transpose(1, 2), float(scaling))
-            return base, (rhs, lhs, float(scaling))
+            # stored [E, in, out] = base + s lhs rhs when transposed: in [E, out, in], B = rhs^T, A = lhs^T
+            a, b = (lhs.transpose(1, 2), rhs.transpose(1, 2)) if transposed else (rhs, lhs)
+            # PEFT's B is a permuted view with no unit-stride matrix axis; the factors are small
+            # ([E, r, in], [E, out, r]), and a contiguous copy is what the GEMMs read fastest.
+            return (base.transpose(1, 2) if transposed else base), (a.contiguous(), b.contiguous(), float(scaling))
     weight = getattr(module, name)
     return (weight.transpose(1, 2) if transposed else weight), None
 
