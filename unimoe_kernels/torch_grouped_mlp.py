@@ -38,8 +38,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import sys
+
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 # The module, not its names: reference imports this one at its top (grouped_mlp calls in here).
 from . import reference
@@ -336,14 +337,12 @@ def _widths(gate_up_shape, down_shape, a_shape):
     return f_in, hdim, fdim, (a_shape[1] if a_shape is not None else 0)
 
 
-@register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_fwd)
 def _fwd_flops(x_shape, counts_shape, gate_up_shape, down_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
     n = x_shape[0]
     f_in, hdim, fdim, r = _widths(gate_up_shape, down_shape, a_shape)
     return 2 * n * (hdim * f_in + fdim * hdim) + 2 * n * r * (hdim + f_in + fdim + hdim)
 
 
-@register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_bwd)
 def _bwd_flops(dy_shape, x_shape, counts_shape, gate_up_shape, down_shape, a_shape, b_gu_shape, a_d_shape, b_d_shape,
                activation, scale, x_lora_shape, mask_shape, g_gu_shape, g_d_shape, z_shape, xa_shape, ha_shape,
                need_dx, need_dw_gu, need_dw_d, need_lora, need_gates, out_shape=None, **kwargs) -> int:
@@ -363,6 +362,25 @@ def _bwd_flops(dy_shape, x_shape, counts_shape, gate_up_shape, down_shape, a_sha
     return flops
 
 
+def register_flop_formulas() -> None:
+    """Tell torch.utils.flop_counter the FLOPs of both ops (idempotent).
+
+    Done at import when torch.utils.flop_counter is already loaded, and by unimoe_kernels.baselines;
+    not otherwise, because importing flop_counter imports triton, which `import unimoe_kernels`
+    avoids. A FlopCounterMode created before this call does not see the formulas.
+    """
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for op, formula in ((torch.ops.unimoe.torch_grouped_mlp_fwd, _fwd_flops),
+                        (torch.ops.unimoe.torch_grouped_mlp_bwd, _bwd_flops)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
+if "torch.utils.flop_counter" in sys.modules:
+    register_flop_formulas()
+
+
 def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora, scale, x_lora, mask_h, rank_gates,
                 save_preact):
     """The forward op with autograd; returns y [N, H] (module docstring)."""
@@ -374,4 +392,4 @@ def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora,
     return y
 
 
-__all__ = ["torch_grouped_mlp_fwd", "torch_grouped_mlp_bwd", "grouped_mlp"]
+__all__ = ["torch_grouped_mlp_fwd", "torch_grouped_mlp_bwd", "grouped_mlp", "register_flop_formulas"]
