@@ -35,12 +35,6 @@ import torch
 import torch.nn.functional as nnf
 
 from .reference import apply_activation, is_glu
-from .torch_grouped_mlp import register_flop_formulas
-
-# flops() is checked against torch.utils.flop_counter, which counts the torch path's grouped MLP
-# op only with its formulas registered (importing flop_counter imports triton, so the package
-# itself registers them only when flop_counter is already loaded).
-register_flop_formulas()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import importlib.abc
+import importlib.util
 import sys
 
 import torch
@@ -362,23 +364,37 @@ def _bwd_flops(dy_shape, x_shape, counts_shape, gate_up_shape, down_shape, a_sha
     return flops
 
 
-def register_flop_formulas() -> None:
-    """Tell torch.utils.flop_counter the FLOPs of both ops (idempotent).
+def _register_flop_formulas(flop_counter) -> None:
+    flop_counter.register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_fwd)(_fwd_flops)
+    flop_counter.register_flop_formula(torch.ops.unimoe.torch_grouped_mlp_bwd)(_bwd_flops)
 
-    Done at import when torch.utils.flop_counter is already loaded, and by unimoe_kernels.baselines;
-    not otherwise, because importing flop_counter imports triton, which `import unimoe_kernels`
-    avoids. A FlopCounterMode created before this call does not see the formulas.
-    """
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    for op, formula in ((torch.ops.unimoe.torch_grouped_mlp_fwd, _fwd_flops),
-                        (torch.ops.unimoe.torch_grouped_mlp_bwd, _bwd_flops)):
-        if op not in flop_registry:
-            register_flop_formula(op)(formula)
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers the FLOP formulas as torch.utils.flop_counter is first imported: importing it here
+    would import triton (flop_counter does), and triton must not be imported before the user has
+    chosen TRITON_INTERPRET (the interpreter is fixed when triton loads)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch.utils.flop_counter":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _register_flop_formulas(module)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
 
 
 if "torch.utils.flop_counter" in sys.modules:
-    register_flop_formulas()
+    _register_flop_formulas(sys.modules["torch.utils.flop_counter"])
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())
 
 
 def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora, scale, x_lora, mask_h, rank_gates,
@@ -392,4 +408,4 @@ def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora,
     return y
 
 
-__all__ = ["torch_grouped_mlp_fwd", "torch_grouped_mlp_bwd", "grouped_mlp", "register_flop_formulas"]
+__all__ = ["torch_grouped_mlp_fwd", "torch_grouped_mlp_bwd", "grouped_mlp"]
