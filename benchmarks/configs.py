@@ -1,9 +1,9 @@
-"""Named MoE shapes (DESIGN.md section 7), each in a full GPU size and a tiny CPU size.
+"""Named MoE shapes (the models the package is measured on), each in a full GPU size and a tiny CPU size.
 
 The tiny sizes keep each model's E / k structure (and LoRA rank) and scale T, H and F down so the
 whole benchmarks/ directory runs in seconds on 2 CPU cores. Two changes of structure, said here
 once: qwen3-next's E=512 becomes 32 on CPU (a 512-iteration Python loop per call in the naive
-baseline is the only cost that does not shrink with T and H); olmoe gives no T in DESIGN.md, so
+baseline is the only cost that does not shrink with T and H); olmoe has no published T, so
 the full size uses T=16384 (an assumption of this file, half of the Qwen3 shapes' T).
 """
 
@@ -41,9 +41,9 @@ FULL = {
         ShapeConfig("uni-moe-8e", T=8192, H=4096, F=11008, E=8, k=2, r=8, lora_alpha=16.0),
         ShapeConfig("mixtral", T=16384, H=4096, F=14336, E=8, k=2),
         ShapeConfig("qwen3-30b-a3b", T=32768, H=2048, F=768, E=128, k=8),
-        ShapeConfig("olmoe", T=16384, H=2048, F=1024, E=64, k=8, note="T not given in DESIGN.md; 16384 chosen"),
+        ShapeConfig("olmoe", T=16384, H=2048, F=1024, E=64, k=8, note="T not published; 16384 chosen"),
         ShapeConfig("qwen3-next", T=32768, H=2048, F=512, E=512, k=10),
-        # The PEFT MoE-LoRA case of ANCHORS.md (fwd+bwd 4.97 ms / 2.02 GB there, best 2.56 ms / 1.30 GB).
+        # PEFT's published MoE-LoRA case (fwd+bwd 4.97 ms / 2.02 GB there, best 2.56 ms / 1.30 GB).
         ShapeConfig("peft-moe-lora", T=4096, H=2048, F=768, E=128, k=8, r=16),
     )
 }
@@ -95,7 +95,7 @@ def get(name: str, size: str) -> ShapeConfig:
     return SIZES[size][name]
 
 
-# Numbers other systems' authors claim for the full-size shapes (ANCHORS.md, H100 SXM, bf16; not
+# Numbers other systems' authors claim for the full-size shapes (H100 SXM, bf16; not
 # measured here), printed beside the full-size layer results so a run shows where it stands.
 ANCHOR_CLAIMS = {
     ("qwen3-30b-a3b", "fwd"): "claimed: torch._grouped_mm 242 TFLOP/s (10.2 ms); a Triton fused MoE 501 TFLOP/s",

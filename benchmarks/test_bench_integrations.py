@@ -36,7 +36,7 @@ from .harness import DEVICE, DTYPE, Record
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = ("mixtral", "qwen3-30b-a3b", "peft-moe-lora")
-LORA = (0, 8)  # rank; 8 with alpha 16 is the Uni-MoE recipe (ANCHORS.md)
+LORA = (0, 8)  # rank; 8 with alpha 16 is the Uni-MoE recipe
 LORA_PROVIDERS = ("peft", "peft_unimoe", "patched")
 PROVIDERS = {0: ("hf_eager", "hf_grouped_mm", "hf_unimoe", "patched")}
 MODES = ("fwd", "fwd+bwd")

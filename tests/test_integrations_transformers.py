@@ -353,7 +353,7 @@ def test_example_script_writes_to_a_temp_dir_by_default(tmp_path, monkeypatch, c
 
 
 def _low_precision_rule(family, dtype, device, backend):
-    """flash-attention's rule (DESIGN.md section 6): the patched model's error against the fp32 model
+    """flash-attention's rule: the patched model's error against the fp32 model
     is at most twice the unpatched model's own error in the same dtype, plus a floor."""
     ref32 = _model(family).to(device)
     low = copy.deepcopy(ref32).to(dtype)

@@ -67,7 +67,7 @@ def flops(
 
     Base, forward: GLU 6*N*H*F (x @ [2F, H]^T is 4NHF, h @ [H, F]^T is 2NHF); non-GLU 4*N*H*F.
     Backward adds dX (1x forward) and dW (1x forward): fwd+bwd = 3x forward = 18*N*H*F for SwiGLU,
-    the convention of DESIGN.md and ANCHORS.md. With base_trainable=False (a frozen base under
+    the convention of the benchmarks and of published MoE numbers. With base_trainable=False (a frozen base under
     LoRA) no dW is computed, so fwd+bwd = 2x forward.
     LoRA, forward: per row 2r(H + F_in) for gate_up (F_in = 2F for GLU, F otherwise) plus 2r(F + H)
     for down; its backward always computes dX, dA and dB: 3x forward.

@@ -1,4 +1,4 @@
-"""nn.Modules: TopKRouter, GroupedExperts and SparseMoE (DESIGN.md section 4).
+"""nn.Modules: TopKRouter, GroupedExperts and SparseMoE.
 
 SparseMoE.forward for x [..., H]:
 
@@ -375,7 +375,7 @@ def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class SparseMoE(nn.Module):
-    """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts (DESIGN.md section 4 for every argument).
+    """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts.
 
     forward(x [..., H], *, return_aux=False, token_groups=None, rank_gate_bias=None) -> y with x's
     shape and dtype, and MoEAux when return_aux. While training with aux_loss_coef > 0 (or z_loss_coef > 0) the weighted

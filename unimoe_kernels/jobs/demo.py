@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Residual stacks of SparseMoE layers (LoRA r=8 on every expert, frozen base, top-2 of 8), timed
-# forward + backward. uni-moe-8e is DESIGN.md's named config (H=4096, F=11008); cpu-small keeps its
+# forward + backward. uni-moe-8e is the benchmark suite's named config (H=4096, F=11008); cpu-small keeps its
 # F/H ratio at 1/16 of the width so a CPU round takes about a second.
 STACK_SHAPES = {
     "cpu-small": dict(tokens=1024, hidden=256, ffn=704, experts=8, top_k=2, lora_rank=8, layers=2),
