@@ -31,7 +31,7 @@ from .harness import DEVICE, DTYPE, Record
 
 
 def _ours(fn, *args, **kwargs):
-    """Call an op with backend="auto" when it takes one (build_routing chooses by `impl`)."""
+    """Call an op with backend="auto" when it takes one (build_routing chooses among c, triton and torch)."""
     if "backend" in inspect.signature(fn).parameters:
         kwargs["backend"] = "auto"
     return fn(*args, **kwargs)
@@ -160,7 +160,7 @@ def test_memory_bound_op(benchmark, size, name, op, provider):
             if ours:
                 fn = lambda ids: _ours(ops.build_routing, ids, e)  # noqa: E731
             else:
-                fn = lambda ids: ops.build_routing(ids, e, impl=impl)  # noqa: E731
+                fn = lambda ids: ops.build_routing(ids, e, backend=impl)  # noqa: E731
             plan = fn(inp.ids)
             got = (plan.tokens_per_expert, plan.expert_offsets, plan.sorted_slots, plan.slot_rows)
             assert torch.equal(plan.tile_expert.cpu(), want.tile_expert.cpu()), "tile_expert differs from reference.py"

@@ -1,4 +1,4 @@
-"""The compiled routing plan (unimoe_kernels._C via ops.routing, impl="c") against the torch oracle
+"""The compiled routing plan (unimoe_kernels._C via ops.routing, backend="c") against the torch oracle
 reference.build_routing, its invariants, the custom op's registration, and the fallback when _C
 is missing. Tests needing _C skip cleanly when it was not built; CUDA cases carry the gpu marker.
 """
@@ -37,9 +37,9 @@ def _random_ids(t, k, e, dtype=torch.int32, device="cpu", gen_seed=0):
     return ids.to(dtype=dtype, device=device)
 
 
-def _check_plan(ids, e, block_m, impl="c"):
-    """Plan of `impl` equals the oracle field by field, and satisfies the plan's invariants."""
-    plan = routing.build_routing(ids, e, block_m, impl=impl)
+def _check_plan(ids, e, block_m, backend="c"):
+    """Plan of `backend` equals the oracle field by field, and satisfies the plan's invariants."""
+    plan = routing.build_routing(ids, e, block_m, backend=backend)
     ref = reference.build_routing(ids, e, block_m)
     assert plan.block_m == block_m
     for name in FIELDS:
@@ -130,7 +130,7 @@ def test_large_n(dtype):
     # ~200k slots, skewed towards low experts so counts differ a lot: exercises int64 index math.
     g = torch.Generator().manual_seed(1)
     ids = (torch.rand(50_000, 4, generator=g) ** 3 * 61).to(dtype)
-    plan = routing.build_routing(ids, 61, 128, impl="c")
+    plan = routing.build_routing(ids, 61, 128, backend="c")
     ref = reference.build_routing(ids, 61, 128)
     for name in FIELDS:
         assert torch.equal(getattr(plan, name), getattr(ref, name)), name
@@ -148,9 +148,9 @@ def test_auto_uses_c_on_cpu(monkeypatch):
 @needs_c
 def test_out_of_range_ids_raise_on_cpu():
     with pytest.raises(ValueError, match="num_experts=4"):
-        routing.build_routing(torch.tensor([[0, 4]]), 4, impl="c")
+        routing.build_routing(torch.tensor([[0, 4]]), 4, backend="c")
     with pytest.raises(ValueError, match="found -1"):
-        routing.build_routing(torch.tensor([[-1, 2]]), 4, impl="c")
+        routing.build_routing(torch.tensor([[-1, 2]]), 4, backend="c")
 
 
 def test_argument_validation():
@@ -169,10 +169,10 @@ def test_argument_validation():
         routing.build_routing(ids, 4.0)
     with pytest.raises(ValueError, match="block_m must be >= 1"):
         routing.build_routing(ids, 4, 0)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        routing.build_routing(ids, 4, impl="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        routing.build_routing(ids, 4, backend="cuda")
     with pytest.raises(ValueError, match="cpu or cuda"):
-        routing.build_routing(ids.to("meta"), 4, impl="c")
+        routing.build_routing(ids.to("meta"), 4, backend="c")
 
 
 @needs_c
@@ -204,7 +204,7 @@ def test_opcheck():
 
 @needs_c
 def test_torch_compile_fullgraph():
-    fn = torch.compile(lambda ids: routing.build_routing(ids, 6, 8, impl="c"), fullgraph=True)
+    fn = torch.compile(lambda ids: routing.build_routing(ids, 6, 8, backend="c"), fullgraph=True)
     ids = _random_ids(21, 2, 6)
     got, want = fn(ids), reference.build_routing(ids, 6, 8)
     for name in FIELDS:
@@ -230,8 +230,8 @@ def test_matches_reference_cuda(t, k, e, block_m, dtype):
 def test_cuda_large_and_deterministic():
     # ~200k slots over 1027 experts (> one scan block of 256 threads), twice: identical plans.
     ids = (torch.rand(50_000, 4, device="cuda") ** 2 * 1027).to(torch.int32)
-    a = routing.build_routing(ids, 1027, 64, impl="c")
-    b = routing.build_routing(ids, 1027, 64, impl="c")
+    a = routing.build_routing(ids, 1027, 64, backend="c")
+    b = routing.build_routing(ids, 1027, 64, backend="c")
     ref = reference.build_routing(ids, 1027, 64)
     for name in FIELDS:
         assert torch.equal(getattr(a, name), getattr(ref, name)), name
@@ -257,7 +257,7 @@ def test_fallback_without_c(monkeypatch):
         for name in FIELDS:
             assert torch.equal(getattr(plan, name), getattr(ref, name)), name
         with pytest.raises(RuntimeError, match="not built"):
-            routing.build_routing(ids, 5, 4, impl="c")
+            routing.build_routing(ids, 5, 4, backend="c")
     finally:
         monkeypatch.undo()
         importlib.reload(_ext)  # restore the real module object for later tests

@@ -1,4 +1,4 @@
-"""The Triton routing plan (ops.build_routing(impl="triton"), kernels/routing.py) equals the torch
+"""The Triton routing plan (ops.build_routing(backend="triton"), kernels/routing.py) equals the torch
 oracle field by field, on random and edge inputs; traces under torch.compile; compiles for sm_90."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_equals_the_torch_plan(t, k, e, only, dtype, block_m, device):
     g = torch.Generator().manual_seed(t + e)
     ids = torch.randint(0, e, (t, k), generator=g) if only is None else torch.full((t, k), only)
     ids = ids.to(device=device, dtype=dtype)
-    got = build_routing(ids, e, block_m, impl="triton")
+    got = build_routing(ids, e, block_m, backend="triton")
     want = reference.build_routing(ids, e, block_m)
     assert got.block_m == want.block_m
     for field in ("tokens_per_expert", "expert_offsets", "sorted_slots", "slot_rows", "tile_expert",
@@ -43,7 +43,7 @@ def test_traces_under_torch_compile(device):
     ids = torch.randint(0, 6, (50, 2), device=device)
 
     def fn(ids):
-        return build_routing(ids, 6, impl="triton").sorted_slots
+        return build_routing(ids, 6, backend="triton").sorted_slots
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(ids), fn(ids))
 

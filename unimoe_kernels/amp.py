@@ -56,7 +56,7 @@ def _cast(t, dtype: torch.dtype):
         return t.to(dtype) if t.dtype in _CASTABLE and t.dtype != dtype else t
     if isinstance(t, tuple):
         cast = [_cast(v, dtype) for v in t]
-        # NamedTuples (reference.LoRAWeights) are rebuilt as their own type.
+        # NamedTuples (types.LoRAWeights) are rebuilt as their own type.
         return type(t)(*cast) if hasattr(t, "_fields") else tuple(cast)
     return t
 
@@ -65,7 +65,7 @@ def autocast_operands(*operands):
     """The operands of an expert GEMM cast to the autocast dtype when autocast is on for the device of
     the first tensor, else returned unchanged; always a tuple of len(operands).
 
-    An operand may be a tensor, None, or a (named) tuple of them such as reference.LoRAWeights.
+    An operand may be a tensor, None, or a (named) tuple of them such as types.LoRAWeights.
     Floating tensors of fp32, fp16 and bf16 are cast with `.to()`, inside the autograd graph, so the
     gradient of an fp32 parameter comes back to it in fp32; integer and fp64 tensors are left alone.
     """

@@ -53,3 +53,9 @@ def resolve(requested: str, device: torch.device) -> str:
                 "set before triton is imported to run the kernels on CPU"
             )
     return requested
+
+
+def use_triton(requested: str, t: torch.Tensor) -> bool:
+    """Whether an op on tensor t runs its Triton kernels: resolve() says "triton" and t is not fp64
+    (the kernels have no fp64 tensor-core dot; the torch path is exact for gradcheck)."""
+    return resolve(requested, t.device) == "triton" and t.dtype != torch.float64

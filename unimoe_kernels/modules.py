@@ -34,14 +34,14 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import reference
 from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, router_losses, topk_gating
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
-from .ops.routing import build_routing
-from .types import GatingOutput, MoEAux, RoutingPlan
+from .ops.lora_gates import lora_rank_gates
+from .ops.routing import apply_capacity, build_routing, expert_capacity
+from .types import GatingOutput, LoRAWeights, MoEAux, RoutingPlan, compute_dtype, is_glu
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -157,7 +157,7 @@ class TopKRouter(nn.Module):
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             x = x * noise
-        acc = reference.compute_dtype(x.dtype)
+        acc = compute_dtype(x.dtype)
         with router_fp32(x.device):
             logits = x.to(acc) @ self.weight.to(acc).t()
             return topk_gating(
@@ -219,7 +219,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if lora_rank_gate and not lora_rank:
             raise ValueError("lora_rank_gate=True gates the rank-1 pieces of LoRA and needs lora_rank > 0")
-        glu = reference.is_glu(activation)
+        glu = is_glu(activation)
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.activation, self.lora_rank, self.lora_dropout = activation, lora_rank, lora_dropout
         self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
@@ -266,10 +266,10 @@ class GroupedExperts(nn.Module):
     def base_frozen(self) -> bool:
         return not (self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
 
-    def lora_weights(self) -> Optional[reference.LoRAWeights]:
+    def lora_weights(self) -> Optional[LoRAWeights]:
         if not self.lora_rank:
             return None
-        return reference.LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
+        return LoRAWeights(self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down)
 
     def check_input_dtype(self, x: torch.Tensor, layer: Optional[str] = None, var: str = "experts") -> None:
         """Outside autocast, a TypeError in the caller's terms unless x has the GEMM parameters' dtype."""
@@ -293,7 +293,7 @@ class GroupedExperts(nn.Module):
         expert_index = torch.searchsorted(expert_offsets[1:].to(torch.int64), rows, right=True)
         with router_fp32(x.device):  # gate logits and softmax in fp32, as the token router's
             return tuple(
-                reference.lora_rank_gates(x, g, token_index, expert_index, bias)
+                lora_rank_gates(x, g, token_index, expert_index, bias)
                 for g in (self.lora_gate_gate_up, self.lora_gate_down)
             )
 
@@ -530,9 +530,9 @@ class SparseMoE(nn.Module):
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         capacity = self.ep_capacity
         if self.capacity_factor is not None:
-            capacity = reference.expert_capacity(gating.ids.numel(), self.num_experts, self.capacity_factor)
+            capacity = expert_capacity(gating.ids.numel(), self.num_experts, self.capacity_factor)
         if capacity is not None:
-            weights, dropped = reference.apply_capacity(weights, gating.ids, plan, capacity)
+            weights, dropped = apply_capacity(weights, gating.ids, plan, capacity)
         if self.ep_group is None:
             y = self.experts.forward_routed(x2, plan, weights, rank_gate_bias)
         else:

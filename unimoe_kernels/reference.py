@@ -1,10 +1,15 @@
-"""Plain PyTorch version of every op of the MoE data flow: the CPU path and the test oracle.
+"""Plain PyTorch version of every kernel op of the MoE data flow: the CPU path and the test oracle.
+
+The ops in ops/ call into this module when they run on the torch backend, and the tests compare the
+kernels against it; nothing else in the package calls it (the modules and integrations go through
+ops/). Helpers that have no kernel (aux losses, capacity, LoRA rank gates) live in the op file of
+their stage.
 
 Data flow of one layer (x: [T, H] after flattening, E experts, k slots per token, N = T*k):
 
     logits = x @ router.weight.T                      [T, E] fp32
     topk_gating(logits)        -> weights [T, k], ids [T, k] int32, scores [T, E]
-    load_balancing_loss / z_loss from scores, ids, logits
+    (aux losses: ops.gating.load_balancing_loss / z_loss from scores, ids, logits)
     build_routing(ids)         -> RoutingPlan (counts, offsets, sorted order, inverse, tile map)
     permute(x, plan)           -> x_sorted [N, H]      (row r holds token sorted_slots[r] // k)
     grouped_mlp(x_sorted, ...) -> y_sorted [N, H]      (one matmul per expert, LoRA, activation)
@@ -19,14 +24,18 @@ Python branches on data, so torch.compile(fullgraph=True) and torch.export trace
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+import importlib
+import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import torch_grouped_mlp
-from .types import GatingOutput, RoutingPlan, max_tiles
+from .activations import activation_backward, apply_activation  # noqa: F401  (the torch path's, named here too)
+from .types import (  # noqa: F401  (ACTIVATIONS, GLU_ACTIVATIONS, SCORINGS, is_glu: names of this module too)
+    ACTIVATIONS, GLU_ACTIVATIONS, SCORINGS, GatingOutput, LoRAWeights, RoutingPlan, compute_dtype, is_glu, max_tiles,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Routing plan
@@ -92,14 +101,6 @@ def build_routing(ids: torch.Tensor, num_experts: int, block_m: int = 64) -> Rou
 # Gating
 # ----------------------------------------------------------------------------------------------
 
-SCORINGS = ("softmax", "sigmoid")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Router math runs in fp32, or fp64 when the input is fp64 (gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     """[T, E] logits -> [T, E] scores: softmax over experts, or an independent sigmoid per expert."""
     if scoring == "softmax":
@@ -161,57 +162,6 @@ def topk_gating(
     return GatingOutput(weights=weights, ids=ids.to(torch.int32), scores=scores, logits=logits)
 
 
-def load_balancing_loss(
-    scores: torch.Tensor, ids: torch.Tensor, num_experts: int, scoring: str = "softmax"
-) -> torch.Tensor:
-    """E * sum_e f_e * P_e: f_e = share of the T*k slots routed to e, P_e = mean probability of e.
-
-    Sigmoid scores are normalised per token into probabilities first. The value is 1.0 for a
-    perfectly balanced router (Megatron's normalisation; Hugging Face's Mixtral loss is k times it).
-    An empty batch gives 0. Only P carries a gradient (f is a count), as in Switch Transformer.
-    """
-    t = scores.shape[0]
-    probs = scores
-    if scoring == "sigmoid":
-        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-    p_mean = probs.sum(0) / max(t, 1)
-    counts = expert_counts(ids, num_experts)
-    f = counts.to(probs.dtype) / max(ids.numel(), 1)
-    return num_experts * (f * p_mean).sum()
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean_t logsumexp(logits[t])^2 (ST-MoE router z-loss); 0 for an empty batch."""
-    lse = torch.logsumexp(logits, dim=-1)
-    return (lse * lse).sum() / max(logits.shape[0], 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Capacity (optional token dropping)
-# ----------------------------------------------------------------------------------------------
-
-
-def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
-    """Rows each expert may take: ceil(capacity_factor * N / E), at least 1; from shapes only."""
-    return max(1, math.ceil(capacity_factor * num_slots / num_experts))
-
-
-def apply_capacity(
-    weights: torch.Tensor, ids: torch.Tensor, plan: RoutingPlan, capacity: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the weights of slots past an expert's capacity; earlier tokens keep their place.
-
-    A slot's position in its expert is its sorted row minus the expert's offset, so with the plan's
-    stable order the first `capacity` slots in token order are kept. Returns (weights, number of
-    dropped slots as an int64 scalar tensor). Dropped rows are still computed by the experts; their
-    output is multiplied by zero, so the output equals a dropping implementation's.
-    """
-    rows = plan.slot_rows.view_as(ids).to(torch.int64)
-    position = rows - plan.expert_offsets.to(torch.int64)[ids.to(torch.int64)]
-    keep = position < capacity
-    return weights * keep.to(weights.dtype), (~keep).sum()
-
-
 # ----------------------------------------------------------------------------------------------
 # Permutation and combine
 # ----------------------------------------------------------------------------------------------
@@ -241,100 +191,6 @@ def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor) 
 # ----------------------------------------------------------------------------------------------
 # Expert MLP
 # ----------------------------------------------------------------------------------------------
-
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-GLU_ACTIVATIONS = ("swiglu", "geglu")
-
-
-def is_glu(activation: str) -> bool:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation in GLU_ACTIVATIONS
-
-
-def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """[rows, 2F] -> [rows, F] for GLU activations (gate first, then up); elementwise otherwise.
-
-    gelu is the exact (erf) form in both gelu and geglu.
-    """
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "geglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.gelu(gate) * up
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "silu":
-        return F.silu(h)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def activation_backward(z: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
-    """d(apply_activation)/dz applied to dh: z [rows, 2F|F], dh [rows, F] -> dz [rows, 2F|F].
-
-    Through the derivative kernels autograd itself uses (silu_backward, gelu_backward,
-    threshold_backward), so the numbers are autograd's.
-    """
-    aten = torch.ops.aten
-    if activation in GLU_ACTIVATIONS:
-        gate, up = z.chunk(2, dim=-1)
-        act = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
-        d_act = dh * up
-        d_gate = aten.silu_backward(d_act, gate) if activation == "swiglu" else aten.gelu_backward(d_act, gate)
-        return torch.cat([d_gate, dh * act], dim=-1)
-    if activation == "gelu":
-        return aten.gelu_backward(dh, z)
-    if activation == "relu":
-        return aten.threshold_backward(dh, z, 0)
-    if activation == "silu":
-        return aten.silu_backward(dh, z)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-class LoRAWeights(NamedTuple):
-    """Per-expert LoRA factors in the layout of SparseMoE's parameters."""
-
-    a_gate_up: torch.Tensor  # [E, r, H]
-    b_gate_up: torch.Tensor  # [E, 2F or F, r]
-    a_down: torch.Tensor  # [E, r, F]
-    b_down: torch.Tensor  # [E, H, r]
-
-
-def lora_rank_gates(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    token_index: torch.Tensor,
-    expert_index: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Mixture-of-rank-1-experts gate (Intuition-MoR1E) of N rows: g [N, r] in fp32 (fp64 for fp64 x).
-
-    Row n is token t = token_index[n] routed to expert e = expert_index[n]:
-    g[n] = r * softmax(x[t] @ gate_weight[e]^T + bias[t]) over the r rank-1 pieces of e's LoRA.
-    The factor r makes a uniform gate exactly 1 per piece, so a zero gate_weight (the init) gives
-    plain LoRA and lora_alpha keeps its meaning. x [T, H]; gate_weight [E, r, H]; token_index,
-    expert_index [N] integers; bias [T, r] (already broadcast per token) or None.
-
-    The logits of every (token, expert) pair come from one dense GEMM [T, H] x [H, E*r] and the N
-    routed ones are gathered: no per-expert loop, so no host sync and nothing torch.compile breaks
-    on; it costs 2*T*H*E*r FLOPs, small next to the expert MLP while E*r << k*F. Autograd carries
-    the gradient to x, gate_weight and bias.
-    """
-    e, r, h = gate_weight.shape
-    acc = compute_dtype(x.dtype)
-    logits = (x.to(acc) @ gate_weight.reshape(e * r, h).to(acc).t()).view(-1, e, r)
-    if bias is not None:
-        # Added per token before the gather: bias's gradient is then a plain sum over experts, not
-        # an index_add over the k rows of each token (float atomics on GPU, run-to-run noise).
-        logits = logits + bias.to(acc).unsqueeze(1)
-    # With top-k routing a (token, expert) pair is routed at most once, so the gather's backward
-    # writes each element of d(logits) once: deterministic although it is an indexed accumulate.
-    rows = logits[token_index.to(torch.int64), expert_index.to(torch.int64)]
-    return torch.softmax(rows, dim=-1) * r
-
 
 def grouped_mlp(
     x_sorted: torch.Tensor,
@@ -387,3 +243,22 @@ def moe_forward(
     x_sorted = permute(x, plan, weights.shape[1])
     y_sorted = grouped_mlp(x_sorted, plan.tokens_per_expert, gate_up_proj, down_proj, activation, **mlp_kwargs)
     return unpermute(y_sorted, plan, weights)
+
+
+# Helpers that are not the torch path of a kernel op live with the op of their stage; their old
+# names here still resolve (with a DeprecationWarning) so code written against them keeps working.
+_MOVED = {
+    "load_balancing_loss": "unimoe_kernels.ops.gating",
+    "z_loss": "unimoe_kernels.ops.gating",
+    "expert_capacity": "unimoe_kernels.ops.routing",
+    "apply_capacity": "unimoe_kernels.ops.routing",
+    "lora_rank_gates": "unimoe_kernels.ops.lora_gates",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"unimoe_kernels.reference.{name} moved to {_MOVED[name]}.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

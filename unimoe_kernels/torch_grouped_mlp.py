@@ -12,7 +12,7 @@ optional rank gates [N, r], x' = x or dropout(x) and m the dropout mask of h, bo
     backward unimoe::torch_grouped_mlp_bwd, per expert e, dy [N, H]:
       h = act(z) again (cheap, the block is in cache); dyb = dy_R B_d[e]
       dW_d = dy^T h, dB_d = s dy^T (ha*g_d), dA_d = s (dyb*g_d)^T h', dg_d = s dyb * ha
-      dh = dy W_d[e] + s ((dyb*g_d) A_d[e]) * m;  dz = act'(z) dh (reference.activation_backward)
+      dh = dy W_d[e] + s ((dyb*g_d) A_d[e]) * m;  dz = act'(z) dh (activations.activation_backward)
       dW_gu = dz^T x, dB_gu = s dz^T (xa*g_gu), dzb = dz B_gu[e], dA_gu = s (dzb*g_gu)^T x'
       dx = dz W_gu[e] (+ s (dzb*g_gu) A_gu[e] when x' is x; else that part is d(x'), and autograd
       takes it through the dropout outside), dg_gu = s dzb * xa
@@ -44,8 +44,8 @@ import sys
 
 import torch
 
-# The module, not its names: reference imports this one at its top (grouped_mlp calls in here).
-from . import reference
+from .activations import activation_backward, apply_activation
+from .types import is_glu
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ def _fwd_impl(x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, x_l
         if lora:
             xa = blk.lin(xl[rows], a_gu, out=xa_all[rows])
             blk.add_lin(z, _gated(xa, None if g_gu is None else g_gu[rows]), b_gu, scale)
-        h = reference.apply_activation(z, activation)
+        h = apply_activation(z, activation)
         blk.lin(h, w_d, out=y[rows])
         if lora:
             hl = h if mask_h is None else h * mask_h[rows]
@@ -216,7 +216,7 @@ def _bwd_impl(dy, x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
     for blk in blocks:
         rows = blk.rows
         z = z_all[rows]
-        h = reference.apply_activation(z, activation)
+        h = apply_activation(z, activation)
         dye = dy[rows]
         if dw_d is not None:
             blk.wgrad(dye, h, dw_d)
@@ -236,7 +236,7 @@ def _bwd_impl(dy, x, counts, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale,
                 dh.add_(dhl if mask_h is None else dhl * mask_h[rows])
         if not need_dz:
             continue
-        dz = reference.activation_backward(z, dh, activation)
+        dz = activation_backward(z, dh, activation)
         if dw_gu is not None:
             blk.wgrad(dz, x[rows], dw_gu)
         if dx is not None:
@@ -400,7 +400,7 @@ else:
 def grouped_mlp(x, tokens_per_expert, gate_up_proj, down_proj, activation, lora, scale, x_lora, mask_h, rank_gates,
                 save_preact):
     """The forward op with autograd; returns y [N, H] (module docstring)."""
-    reference.is_glu(activation)  # raises ValueError for an unknown activation
+    is_glu(activation)  # raises ValueError for an unknown activation
     a_gu, b_gu, a_d, b_d = (None,) * 4 if lora is None else lora
     g_gu, g_d = (None, None) if rank_gates is None else rank_gates
     y, _, _, _ = torch_grouped_mlp_fwd(x, tokens_per_expert, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d, activation,

@@ -1,7 +1,9 @@
-"""Plain containers passed between the ops: gating output, routing plan, aux statistics.
+"""What the ops, the modules and the torch path share: containers and the tables of names.
 
-They are NamedTuples so that torch.compile traces through them and autograd.Functions can
-return their fields without wrapping.
+Containers (gating output, routing plan, aux statistics, LoRA factors) are NamedTuples so that
+torch.compile traces through them and autograd.Functions can return their fields without wrapping.
+The tables (activations, router scorings) and compute_dtype are the vocabulary every layer checks
+its arguments against; they live here so no layer has to import another's implementation for them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,32 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+GLU_ACTIVATIONS = ("swiglu", "geglu")
+SCORINGS = ("softmax", "sigmoid")
+
+
+def is_glu(activation: str) -> bool:
+    """Whether GEMM 1 of the expert MLP is [gate; up] (2F columns) for this activation; ValueError
+    naming the choices for an unknown one."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation in GLU_ACTIVATIONS
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router math and reductions run in fp32, or fp64 when the input is fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class LoRAWeights(NamedTuple):
+    """Per-expert LoRA factors in the layout of SparseMoE's parameters."""
+
+    a_gate_up: torch.Tensor  # [E, r, H]
+    b_gate_up: torch.Tensor  # [E, 2F or F, r]
+    a_down: torch.Tensor  # [E, r, F]
+    b_down: torch.Tensor  # [E, H, r]
 
 
 class GatingOutput(NamedTuple):
@@ -78,7 +106,11 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
     Each expert with n rows needs ceil(n / block_m) <= n / block_m + 1 tiles; summed over experts
     that is at most N / block_m + E, and ceil(N / block_m) + E bounds it as an integer.
     """
-    return -(-num_slots // block_m) + num_experts
+    # + and // only (no unary minus on the quotient), so it also works on SymInts under torch.compile.
+    return (num_slots + block_m - 1) // block_m + num_experts
 
 
-__all__ = ["GatingOutput", "RoutingPlan", "MoEAux", "max_tiles"]
+__all__ = [
+    "GatingOutput", "RoutingPlan", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS", "SCORINGS",
+    "is_glu", "compute_dtype",
+]

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..amp import autocast_operands, check_layer_dtype
 from ..ops.grouped_gemm import grouped_mlp_combine
 from ..ops.routing import build_routing
-from ..reference import LoRAWeights
+from ..types import LoRAWeights
 
 EXPERTS_IMPLEMENTATION = "unimoe"
 

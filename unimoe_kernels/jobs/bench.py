@@ -25,7 +25,7 @@ import torch
 
 from .. import baselines
 from ..modules import SparseMoE
-from ..reference import ACTIVATIONS
+from ..types import ACTIVATIONS
 from . import UsageError, int_at_least, pick_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

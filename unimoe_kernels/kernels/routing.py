@@ -1,4 +1,4 @@
-"""Triton kernels of the routing plan (launched by unimoe_kernels.ops.routing, impl "triton").
+"""Triton kernels of the routing plan (launched by unimoe_kernels.ops.routing, backend "triton").
 
 A stable counting sort of the N = T*k flat slots by expert, in blocks of BLOCK slots, sync-free:
 

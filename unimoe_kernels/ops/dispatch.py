@@ -18,13 +18,13 @@ p*E/P .. (p+1)*E/P - 1 (E_l = E/P of them). One layer on one rank (T local token
 
   padded (capacity=C, no host sync): every (source rank, global expert) pair moves exactly C rows.
     send buffer [E*C, H]: row e*C + c = the c-th slot (in token order) of this rank for expert e, or
-        zeros when expert e got fewer than C slots; slots past C are dropped (reference.apply_capacity's
+        zeros when expert e got fewer than C slots; slots past C are dropped (routing.apply_capacity's
         rule: a slot's position in its expert is its sorted row minus the expert's offset)
     equal splits E_l*C, so nothing is read on the host; x_recv [P*E_l*C, H] viewed [P, E_l, C, H] and
     transposed to [E_l, P, C, H] is the local-expert order (a fixed permutation, no index needed);
     each local expert computes P*C rows (padding rows included: fixed shapes are the point).
     combine reads y back through slot -> e*C + position; dropped slots must carry zero weight
-    (SparseMoE zeroes them with reference.apply_capacity, the same rule), so they add nothing.
+    (SparseMoE zeroes them with routing.apply_capacity, the same rule), so they add nothing.
 
 Backward: all_to_all_single is wrapped in autograd.Functions whose backward is the same exchange with
 the splits swapped (no new host sync: the splits of the forward are kept). Collectives must be called
@@ -246,7 +246,7 @@ def _dispatch_padded(x, plan, top_k, group, world_size, e_local, capacity, ancho
     else:
         send = x.new_zeros((num_experts * capacity, h))
     # Row of every slot in the padded buffer: expert * C + its position in the expert (the rule of
-    # reference.apply_capacity); dropped slots (position >= C) point at the expert's last row and
+    # routing.apply_capacity); dropped slots (position >= C) point at the expert's last row and
     # must carry zero weight.
     slot_rows = plan.slot_rows.to(torch.int64)
     slot_expert = torch.searchsorted(offsets[1:], slot_rows, right=True)
@@ -276,7 +276,7 @@ def combine(
 
     y_local: the grouped MLP's output over dispatch()'s x_local (same row order); weights: [T, k]
     combine weights of this rank's tokens (in padded mode the weights of dropped slots must be zero,
-    as reference.apply_capacity makes them). out[t] = sum_j weights[t, j] * expert_j(x[t]).
+    as routing.apply_capacity makes them). out[t] = sum_j weights[t, j] * expert_j(x[t]).
     Differentiable in y_local and weights.
     """
     if not isinstance(state, DispatchState):

@@ -12,10 +12,11 @@ gradients up to fp32 rounding. The two kernels are the custom ops unimoe::topk_g
 unimoe::topk_gating_bwd, with fakes and autograd registered, so torch.compile(fullgraph=True)
 traces them as single nodes.
 
-The aux losses (load-balancing loss, z-loss): with return_stats=True the same kernel pass also
-writes logsumexp per row and column sums of the probabilities (RouterStats), and router_losses
-makes both losses from them and the plan's expert counts, O(T + E) work; their gradient reaches the
-logits through d(scores) here and through the returned logits tensor, as the reference's would.
+The aux losses (load-balancing loss, z-loss) are defined here in plain torch (load_balancing_loss,
+z_loss: from the [T, E] scores and logits). With return_stats=True the same kernel pass also writes
+logsumexp per row and column sums of the probabilities (RouterStats), and router_losses makes both
+losses from them and the plan's expert counts, O(T + E) work; their gradient reaches the logits
+through d(scores) here and through the returned logits tensor, as the plain versions' would.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import reference
-from ..backend import resolve
-from ..types import GatingOutput
+from ..backend import use_triton as _use_triton
+from ..types import SCORINGS, GatingOutput
+from .launch_utils import cdiv, next_pow2, row_block, unit_inner
 
 # Elements of the [BLOCK_T, BLOCK_E] fp32 tile one program keeps live: 16 per thread at 4 warps,
 # which leaves registers for the half-dozen tiles (p, sel, masks) the selection loop carries.
@@ -36,6 +38,32 @@ _TILE_ELEMS = 2048
 _MAX_BLOCK_T = 64
 # Floor of a sigmoid row sum when scores are normalised into probabilities (reference's value).
 _PROB_FLOOR = 1e-20
+
+
+def load_balancing_loss(
+    scores: torch.Tensor, ids: torch.Tensor, num_experts: int, scoring: str = "softmax"
+) -> torch.Tensor:
+    """E * sum_e f_e * P_e: f_e = share of the T*k slots routed to e, P_e = mean probability of e.
+
+    scores [T, E] (softmax or sigmoid of the logits), ids [T, k] the chosen experts. Sigmoid scores
+    are normalised per token into probabilities first. The value is 1.0 for a perfectly balanced
+    router (Megatron's normalisation; Hugging Face's Mixtral loss is k times it). An empty batch
+    gives 0. Only P carries a gradient (f is a count), as in Switch Transformer.
+    """
+    t = scores.shape[0]
+    probs = scores
+    if scoring == "sigmoid":
+        probs = scores / scores.sum(-1, keepdim=True).clamp_min(_PROB_FLOOR)
+    p_mean = probs.sum(0) / max(t, 1)
+    counts = reference.expert_counts(ids, num_experts)
+    f = counts.to(probs.dtype) / max(ids.numel(), 1)
+    return num_experts * (f * p_mean).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t logsumexp(logits[t])^2 (ST-MoE router z-loss) of logits [T, E]; 0 for an empty batch."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse * lse).sum() / max(logits.shape[0], 1)
 
 
 class RouterStats(NamedTuple):
@@ -50,7 +78,7 @@ class RouterStats(NamedTuple):
 
 class _RouterLosses(torch.autograd.Function):
     """(load-balancing loss, z-loss) from RouterStats and the expert counts, with the gradients
-    reference.load_balancing_loss and reference.z_loss would give, to scores and logits:
+    load_balancing_loss and z_loss would give, to scores and logits:
 
         lbl = E * sum_e (counts_e / N) * (prob_sums_e / T)   d lbl / d probs[t, e] = E counts_e / (N T)
         z   = sum_t lse_t^2 / T                              d z / d logits[t] = 2 lse_t softmax(logits[t]) / T
@@ -90,8 +118,8 @@ class _RouterLosses(torch.autograd.Function):
 
 def router_losses(gating: GatingOutput, stats: RouterStats, tokens_per_expert: torch.Tensor, num_experts: int,
                   scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """(load_balancing_loss, z_loss), scalar fp32, equal to reference.load_balancing_loss(gating.scores,
-    gating.ids, ...) and reference.z_loss(gating.logits) in value and gradient, from the statistics
+    """(load_balancing_loss, z_loss), scalar fp32, equal to load_balancing_loss(gating.scores,
+    gating.ids, ...) and z_loss(gating.logits) in value and gradient, from the statistics
     of the gating pass (topk_gating(..., return_stats=True)) and the plan's tokens_per_expert: no
     further pass over the [T, E] scores or logits in the forward."""
     return _RouterLosses.apply(gating.scores, gating.logits, stats.lse.detach(), stats.prob_sums.detach(),
@@ -100,8 +128,8 @@ def router_losses(gating: GatingOutput, stats: RouterStats, tokens_per_expert: t
 
 def check_gating_args(num_experts: int, top_k: int, n_groups: int, topk_groups: Optional[int], scoring: str) -> None:
     """Raise ValueError naming the argument for any impossible gating configuration."""
-    if scoring not in reference.SCORINGS:
-        raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
     if n_groups < 1 or num_experts % n_groups:
@@ -115,28 +143,14 @@ def check_gating_args(num_experts: int, top_k: int, n_groups: int, topk_groups: 
             )
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _unit_inner(t: torch.Tensor) -> torch.Tensor:
-    """t with a unit column stride (the kernels take a row stride only)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _blocks(num_experts: int) -> tuple[int, int]:
-    block_e = _next_pow2(num_experts)
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMS // block_e))
-    return block_t, block_e
+    """(BLOCK_T, BLOCK_E): all E scores of a row in one tile, as many rows as the tile holds."""
+    return row_block(num_experts, _TILE_ELEMS, max_rows=_MAX_BLOCK_T)
 
 
 def _stats_rows(t: int, e: int) -> int:
     """Rows of the per-program column sums: one per program of the forward kernel (1 when T = 0)."""
-    return max(1, triton_cdiv(t, _blocks(e)[0]))
+    return max(1, cdiv(t, _blocks(e)[0]))
 
 
 def _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scaling_factor, n_groups, topk_groups,
@@ -153,16 +167,16 @@ def _topk_gating_fwd_impl(logits, expert_bias, top_k, scoring, normalize, scalin
     # Zeros: an empty batch launches nothing and must still sum to zero probability.
     psum = torch.zeros((_stats_rows(t, e), e) if stats else (0,), dtype=torch.float32, device=dev)
     if t > 0:
-        logits_c = _unit_inner(logits)
+        logits_c = unit_inner(logits)
         block_t, block_e = _blocks(e)
-        kern.topk_gating_fwd_kernel[(triton_cdiv(t, block_t),)](
+        kern.topk_gating_fwd_kernel[(cdiv(t, block_t),)](
             logits_c, expert_bias if expert_bias is not None else scores, scores, weights, ids,
             lse if stats else scores, psum if stats else scores,
             t, e, logits_c.stride(0), float(scaling_factor),
             K=top_k, SCORING=_scoring_id(kern, scoring), NORMALIZE=bool(normalize),
             HAS_BIAS=expert_bias is not None, STATS=bool(stats), N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
-            GROUP_SIZE=e // n_groups, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
-            BLOCK_G=_next_pow2(n_groups), num_warps=4,
+            GROUP_SIZE=e // n_groups, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_pow2(top_k),
+            BLOCK_G=next_pow2(n_groups), num_warps=4,
         )
     return weights, ids, scores, lse, psum
 
@@ -174,10 +188,10 @@ def _topk_gating_bwd_impl(d_weights, d_scores, scores, ids, scoring, normalize, 
     t, e = scores.shape
     d_logits = torch.empty_like(scores)
     if t > 0:
-        dw = _unit_inner(d_weights.float()) if d_weights is not None else None
-        ds = _unit_inner(d_scores.float()) if d_scores is not None else None
+        dw = unit_inner(d_weights.float()) if d_weights is not None else None
+        ds = unit_inner(d_scores.float()) if d_scores is not None else None
         block_t, block_e = _blocks(e)
-        kern.topk_gating_bwd_kernel[(triton_cdiv(t, block_t),)](
+        kern.topk_gating_bwd_kernel[(cdiv(t, block_t),)](
             scores, ids, dw if dw is not None else scores, ds if ds is not None else scores, d_logits,
             t, e, dw.stride(0) if dw is not None else 0, ds.stride(0) if ds is not None else 0,
             float(scaling_factor),
@@ -310,8 +324,7 @@ def topk_gating(
             raise ValueError(f"expert_bias must be [E={logits.shape[1]}], got {tuple(expert_bias.shape)}")
         if expert_bias.device != logits.device:
             raise ValueError(f"expert_bias is on {expert_bias.device} but logits are on {logits.device}")
-    use_triton = resolve(backend, logits.device) == "triton" and logits.dtype != torch.float64
-    if not use_triton:
+    if not _use_triton(backend, logits):
         out = reference.topk_gating(
             logits, top_k, scoring=scoring, normalize=normalize, scaling_factor=scaling_factor,
             expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,

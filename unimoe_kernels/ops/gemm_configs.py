@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from .. import backend as _backend
+from .launch_utils import cdiv, next_pow2
 
 ROLES_MM = ("up", "up_glu", "down", "dact", "dgrad")
 ROLES_XTY = ("wgrad", "lora_wgrad")
@@ -60,10 +61,6 @@ _INTERPRET_XTY = dict(BLOCK_P=64, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8, num_warps=
 SMEM_LIMIT_SM90 = 227 * 1024
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def rank_block(r: int) -> int:
     """Block size of a LoRA-rank dimension: tl.dot needs every dimension >= 16."""
     return max(16, next_pow2(r))
@@ -71,7 +68,7 @@ def rank_block(r: int) -> int:
 
 def rows_bucket(rows: int, num_experts: int) -> int:
     """Rows per expert rounded up to a power of two (1 for an empty batch): the table's bucket."""
-    return next_pow2(max(1, -(-rows // max(1, num_experts))))
+    return next_pow2(max(1, cdiv(rows, max(1, num_experts))))
 
 
 def table_key(dtype: torch.dtype, role: str, k: int, nout: int, num_experts: int, rank: int = 0) -> str:
@@ -102,7 +99,7 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     swizzle), fp32 ones BLOCK_K 32 and narrower tiles, within shared memory at their stage count.
     """
     wide = dtype != torch.float32
-    per_expert = -(-rows // max(1, num_experts))
+    per_expert = cdiv(rows, max(1, num_experts))
     if role in ROLES_XTY:
         if role == "lora_wgrad":
             # One side is the rank: one small tile there; a bandwidth-bound pass over the rows.

@@ -1,10 +1,10 @@
-"""Grouped expert MLP with fused LoRA and activation: the public ops and their dispatch.
+"""Grouped expert MLP with fused LoRA and activation: the public ops and the choice of backend.
 
     grouped_mlp(x_sorted [N, H], tokens_per_expert [E], gate_up_proj, down_proj, ...) -> y_sorted [N, H]
     grouped_mlp_gather(x [T, H], plan, top_k, ...) -> y_sorted [T*top_k, H]   (permute fused in)
     grouped_mlp_combine(x [T, H], plan, weights [T, k], ...) -> out [T, H]    (and the weighted combine)
 
-backend.resolve(backend, device) == "triton" runs the custom ops of grouped_mlp_ops.py (kernels in
+backend.use_triton(backend, x) runs the custom ops of grouped_mlp_ops.py (kernels in
 unimoe_kernels/kernels/, launchers in grouped_gemm_launch.py, configs in gemm_configs.py); anything
 else, and fp64 (gradcheck), runs reference.grouped_mlp.
 
@@ -13,7 +13,7 @@ gradients) gather row sorted_slots[r] // k on load, so x_sorted [T*k, H] is neve
 saved; dx rows are summed back per token without atomics.
 
 Rank gate (optional; mixture of rank-1 experts): g_gu, g_d [N, r] fp32 per row, made by
-reference.lora_rank_gates in torch (autograd carries their gradient on to the gate weights and a
+ops.lora_gates.lora_rank_gates in torch (autograd carries their gradient on to the gate weights and a
 bias). The LoRA terms become s (xa * g_gu) B_gu^T and s (ha * g_d) B_d^T, applied inside the kernels.
 
 Under torch.autocast the expert GEMM operands (x, weights, LoRA factors) are cast to the autocast
@@ -32,8 +32,7 @@ import torch
 from .. import backend as _backend
 from .. import reference
 from ..amp import autocast_operands
-from ..reference import LoRAWeights
-from ..types import RoutingPlan
+from ..types import LoRAWeights, RoutingPlan, is_glu
 from .grouped_gemm_launch import dropout_mask
 from .grouped_mlp_ops import grouped_mlp_bwd, grouped_mlp_fwd
 from .permute import unpermute
@@ -44,7 +43,7 @@ from .permute import unpermute
 
 
 def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora):
-    glu = reference.is_glu(activation)  # raises ValueError naming `activation`
+    glu = is_glu(activation)  # raises ValueError naming `activation`
     for name, t in (("x_sorted", x_sorted), ("tokens_per_expert", tokens_per_expert),
                     ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if not isinstance(t, torch.Tensor):
@@ -121,7 +120,7 @@ def grouped_mlp(
     Semantics of reference.grouped_mlp; tokens_per_expert [E] must sum to N. `plan` (optional) lends
     its expert offsets to the Triton path so they are not rebuilt; it must describe these rows. recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1
     again there instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
-    rank_gates (g_gate_up [N, r], g_down [N, r], e.g. reference.lora_rank_gates) gate the rank-1
+    rank_gates (g_gate_up [N, r], g_down [N, r], e.g. ops.lora_rank_gates) gate the rank-1
     pieces of both LoRA terms; their gradient flows back through autograd.
     """
     x_sorted, gate_up_proj, down_proj, lora = autocast_operands(x_sorted, gate_up_proj, down_proj, lora)
@@ -129,9 +128,7 @@ def grouped_mlp(
     _check_rank_gates(rank_gates, lora, x_sorted.shape[0], x_sorted.device)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    use_triton = _backend.resolve(backend, x_sorted.device) == "triton"
-    if not use_triton or x_sorted.dtype == torch.float64:
-        # fp64 (gradcheck) has no tensor-core dot; the reference path is exact for it.
+    if not _backend.use_triton(backend, x_sorted):
         return reference.grouped_mlp(
             x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation,
             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
@@ -217,8 +214,7 @@ def grouped_mlp_gather(
     """
     x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
     _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
-    use_triton = _backend.resolve(backend, x.device) == "triton"
-    if not use_triton or x.dtype == torch.float64:
+    if not _backend.use_triton(backend, x):
         return reference.grouped_mlp(
             reference.permute(x, plan, top_k), plan.tokens_per_expert, gate_up_proj, down_proj, activation,
             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
@@ -260,8 +256,7 @@ def grouped_mlp_combine(
                          f"{weights.device}")
     top_k = weights.shape[1]
     x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
-    use_triton = _backend.resolve(backend, x.device) == "triton" and x.dtype != torch.float64
-    if not use_triton:
+    if not _backend.use_triton(backend, x):
         y_sorted = grouped_mlp_gather(x, plan, top_k, gate_up_proj, down_proj, activation, lora=lora,
                                       lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
                                       backend=backend, recompute=recompute, rank_gates=rank_gates)

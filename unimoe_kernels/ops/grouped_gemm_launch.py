@@ -19,6 +19,7 @@ import torch
 from .. import backend as _backend
 from ..types import max_tiles
 from . import gemm_configs
+from .launch_utils import cdiv, next_pow2
 
 # Activation name -> (kernel activation code of kernels/gemm_common.py, GLU).
 ACT_CODE = {"swiglu": (0, True), "geglu": (1, True), "silu": (0, False), "gelu": (1, False), "relu": (2, False)}
@@ -155,21 +156,21 @@ def grouped_mm(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
         ACT=act, GLU=glu, STORE_Z=store_z, ROW_SCALE=row_scale is not None, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, gemm_configs.next_pow2(e)),
+        BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, next_pow2(e)),
     )
 
     tma = _use_tma(x.device)
 
     def launch(c: dict) -> torch.Tensor:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-        tiles = max_tiles(n, e, bm) * -(-nout // bn)
+        tiles = max_tiles(n, e, bm) * cdiv(nout, bn)
         cap = _persistent_programs(x.device) if c.get("PERSISTENT") else None
         if cap:
             tiles = min(tiles, cap)
         w_desc, kmajor = _w_descriptor(w, bn, bk) if tma and c.get("TMA", True) else (None, False)
         x_desc = _x_descriptor(x, bm, bk) if tma and c.get("TMA", True) and gather is None else None
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
-        rowdot = (torch.empty((n, -(-nout // bn)), dtype=torch.float32, device=x.device) if row_scale is not None
+        rowdot = (torch.empty((n, cdiv(nout, bn)), dtype=torch.float32, device=x.device) if row_scale is not None
                   else offsets)
         grouped_mm_kernel[(max(1, tiles),)](
             *kernel_args(x_desc, w_desc, rowdot), **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
@@ -221,7 +222,7 @@ def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: to
         use = tma and c.get("TMA", True)
         x_desc = _x_descriptor(x, bk, bp) if use else None
         y_desc = _x_descriptor(y, bk, bq) if use and gather_y is None else None
-        grid = (e * -(-p // bp) * -(-q // bq),)
+        grid = (e * cdiv(p, bp) * cdiv(q, bq),)
         grouped_xty_kernel[grid](*kernel_args(x_desc, y_desc), **meta, X_DESC=x_desc is not None,
                                  Y_DESC=y_desc is not None, SWAP=bp < 64 <= bq, **gemm_configs.kernel_meta(c))
 
@@ -245,7 +246,7 @@ def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
 
     out = torch.empty((rows, cols), device=seed.device, dtype=torch.float32)
     block_m, block_c = 64, 64  # any size works; the mask depends only on (seed, row, col)
-    dropout_mask_kernel[(-(-rows // block_m), -(-cols // block_c))](
+    dropout_mask_kernel[(cdiv(rows, block_m), cdiv(cols, block_c))](
         seed, out, rows, cols, float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_C=block_c)
     return out
 

@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backend import resolve
+from ..backend import use_triton as _use_triton
 from ..types import RoutingPlan
+from .launch_utils import cdiv, next_pow2, row_block, unit_inner
 
 # Elements of one program's [rows, BLOCK_H] tile: 16 per thread at 4 warps. Measured with ptxas for
 # sm_90 (triton 3.6): 4096 made the backward kernel spill at H=97 (255 registers); 2048 fits in
@@ -36,27 +37,9 @@ _TILE_ELEMS = 2048
 _MAX_BLOCK_H = 512
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _blocks(h: int) -> tuple[int, int]:
-    """(rows per program, BLOCK_H) for a row width h."""
-    block_h = min(_MAX_BLOCK_H, _next_pow2(h))
-    return max(1, _TILE_ELEMS // block_h), block_h
-
-
-def _unit_inner(t: torch.Tensor) -> torch.Tensor:
-    """t with a unit column stride (the kernels take a row stride only, which may be 0)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    return resolve(backend, t.device) == "triton" and t.dtype != torch.float64
+    """(rows per program, BLOCK_H) for a row width h (wider rows loop over BLOCK_H chunks)."""
+    return row_block(h, _TILE_ELEMS, max_width=_MAX_BLOCK_H)
 
 
 def _permute_impl(x, sorted_slots, top_k):
@@ -67,9 +50,9 @@ def _permute_impl(x, sorted_slots, top_k):
     n = sorted_slots.numel()
     out = torch.empty((n, h), dtype=x.dtype, device=x.device)
     if n > 0 and h > 0:
-        x_c = _unit_inner(x)
+        x_c = unit_inner(x)
         block_r, block_h = _blocks(h)
-        kern.permute_gather_kernel[(_cdiv(n, block_r),)](
+        kern.permute_gather_kernel[(cdiv(n, block_r),)](
             x_c, sorted_slots, out, n, h, x_c.stride(0),
             K=top_k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
         )
@@ -85,11 +68,11 @@ def _combine_impl(y, slot_rows, weights, top_k):
     out = torch.empty((num_tokens, h), dtype=y.dtype, device=y.device)
     if num_tokens == 0 or h == 0:
         return out
-    y = _unit_inner(y)
+    y = unit_inner(y)
     if weights is not None:
-        weights = _unit_inner(weights)
+        weights = unit_inner(weights)
     block_t, block_h = _blocks(h)
-    kern.combine_kernel[(_cdiv(num_tokens, block_t),)](
+    kern.combine_kernel[(cdiv(num_tokens, block_t),)](
         y, slot_rows, weights if weights is not None else y, out,
         num_tokens, h, y.stride(0), weights.stride(0) if weights is not None else 0,
         K=top_k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
@@ -110,16 +93,16 @@ def _combine_bwd_impl(d_out, y_sorted, slot_rows, weights, top_k, need_dy, need_
     dy = torch.empty((n, h), dtype=d_out.dtype, device=d_out.device) if need_dy else d_out.new_empty((0,))
     dw = torch.zeros((t, top_k), dtype=torch.float32, device=d_out.device) if need_dw else None
     if t > 0 and h > 0 and (need_dy or need_dw):
-        d_out = _unit_inner(d_out)
-        w = _unit_inner(weights)
-        y = _unit_inner(y_sorted) if need_dw else None
+        d_out = unit_inner(d_out)
+        w = unit_inner(weights)
+        y = unit_inner(y_sorted) if need_dw else None
         block_t, block_h = _blocks(h)
-        kern.combine_bwd_kernel[(_cdiv(t, block_t),)](
+        kern.combine_bwd_kernel[(cdiv(t, block_t),)](
             d_out, y if y is not None else d_out, slot_rows, w,
             dy if need_dy else d_out, dw if dw is not None else w,
             t, h, d_out.stride(0), y.stride(0) if y is not None else 0, w.stride(0),
             K=top_k, HAS_DY=need_dy, HAS_DW=need_dw, BLOCK_T=block_t, BLOCK_H=block_h,
-            BLOCK_K=_next_pow2(top_k), num_warps=4,
+            BLOCK_K=next_pow2(top_k), num_warps=4,
         )
     if dw is None:
         dw = d_out.new_empty((0,))

@@ -10,10 +10,14 @@ Data flow (T tokens, k slots per token, N = T*k flat slots t*k + j, E experts):
         tile_expert, tile_row_start [ceil(N/block_m) + E]   one entry per block_m-row GEMM tile,
                                        -1 / N in the unused tail (the length is host-known, no sync)
 
-permute() gathers x rows through sorted_slots // k, grouped_mlp() walks the tile map, and
-unpermute() reads y_sorted through slot_rows.
+permute() gathers x rows through sorted_slots // k and unpermute() reads y_sorted through
+slot_rows. The package's grouped GEMMs locate their tiles from expert_offsets inside the kernel
+(any tile height); the tile map is part of the plan for callers that launch their own kernels.
 
-Implementations (`impl`):
+Capacity (optional token dropping) belongs to this stage too: expert_capacity and apply_capacity
+read a slot's position in its expert off the plan.
+
+Backends (`backend`):
     "c"       the compiled extension unimoe_kernels._C: a stable O(N + E) counting sort on CPU
               tensors, five sync-free kernels on the current stream for CUDA tensors. Exposed as
               the custom op torch.ops.unimoe.routing_plan_c so torch.compile traces it.
@@ -28,26 +32,24 @@ CPU extension raises ValueError, the others cannot check without a host sync.
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _ext
 from ..reference import build_routing as _build_routing_torch
-from ..types import RoutingPlan
+from ..types import RoutingPlan, max_tiles
+from .launch_utils import cdiv, next_pow2
 
-_IMPLS = ("auto", "torch", "c", "triton")
+_BACKENDS = ("auto", "torch", "c", "triton")
 
 # Slots per block of the Triton plan: one in-register sort of 1024 keys per program, and the
 # [blocks, E] count tables stay small (256 x E at the qwen3-30b-a3b shape's 262144 slots).
 _PLAN_BLOCK = 1024
 # Tiles located per program of the Triton tile map (each loads the E offsets once).
 _TILES_PER_PROGRAM = 64
-
-
-def _num_tiles(num_slots, num_experts: int, block_m: int):
-    # types.max_tiles written with + and // only, so it also works on SymInts under torch.compile.
-    return (num_slots + block_m - 1) // block_m + num_experts
 
 
 def _c_serves(device: torch.device) -> bool:
@@ -72,7 +74,7 @@ def routing_plan_c(
         flat = flat.to(torch.int64)
     flat = flat.contiguous()
     n = flat.numel()
-    tiles = _num_tiles(n, num_experts, block_m)
+    tiles = max_tiles(n, num_experts, block_m)
     dev = flat.device
 
     def i32(size: int) -> torch.Tensor:
@@ -109,7 +111,7 @@ def routing_plan_c(
 @routing_plan_c.register_fake
 def _routing_plan_c_fake(ids, num_experts, block_m):
     n = ids.numel()
-    tiles = _num_tiles(n, num_experts, block_m)
+    tiles = max_tiles(n, num_experts, block_m)
 
     def i32(size) -> torch.Tensor:
         return ids.new_empty((size,), dtype=torch.int32)
@@ -131,10 +133,10 @@ def routing_plan_triton(
     flat = flat.contiguous()
     n, e = flat.numel(), num_experts
     dev = flat.device
-    blocks = max(1, -(-n // _PLAN_BLOCK))
+    blocks = max(1, cdiv(n, _PLAN_BLOCK))
     block_counts = torch.empty((blocks, e), dtype=torch.int32, device=dev)
     kern.routing_histogram_kernel[(blocks,)](flat, block_counts, n, e, BLOCK=_PLAN_BLOCK,
-                                             BINS=_next_pow2(e + 1))
+                                             BINS=next_pow2(e + 1))
     counts = block_counts.sum(0, dtype=torch.int32)
     offsets = torch.zeros(e + 1, dtype=torch.int32, device=dev)
     torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
@@ -143,20 +145,16 @@ def routing_plan_triton(
     sorted_slots = torch.empty(n, dtype=torch.int32, device=dev)
     slot_rows = torch.empty(n, dtype=torch.int32, device=dev)
     kern.routing_scatter_kernel[(blocks,)](flat, base, first, sorted_slots, slot_rows, n, e, BLOCK=_PLAN_BLOCK)
-    tiles = _num_tiles(n, e, block_m)
+    tiles = max_tiles(n, e, block_m)
     tile_expert = torch.empty(tiles, dtype=torch.int32, device=dev)
     tile_row_start = torch.empty(tiles, dtype=torch.int32, device=dev)
-    kern.routing_tile_map_kernel[(-(-tiles // _TILES_PER_PROGRAM),)](
-        offsets, tile_expert, tile_row_start, e, tiles, n, BLOCK_M=block_m, E_PAD=max(2, _next_pow2(e)),
+    kern.routing_tile_map_kernel[(cdiv(tiles, _TILES_PER_PROGRAM),)](
+        offsets, tile_expert, tile_row_start, e, tiles, n, BLOCK_M=block_m, E_PAD=max(2, next_pow2(e)),
         BLOCK_T=_TILES_PER_PROGRAM)
     return counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start
 
 
 routing_plan_triton.register_fake(_routing_plan_c_fake)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -167,13 +165,19 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def build_routing(
-    ids: torch.Tensor, num_experts: int, block_m: int = 64, *, impl: str = "auto"
+    ids: torch.Tensor, num_experts: int, block_m: int = 64, *, backend: str = "auto", impl: Optional[str] = None
 ) -> RoutingPlan:
-    """Routing plan (types.RoutingPlan) of expert ids [T, k], tiled in block_m-row GEMM tiles.
+    """Routing plan (types.RoutingPlan) of expert ids [T, k], its tile map in block_m-row tiles.
 
     ids: [T, k] integer tensor (int32 from the gating op; any integer dtype is accepted), values
-    in [0, num_experts). impl: "auto" | "c" | "torch" (see the module docstring). No host sync.
+    in [0, num_experts). backend: "auto" | "c" | "triton" | "torch" (see the module docstring);
+    impl is its former name, still accepted with a DeprecationWarning. No host sync.
     """
+    if impl is not None:
+        warnings.warn("build_routing(impl=...) is deprecated; use backend=...", DeprecationWarning, stacklevel=2)
+        if backend != "auto" and backend != impl:
+            raise ValueError(f"build_routing got backend={backend!r} and impl={impl!r}; pass backend only")
+        backend = impl
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dim() != 2:
@@ -182,22 +186,22 @@ def build_routing(
         raise TypeError(f"ids must have an integer dtype (int32 or int64), got {ids.dtype}")
     _check_int("num_experts", num_experts, 1)
     _check_int("block_m", block_m, 1)
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
-    if impl == "auto":
-        impl = "c" if _c_serves(ids.device) else "triton" if ids.device.type == "cuda" else "torch"
-    if impl == "torch":
+    if backend == "auto":
+        backend = "c" if _c_serves(ids.device) else "triton" if ids.device.type == "cuda" else "torch"
+    if backend == "torch":
         return _build_routing_torch(ids, num_experts, block_m)
-    if impl == "triton":
+    if backend == "triton":
         fields = torch.ops.unimoe.routing_plan_triton(ids, num_experts, block_m)
         return RoutingPlan(*fields, block_m=block_m)
 
     if ids.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"ids: impl='c' needs a cpu or cuda tensor, got device {ids.device}")
+        raise ValueError(f"ids: backend='c' needs a cpu or cuda tensor, got device {ids.device}")
     if not _c_serves(ids.device):
         what = "is not built" if not _ext.has_c() else "was built without CUDA"
-        raise RuntimeError(f"impl='c' on {ids.device.type} tensors: unimoe_kernels._C {what}")
+        raise RuntimeError(f"backend='c' on {ids.device.type} tensors: unimoe_kernels._C {what}")
     counts, offsets, sorted_slots, slot_rows, tile_expert, tile_row_start = (
         torch.ops.unimoe.routing_plan_c(ids, num_experts, block_m)
     )
@@ -212,4 +216,25 @@ def build_routing(
     )
 
 
-__all__ = ["build_routing", "routing_plan_c", "routing_plan_triton"]
+def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert may take: ceil(capacity_factor * N / E), at least 1; from shapes only."""
+    return max(1, math.ceil(capacity_factor * num_slots / num_experts))
+
+
+def apply_capacity(
+    weights: torch.Tensor, ids: torch.Tensor, plan: RoutingPlan, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the weights [T, k] of slots past an expert's capacity; earlier tokens keep their place.
+
+    A slot's position in its expert is its sorted row minus the expert's offset, so with the plan's
+    stable order the first `capacity` slots in token order are kept. Returns (weights, number of
+    dropped slots as an int64 scalar tensor). Dropped rows are still computed by the experts; their
+    output is multiplied by zero, so the output equals a dropping implementation's.
+    """
+    rows = plan.slot_rows.view_as(ids).to(torch.int64)
+    position = rows - plan.expert_offsets.to(torch.int64)[ids.to(torch.int64)]
+    keep = position < capacity
+    return weights * keep.to(weights.dtype), (~keep).sum()
+
+
+__all__ = ["build_routing", "expert_capacity", "apply_capacity", "routing_plan_c", "routing_plan_triton"]
