@@ -37,11 +37,11 @@ import torch.nn as nn
 from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
 from .ops.dispatch import combine, dispatch, group_size_and_rank
-from .ops.gating import check_gating_args, router_losses, topk_gating
+from .ops.gating import check_gating_args, router_logits, router_losses, topk_gating
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.lora_gates import lora_rank_gates
 from .ops.routing import apply_capacity, build_routing, expert_capacity
-from .types import GatingOutput, LoRAWeights, MoEAux, RoutingPlan, compute_dtype, is_glu
+from .types import GatingOutput, LoRAWeights, MoEAux, RoutingPlan, is_glu
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -157,9 +157,8 @@ class TopKRouter(nn.Module):
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             x = x * noise
-        acc = compute_dtype(x.dtype)
         with router_fp32(x.device):
-            logits = x.to(acc) @ self.weight.to(acc).t()
+            logits = router_logits(x, self.weight)
             return topk_gating(
                 logits, self.top_k, scoring=self.scoring, normalize=self.normalize_topk,
                 scaling_factor=self.scaling_factor, expert_bias=self.expert_bias,

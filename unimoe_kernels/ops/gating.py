@@ -28,7 +28,7 @@ import torch
 
 from .. import reference
 from ..backend import use_triton as _use_triton
-from ..types import SCORINGS, GatingOutput
+from ..types import SCORINGS, GatingOutput, compute_dtype
 from .launch_utils import cdiv, next_pow2, row_block, unit_inner
 
 # Elements of the [BLOCK_T, BLOCK_E] fp32 tile one program keeps live: 16 per thread at 4 warps,
@@ -38,6 +38,51 @@ _TILE_ELEMS = 2048
 _MAX_BLOCK_T = 64
 # Floor of a sigmoid row sum when scores are normalised into probabilities (reference's value).
 _PROB_FLOOR = 1e-20
+
+
+class _RouterLogits16(torch.autograd.Function):
+    """logits = x @ weight^T in fp32 from 16-bit x and weight of the same dtype, read as they are.
+
+    A bf16 x bf16 product is exact in fp32 (8 + 8 significant bits < 24), and cuBLAS accumulates in
+    fp32, so this equals x.float() @ weight.float().t() up to summation order without writing the
+    fp32 copy of x (T*H*4 bytes: 32 MiB at T=4096, H=2048). Backward is the fp32 products the
+    upcast path's autograd would form: dx = (g @ W) cast to x's dtype, dW = (g^T @ x) cast to W's,
+    the fp32 copy of x made there only when W needs a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _mm_fp32_out(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ weight.to(g.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (g.t() @ x.to(g.dtype)).to(weight.dtype)
+        return dx, dw
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # torch.mm's out_dtype overload: fp16/bf16 in, fp32 out, on CUDA (and meta, for shape checks).
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits [T, E] in fp32 (fp64 for fp64 input) from x [T, H] and weight [E, H].
+
+    Equal to x.to(fp32) @ weight.to(fp32).t(). When x and weight share a 16-bit dtype on CUDA the
+    GEMM reads them in that dtype and writes fp32 directly (no fp32 copy of x); other combinations
+    (fp32 master weights under autocast, CPU) upcast first. Differentiable in both arguments.
+    """
+    low = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    if low and x.device.type in ("cuda", "meta") and not torch.compiler.is_compiling():
+        return _RouterLogits16.apply(x, weight)
+    acc = compute_dtype(x.dtype)
+    return x.to(acc) @ weight.to(acc).t()
 
 
 def load_balancing_loss(
