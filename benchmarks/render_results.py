@@ -68,7 +68,8 @@ def render_markdown(runs: list[dict]) -> str:
             "",
             f"## {run.get('device')} — {run.get('date')}",
             "",
-            f"torch {run.get('torch')}, triton {run.get('triton')}, CUDA {run.get('cuda')}, commit {run.get('commit')}; "
+            f"torch {run.get('torch')}, triton {run.get('triton')}, CUDA {run.get('cuda')}, "
+            f"commit {run.get('commit')}; "
             f"file `{run['file']}`",
         ]
         groups: dict = {}
@@ -82,8 +83,10 @@ def render_markdown(runs: list[dict]) -> str:
                     if rec["provider"] not in providers:
                         providers.append(rec["provider"])
             # Providers skipped everywhere (anchors that did not import) would be empty columns.
-            shown = [p for p in providers if any(r["provider"] == p and not r.get("skipped") for recs in rows.values() for r in recs)]
-            lines += ["", f"### {group}", "", "| config | size | mode | " + " | ".join(shown) + " | ours faster than best |",
+            shown = [p for p in providers
+                     if any(r["provider"] == p and not r.get("skipped") for recs in rows.values() for r in recs)]
+            lines += ["", f"### {group}", "",
+                      "| config | size | mode | " + " | ".join(shown) + " | ours faster than best |",
                       "|---|---|---|" + "---|" * (len(shown) + 1)]
             for (config, size, mode), recs in rows.items():
                 by = {r["provider"]: r for r in recs}
@@ -113,7 +116,8 @@ def render_plot(runs: list[dict], path: Path) -> Optional[str]:
         newest[run.get("device")] = run  # runs are oldest first, so the last one wins
     panels = []
     for device, run in newest.items():
-        recs = [r for r in run.get("records", []) if r["group"] == "layer" and r["mode"] == "fwd+bwd" and r.get("tflops")]
+        recs = [r for r in run.get("records", [])
+                if r["group"] == "layer" and r["mode"] == "fwd+bwd" and r.get("tflops")]
         if recs:
             panels.append((device, run.get("date"), recs))
     if not panels:
@@ -124,8 +128,8 @@ def render_plot(runs: list[dict], path: Path) -> Optional[str]:
         providers = list(dict.fromkeys(r["provider"] for r in recs))
         width = 0.8 / len(providers)
         for i, provider in enumerate(providers):
-            values = [next((r["tflops"] for r in recs if r["provider"] == provider and f"{r['config']} ({r['size']})" == c), 0.0)
-                      for c in configs]
+            by_config = {f"{r['config']} ({r['size']})": r["tflops"] for r in recs if r["provider"] == provider}
+            values = [by_config.get(c, 0.0) for c in configs]
             ax.bar([j + i * width for j in range(len(configs))], values, width, label=provider)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], configs, rotation=20, ha="right")
         ax.set_ylabel("TFLOP/s (expert GEMMs)")

@@ -56,7 +56,8 @@ def summary_lines(records: Iterable) -> list[str]:
     lines = ["", "=" * 30 + " unimoe_kernels benchmarks: providers side by side " + "=" * 30,
              "N.NNx faster = baseline time / our time (above 1.00x: faster)"]
     if not any(r.ms for r in records):
-        lines.append("timing disabled (--benchmark-disable): every provider below was checked against reference.py only")
+        lines.append("timing disabled (--benchmark-disable): every provider below was checked against reference.py "
+                     "only")
     groups = _groups(records)
     # A reason that skips a provider in every group (an anchor that does not import) is said once.
     everywhere = {

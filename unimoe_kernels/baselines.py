@@ -36,7 +36,6 @@ import torch.nn.functional as nnf
 
 from .reference import apply_activation, is_glu
 
-
 # ----------------------------------------------------------------------------------------------
 # FLOP counting
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +340,9 @@ def grouped_mm_moe(moe, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def dense_mlp(x_rows: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
+def dense_mlp(
+    x_rows: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu"
+) -> torch.Tensor:
     """Dense MLP over x_rows [N, H] with w_gate_up [2F|F, H], w_down [H, F]; N = T*k gives the MoE's FLOPs."""
     if x_rows.dim() != 2:
         raise ValueError(f"x_rows must be [N, H], got {tuple(x_rows.shape)}")

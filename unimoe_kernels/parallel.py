@@ -109,7 +109,8 @@ def gather_state_dict(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     from .modules import SparseMoE
 
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module (a SparseMoE or a model holding some), got {type(module).__name__}")
+        raise TypeError(
+            f"module must be an nn.Module (a SparseMoE or a model holding some), got {type(module).__name__}")
     state = module.state_dict()
     for name, sub in module.named_modules():
         if not isinstance(sub, SparseMoE) or sub.ep_group is None:

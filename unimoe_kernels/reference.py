@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from . import torch_grouped_mlp
 from .activations import activation_backward, apply_activation  # noqa: F401  (the torch path's, named here too)
 from .types import (  # noqa: F401  (ACTIVATIONS, GLU_ACTIVATIONS, SCORINGS, is_glu: names of this module too)
-    ACTIVATIONS, GLU_ACTIVATIONS, SCORINGS, GatingOutput, LoRAWeights, RoutingPlan, compute_dtype, is_glu, max_tiles,
+    ACTIVATIONS,
+    GLU_ACTIVATIONS,
+    SCORINGS,
+    GatingOutput,
+    LoRAWeights,
+    RoutingPlan,
+    compute_dtype,
+    is_glu,
+    max_tiles,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +232,8 @@ def grouped_mlp(
         keep = 1.0 - lora_dropout
         mask_h = torch.empty((x_sorted.shape[0], down_proj.shape[2]), dtype=x_sorted.dtype,
                              device=x_sorted.device).bernoulli_(keep).div_(keep)
-    grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_sorted, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ())))
+    operands = (x_sorted, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ()))
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
     return torch_grouped_mlp.grouped_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora,
                                          lora_scale, x_lora, mask_h, rank_gates, save_preact=grads)
 

@@ -36,11 +36,10 @@ callers cast under autocast), rank gates are cast to it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import importlib.abc
 import importlib.util
 import sys
+from typing import Optional
 
 import torch
 
@@ -131,7 +130,9 @@ def _gmm_takes(*tensors) -> bool:
             continue
         if t.device.type != "cpu" or t.dtype not in _GMM_DTYPES or t.numel() == 0 or t.data_ptr() % _GMM_ALIGN:
             return False
-        if 1 not in (t.stride(-1), t.stride(-2)) or any(s * t.element_size() % _GMM_ALIGN for s in t.stride() if s != 1):
+        if 1 not in (t.stride(-1), t.stride(-2)):
+            return False
+        if any(s * t.element_size() % _GMM_ALIGN for s in t.stride() if s != 1):
             return False
     return True
 

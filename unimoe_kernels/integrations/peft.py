@@ -53,7 +53,9 @@ _CONFIG_NAME = "adapter_config.json"
 # ------------------------------------------------------------------------------------------------
 
 
-def param_wrapper_to_grouped(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def param_wrapper_to_grouped(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT ParamWrapper factors -> per-expert (A [E, r, in], B [E, out, r]).
 
     lora_a: [r*E, in], rows expert-major (expert e owns rows e*r .. e*r+r-1).
@@ -156,7 +158,8 @@ def _target_parameters_factors(name: str, ex: PatchedExperts, groups: dict) -> O
         elif (a.shape[2], b.shape[1]) == (f2 // 2, h):
             target = "down"
         else:
-            raise ValueError(f"adapter: {module}.lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} fit neither "
+            raise ValueError(f"adapter: {module}.lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} "
+                             "fit neither "
                              f"gate_up_proj [E={e}, {f2}, {h}] nor down_proj [E, {h}, {f2 // 2}]")
         if target in out:
             raise ValueError(f"adapter: two ParamWrappers of {name} both adapt {target}")
@@ -184,7 +187,8 @@ def _per_expert_factors(name: str, ex: PatchedExperts, groups: dict, names: tupl
     for p, lst in found.items():
         for i, ab in enumerate(lst):
             if (tuple(ab["A"].shape), tuple(ab["B"].shape)) != expect[p]:
-                raise ValueError(f"adapter: {name}.{i}.{p} lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)}, "
+                raise ValueError(f"adapter: {name}.{i}.{p} lora_A {tuple(ab['A'].shape)} / "
+                                 f"lora_B {tuple(ab['B'].shape)}, "
                                  f"expected {expect[p][0]} / {expect[p][1]}")
     g, u, d = (found[p] for p in names)
     a_gu = torch.stack([torch.cat([g[i]["A"], u[i]["A"]]) for i in range(e)])  # [E, 2r, H]
@@ -368,7 +372,8 @@ def export_peft_adapter(
     rank, scale = ranks.pop(), scales.pop()
     alpha = scale * rank
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": 0.0,
         "use_rslora": False, "bias": "none", "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }

@@ -97,7 +97,8 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         return (f"shapes gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)} are not "
                 "[E, 2F, H] and [E, H, F]")
     if not gate_up.is_floating_point() or gate_up.dtype != down.dtype or gate_up.device != down.device:
-        return f"gate_up_proj ({gate_up.dtype}, {gate_up.device}) and down_proj ({down.dtype}, {down.device}) differ or are not floating"
+        return (f"gate_up_proj ({gate_up.dtype}, {gate_up.device}) and down_proj ({down.dtype}, {down.device}) "
+                "differ or are not floating")
     if gate_up.device.type == "meta":
         return "weights are on the meta device (load the model first)"
     try:
@@ -171,7 +172,9 @@ class PatchedExperts(GroupedExperts):
         impl = self.requested_implementation()
         return impl is None or impl in (EXPERTS_IMPLEMENTATION, self._impl_at_patch)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if not self.runs_this_package():
             return self._host_forward(hidden_states, top_k_index, top_k_weights)
         if self.lora_rank and self.require_trainable_lora and self.training and torch.is_grad_enabled():
@@ -384,7 +387,8 @@ def _check_lora_trainable(model: nn.Module) -> None:
         if isinstance(module, PatchedExperts):
             frozen = [n for n in _LORA_NAMES if not module.lora_rank or not getattr(module, n).requires_grad]
             if frozen:
-                raise ValueError(f"{name}: LoRA on experts was asked for but {frozen or 'its adapters'} would not train")
+                raise ValueError(
+                    f"{name}: LoRA on experts was asked for but {frozen or 'its adapters'} would not train")
 
 
 def mark_lora_trainable(model: nn.Module) -> int:

@@ -29,7 +29,8 @@ from . import UsageError, float_above, int_at_least
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="run directory (stage checkpoints go in OUT/stageN)")
+    p.add_argument("--out", default=os.path.join("runs", "demo"),
+                   help="run directory (stage checkpoints go in OUT/stageN)")
     # One intra-op thread: these layers are tiny, and on a shared 2-core machine two threads were
     # measured 7x slower per step (0.87 s vs 0.12 s for a stage-1 step) from contention.
     p.add_argument("--threads", type=int_at_least(0), default=1, help="torch intra-op threads (0 = torch's default)")
@@ -56,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ", ".join(f"stage {s}: {v:g}" for s, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--init", default=None, help="checkpoint directory to start from; None: OUT/stage{s-1}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size of a fresh stage-0 model")
-    p.add_argument("--save-every", type=int_at_least(0), default=100, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int_at_least(0), default=100,
+                   help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
                    help=FRESH_HELP + " (OUT/stage{s} only)")
     p.add_argument("--freeze-encoders", action="store_true",

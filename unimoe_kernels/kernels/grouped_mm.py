@@ -36,8 +36,8 @@ Operand tiles: the weights, and X when its rows are not gathered, come through T
 descriptors (W_DESC, X_DESC: the copy engine fills shared memory, zero past the tensor's edges, and
 no 64-bit pointer tiles sit in registers beside the accumulators); otherwise pointer loads,
 unmasked unless K is not a multiple of BLOCK_K, with row indices past a tile's end clamped onto
-its last row and column indices past NOUT onto the last column (valid memory, never stored). Row and expert arithmetic is int64 (row * stride passes
-2^31 for large N*K).
+its last row and column indices past NOUT onto the last column (valid memory, never stored). Row
+and expert arithmetic is int64 (row * stride passes 2^31 for large N*K).
 """
 
 import triton

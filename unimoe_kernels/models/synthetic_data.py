@@ -127,7 +127,9 @@ def _shape_masks(shape: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Ten
     return masks[torch.arange(shape.shape[0]), shape].float()
 
 
-def render_images(colour: torch.Tensor, shape: torch.Tensor, spec: DataSpec, g: torch.Generator, frames: int = 0) -> torch.Tensor:
+def render_images(
+    colour: torch.Tensor, shape: torch.Tensor, spec: DataSpec, g: torch.Generator, frames: int = 0
+) -> torch.Tensor:
     """Images [B, 3, S, S] (frames=0) or videos [B, F, 3, S, S] of the object drifting 1 px per frame.
 
     colour, shape: [B] int64 indices into COLOURS and SHAPES.

@@ -3,8 +3,8 @@ to the kernels (the modules and integrations of this package use nothing else).
 
 topk_gating -> build_routing -> permute -> grouped_mlp -> unpermute (grouped_mlp_gather fuses the
 permute into the GEMM's loads, grouped_mlp_combine the unpermute too); see each module's docstring.
-Beside them: router_logits (the router GEMM, fp32 out), load_balancing_loss / z_loss / router_losses (gating.py), expert_capacity /
-apply_capacity (routing.py), lora_rank_gates (lora_gates.py).
+Beside them: router_logits (the router GEMM, fp32 out), load_balancing_loss / z_loss / router_losses
+(gating.py), expert_capacity / apply_capacity (routing.py), lora_rank_gates (lora_gates.py).
 Expert parallel: topk_gating -> build_routing -> dispatch -> grouped_mlp -> combine (ops/dispatch.py).
 """
 

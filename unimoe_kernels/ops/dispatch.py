@@ -159,7 +159,8 @@ def _check_plan_args(x: torch.Tensor, plan: RoutingPlan, top_k: int, world_size:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 2 or x.shape[0] * top_k != plan.sorted_slots.numel():
-        raise ValueError(f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
     num_experts = plan.tokens_per_expert.numel()
     if num_experts % world_size:
         raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel group size {world_size}")
@@ -282,7 +283,8 @@ def combine(
     if not isinstance(state, DispatchState):
         raise TypeError(f"state must be the DispatchState returned by dispatch(), got {type(state).__name__}")
     if not isinstance(y_local, torch.Tensor) or not y_local.is_floating_point():
-        raise TypeError(f"y_local must be a floating torch.Tensor, got {getattr(y_local, 'dtype', type(y_local).__name__)}")
+        got = getattr(y_local, "dtype", type(y_local).__name__)
+        raise TypeError(f"y_local must be a floating torch.Tensor, got {got}")
     rows = _local_rows(state)
     if y_local.dim() != 2 or y_local.shape[0] != rows:
         raise ValueError(f"y_local must be [R={rows}, H] (the rows of dispatch's x_local), got {tuple(y_local.shape)}")

@@ -95,8 +95,9 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     (python -m unimoe_kernels.ops.sm90_check): 256 for the plain GEMMs (a 128x256 fp32
     accumulator is 128 registers a thread), 128 with a LoRA side product beside it, 64 for the
     GLU forward (two accumulators, so a 128x128 tile of z) and for the activation backward (its
-    epilogue holds two z tiles and row sums: a 64-row tile on 8 warps). 16-bit operands take BLOCK_K 64 (128-byte rows, the widest
-    swizzle), fp32 ones BLOCK_K 32 and narrower tiles, within shared memory at their stage count.
+    epilogue holds two z tiles and row sums: a 64-row tile on 8 warps). 16-bit operands take
+    BLOCK_K 64 (128-byte rows, the widest swizzle), fp32 ones BLOCK_K 32 and narrower tiles, within
+    shared memory at their stage count.
     """
     wide = dtype != torch.float32
     per_expert = cdiv(rows, max(1, num_experts))

@@ -118,8 +118,9 @@ def grouped_mlp(
     """Expert MLP over expert-grouped rows x_sorted [N, H] -> y_sorted [N, H].
 
     Semantics of reference.grouped_mlp; tokens_per_expert [E] must sum to N. `plan` (optional) lends
-    its expert offsets to the Triton path so they are not rebuilt; it must describe these rows. recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1
-    again there instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
+    its expert offsets to the Triton path so they are not rebuilt; it must describe these rows.
+    recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1 again there
+    instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
     rank_gates (g_gate_up [N, r], g_down [N, r], e.g. ops.lora_rank_gates) gate the rank-1
     pieces of both LoRA terms; their gradient flows back through autograd.
     """
@@ -268,4 +269,6 @@ def grouped_mlp_combine(
     )
 
 
-__all__ = ["grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine", "grouped_mlp_fwd", "grouped_mlp_bwd", "dropout_mask"]
+__all__ = [
+    "grouped_mlp", "grouped_mlp_gather", "grouped_mlp_combine", "grouped_mlp_fwd", "grouped_mlp_bwd", "dropout_mask",
+]

@@ -20,7 +20,9 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def row_block(width: int, tile_elems: int, max_width: int | None = None, max_rows: int | None = None) -> tuple[int, int]:
+def row_block(
+    width: int, tile_elems: int, max_width: int | None = None, max_rows: int | None = None
+) -> tuple[int, int]:
     """(rows per program, BLOCK_W) of a row-wise kernel over rows of `width` elements.
 
     BLOCK_W is width rounded up to a power of two (capped at max_width: wider rows loop over

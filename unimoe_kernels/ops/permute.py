@@ -146,7 +146,9 @@ permute_fwd.register_autograd(_permute_backward, setup_context=_permute_setup_co
 
 
 @torch.library.custom_op("unimoe::combine_fwd", mutates_args=())
-def combine_fwd(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor], top_k: int) -> torch.Tensor:
+def combine_fwd(
+    y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor], top_k: int
+) -> torch.Tensor:
     """y_sorted [T*k, H], slot_rows [T*k] int32 contiguous, weights [T, k] (any float) or None (all 1)
     -> out [T, H] in y_sorted's dtype."""
     return _combine_impl(y_sorted, slot_rows, weights, top_k)
@@ -226,16 +228,20 @@ def permute(x: torch.Tensor, plan: RoutingPlan, top_k: int, *, backend: str = "a
     return permute_fwd(x, _index32(plan.sorted_slots), _index32(plan.slot_rows), top_k)
 
 
-def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def unpermute(
+    y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
     """Weighted combine of expert rows [T*k, H] back to tokens [T, H] with weights [T, k].
 
     Differentiable in y_sorted and weights; the output has y_sorted's dtype, sums run in fp32.
     """
     _check_plan(plan)
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating torch.Tensor, got {getattr(weights, 'dtype', type(weights).__name__)}")
+        got = getattr(weights, "dtype", type(weights).__name__)
+        raise TypeError(f"weights must be a floating torch.Tensor, got {got}")
     if not isinstance(y_sorted, torch.Tensor) or not y_sorted.is_floating_point():
-        raise TypeError(f"y_sorted must be a floating torch.Tensor, got {getattr(y_sorted, 'dtype', type(y_sorted).__name__)}")
+        got = getattr(y_sorted, "dtype", type(y_sorted).__name__)
+        raise TypeError(f"y_sorted must be a floating torch.Tensor, got {got}")
     if weights.dim() != 2 or weights.numel() != plan.slot_rows.numel():
         raise ValueError(f"weights must be [T, k] with T*k = {plan.slot_rows.numel()}, got {tuple(weights.shape)}")
     if y_sorted.dim() != 2 or y_sorted.shape[0] != weights.numel():

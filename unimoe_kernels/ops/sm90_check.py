@@ -115,8 +115,10 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
         stack.enter_context(mock.patch.object(gemm_configs, "_device_name", lambda device: device_name))
         stack.enter_context(mock.patch("unimoe_kernels.backend.interpreting", lambda: False))
         # The per-token dx sum is the permute's combine kernel, not a grouped GEMM: left out.
-        stack.enter_context(mock.patch.object(grouped_mlp_ops, "_combine_impl",
-                                              lambda y, slot_rows, w, top_k: meta(slot_rows.numel() // top_k, y.shape[1])))
+        def combine_meta(y, slot_rows, w, top_k):
+            return meta(slot_rows.numel() // top_k, y.shape[1])
+
+        stack.enter_context(mock.patch.object(grouped_mlp_ops, "_combine_impl", combine_meta))
         weights = torch.empty(t, k, dtype=torch.float32, device="meta")
         y, z, xa, ha = grouped_mlp_ops._fwd_impl(x, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0, True,
                                                  gather, None, None, gather, k, weights)
