@@ -10,6 +10,9 @@ Data flow of one cross-modal search, direction src_to_tgt:
 
 The gallery holds the target encoder's own vectors, not the predictor's: a store built once serves
 every predictor checkpoint, and new items are indexed without running the connector.
+
+Only altmoe_model is imported here, so the training loop can measure recall through this module
+without either importing the other back.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .altmoe import AltMoEPredictor
+from .altmoe_model import AltMoEPredictor
 
 STORE_FORMAT = "unimoe_kernels.altmoe.VectorStore/1"
 DEFAULT_KS = (1, 5, 10)
