@@ -1,11 +1,16 @@
 """Alt-MoE connector: the predictor against an independent per-token fp64 loop, the losses against
 hand-written formulas, alternating training (round-robin and adaptive) lifting Recall@1 far above
 chance in both directions on the synthetic task, the vector store round trip and search against a
-brute-force ranking, bad inputs, and the CLI end to end. Everything runs on CPU in seconds: the
-predictor uses SparseMoE's torch path on CPU tensors (no Triton involved)."""
+brute-force ranking, bad inputs, the CLI end to end, and the module layout (no import circle among
+unimoe_kernels.models, every name still importable from models.altmoe). Everything runs on CPU in
+seconds: the predictor uses SparseMoE's torch path on CPU tensors (no Triton involved)."""
 
+import ast
+import importlib
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,3 +464,82 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
     history = [{"step": 0, "recall": {"a_to_b": {"R@1": 0.0, "R@10": 0.1}}}]
     assert "skipped" in _plot(history, str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Module layout
+# ------------------------------------------------------------------------------------------------
+
+# Every public name models.altmoe has ever defined -> the module that holds it now.
+ALTMOE_NAMES = {
+    "unimoe_kernels.models.altmoe_model": ["TASKS", "direction_name", "AltMoEConfig", "AltMoEOutput",
+                                           "AltMoEPredictor"],
+    "unimoe_kernels.models.altmoe_losses": ["info_nce", "AltMoELoss", "altmoe_loss"],
+    "unimoe_kernels.models.altmoe_data": ["encode_modalities", "RandomEncoder", "SyntheticPairs"],
+    "unimoe_kernels.models.altmoe_training": ["DirectionSampler", "lr_lambda", "DirectionOptim", "TrainHistory",
+                                              "train_alternating"],
+    "unimoe_kernels.models.altmoe_checkpoint": ["CHECKPOINT_FORMAT", "save_predictor", "load_predictor"],
+}
+
+
+def test_old_import_paths_still_work():
+    altmoe = importlib.import_module("unimoe_kernels.models.altmoe")
+    for home, names in ALTMOE_NAMES.items():
+        module = importlib.import_module(home)
+        for name in names:
+            assert getattr(altmoe, name) is getattr(module, name), f"models.altmoe.{name} is not {home}.{name}"
+    star: dict = {}
+    exec("from unimoe_kernels.models.altmoe import *", star)
+    assert set(altmoe.__all__) <= set(star) and set(altmoe.__all__) == {
+        n for names in ALTMOE_NAMES.values() for n in names} - {"CHECKPOINT_FORMAT"}
+    models = importlib.import_module("unimoe_kernels.models")
+    assert (models.AltMoEConfig, models.VectorStore, models.train_alternating) == (
+        AltMoEConfig, VectorStore, train_alternating)
+
+
+def _imports_anywhere(path: Path, name: str, modules: set) -> set:
+    """The package modules `name` imports, from anywhere in its code: a lazy import inside a function
+    closes a circle at run time as surely as one at the top of the file."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            # `from . import x` imports the module x, not the package that holds it.
+            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+    return (found & modules) - {name}
+
+
+def _chain_back(graph: dict, start: str):
+    """A chain of imports from `start` back to itself (a list of module names), or None."""
+    seen, todo = {start}, [[start]]
+    while todo:
+        chain = todo.pop()
+        for dep in sorted(graph[chain[-1]]):
+            if dep == start:
+                return chain + [start]
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(chain + [dep])
+    return None
+
+
+def import_circles(root: Path, prefix: str = "unimoe_kernels.models") -> list:
+    """For each module under `prefix` whose imports lead back to it, at any depth and through any
+    module of the package below `root`, the chain of module names from it back to itself."""
+    paths = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _imports_anywhere(path, name, set(paths)) for name, path in paths.items()}
+    chains = (_chain_back(graph, name) for name in sorted(graph) if name.startswith(prefix + "."))
+    return [c for c in chains if c]
+
+
+def test_no_import_circle_among_models():
+    import unimoe_kernels
+
+    circles = import_circles(Path(unimoe_kernels.__file__).parent)
+    assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
