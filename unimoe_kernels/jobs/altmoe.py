@@ -11,8 +11,9 @@ retrieve: checkpoint.pt + gallery_<tgt>.pt (+ queries) -> queries through the pr
           -> cosine top-k in batches -> Recall@1/5/10 per direction (paired queries) and the top
              hits of the first --show queries -> retrieve.json
 
-The real text-embedding option of the issue is left out: no small model with its weights inside a
-PyPI package was available here without a download at run time.
+There is no real text-encoder option: the job downloads nothing, and no small text-embedding model
+ships its weights inside a Python package. For real data, models.altmoe.encode_modalities takes any
+encoder callable.
 """
 
 from __future__ import annotations
