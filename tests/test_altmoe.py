@@ -1,16 +1,14 @@
 """Alt-MoE connector: the predictor against an independent per-token fp64 loop, the losses against
 hand-written formulas, alternating training (round-robin and adaptive) lifting Recall@1 far above
 chance in both directions on the synthetic task, the vector store round trip and search against a
-brute-force ranking, bad inputs, the CLI end to end, and the module layout (no import circle among
-unimoe_kernels.models, every name still importable from models.altmoe). Everything runs on CPU in
+brute-force ranking, bad inputs, the CLI end to end, and every name still importable from
+models.altmoe (the import-circle check is tests/test_structure.py's). Everything runs on CPU in
 seconds: the predictor uses SparseMoE's torch path on CPU tensors (no Triton involved)."""
 
-import ast
 import importlib
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from unimoe_kernels.models.altmoe import (
-    AltMoEConfig, AltMoEPredictor, DirectionOptim, DirectionSampler, SyntheticPairs, altmoe_loss, encode_modalities,
-    info_nce, load_predictor, lr_lambda, save_predictor, train_alternating,
+    AltMoEConfig,
+    AltMoEPredictor,
+    DirectionOptim,
+    DirectionSampler,
+    SyntheticPairs,
+    altmoe_loss,
+    encode_modalities,
+    info_nce,
+    load_predictor,
+    lr_lambda,
+    save_predictor,
+    train_alternating,
 )
 from unimoe_kernels.models.altmoe_retrieval import VectorStore, evaluate_directions, recall_at_k
 
@@ -436,7 +444,8 @@ def test_triton_backend_matches_torch_backend(device):
     # the same weights, forward and gradients. 6 tokens x 2 tasks, width 16: tiny for the interpreter.
     cfg = _small_config(width=16, ffn_hidden_size=16, backend="triton")
     tri = AltMoEPredictor(cfg, device=device)
-    ref = AltMoEPredictor(AltMoEConfig(**{**cfg.to_dict(), "directions": cfg.directions, "backend": "torch"}), device=device)
+    ref_cfg = AltMoEConfig(**{**cfg.to_dict(), "directions": cfg.directions, "backend": "torch"})
+    ref = AltMoEPredictor(ref_cfg, device=device)
     ref.load_state_dict(tri.state_dict())
     assert tri.moe.experts.backend == "triton" and ref.moe.experts.backend == "torch"
     x, y = torch.randn(6, DIMS["b"], device=device), torch.randn(6, DIMS["a"], device=device)
@@ -495,51 +504,3 @@ def test_old_import_paths_still_work():
     models = importlib.import_module("unimoe_kernels.models")
     assert (models.AltMoEConfig, models.VectorStore, models.train_alternating) == (
         AltMoEConfig, VectorStore, train_alternating)
-
-
-def _imports_anywhere(path: Path, name: str, modules: set) -> set:
-    """The package modules `name` imports, from anywhere in its code: a lazy import inside a function
-    closes a circle at run time as surely as one at the top of the file."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
-            # `from . import x` imports the module x, not the package that holds it.
-            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
-    return (found & modules) - {name}
-
-
-def _chain_back(graph: dict, start: str):
-    """A chain of imports from `start` back to itself (a list of module names), or None."""
-    seen, todo = {start}, [[start]]
-    while todo:
-        chain = todo.pop()
-        for dep in sorted(graph[chain[-1]]):
-            if dep == start:
-                return chain + [start]
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(chain + [dep])
-    return None
-
-
-def import_circles(root: Path, prefix: str = "unimoe_kernels.models") -> list:
-    """For each module under `prefix` whose imports lead back to it, at any depth and through any
-    module of the package below `root`, the chain of module names from it back to itself."""
-    paths = {}
-    for path in sorted(root.rglob("*.py")):
-        parts = list(path.relative_to(root.parent).with_suffix("").parts)
-        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {name: _imports_anywhere(path, name, set(paths)) for name, path in paths.items()}
-    chains = (_chain_back(graph, name) for name in sorted(graph) if name.startswith(prefix + "."))
-    return [c for c in chains if c]
-
-
-def test_no_import_circle_among_models():
-    import unimoe_kernels
-
-    circles = import_circles(Path(unimoe_kernels.__file__).parent)
-    assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)

@@ -76,7 +76,8 @@ class VectorStore:
         return self.embeddings.device
 
     def to(self, device) -> "VectorStore":
-        return VectorStore(self.embeddings.to(device), self.ids.to(device), modality=self.modality, assume_normalized=True)
+        return VectorStore(self.embeddings.to(device), self.ids.to(device), modality=self.modality,
+                           assume_normalized=True)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -90,7 +91,8 @@ class VectorStore:
                      format=np.array(STORE_FORMAT))
         elif path.endswith(".safetensors"):
             from safetensors.torch import save_file
-            save_file({"embeddings": emb, "ids": ids}, path, metadata={"format": STORE_FORMAT, "modality": self.modality})
+            meta = {"format": STORE_FORMAT, "modality": self.modality}
+            save_file({"embeddings": emb, "ids": ids}, path, metadata=meta)
         else:
             torch.save({"format": STORE_FORMAT, "embeddings": emb, "ids": ids, "modality": self.modality}, path)
 
@@ -128,7 +130,8 @@ class VectorStore:
             raise TypeError(f"queries must be a floating torch.Tensor [Q, {self.dim}], got "
                             f"{queries.dtype if isinstance(queries, torch.Tensor) else type(queries).__name__}")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be [Q, {self.dim}] to match the gallery's dimension, got {tuple(queries.shape)}")
+            raise ValueError(
+                f"queries must be [Q, {self.dim}] to match the gallery's dimension, got {tuple(queries.shape)}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if batch_size < 1:
@@ -150,7 +153,8 @@ def recall_at_k(retrieved: torch.Tensor, truth: torch.Tensor, ks: Sequence[int] 
     """retrieved [Q, K] ids best first, truth [Q] -> {"R@k": fraction of rows with truth in the
     first k}. k > K counts all K columns (the whole gallery when K was clamped to its size)."""
     if retrieved.dim() != 2 or truth.shape != (retrieved.shape[0],):
-        raise ValueError(f"retrieved must be [Q, K] and truth [Q], got {tuple(retrieved.shape)} and {tuple(truth.shape)}")
+        raise ValueError(
+            f"retrieved must be [Q, K] and truth [Q], got {tuple(retrieved.shape)} and {tuple(truth.shape)}")
     if retrieved.shape[0] == 0:
         raise ValueError("recall_at_k needs at least one query")
     hit = retrieved == truth.to(retrieved.device).view(-1, 1)
@@ -171,7 +175,8 @@ def evaluate_direction(
     `gallery` (tgt embeddings). truth [Q]: each query's gallery id; None = query i pairs with id i."""
     q = predictor.embed_queries(queries, direction, batch_size=batch_size)
     if q.shape[1] != gallery.dim:
-        raise ValueError(f"direction {direction!r} predicts {q.shape[1]}-d vectors but the gallery holds {gallery.dim}-d ones")
+        raise ValueError(
+            f"direction {direction!r} predicts {q.shape[1]}-d vectors but the gallery holds {gallery.dim}-d ones")
     res = gallery.search(q, max(ks), batch_size=batch_size)
     if truth is None:
         truth = torch.arange(q.shape[0], device=res.ids.device)
