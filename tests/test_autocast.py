@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tolerance import AUTOCAST_FP16_TRITON, AUTOCAST_FP16_TRITON_GRAD, AUTOCAST_GPU, AUTOCAST_GPU_GRAD
 from unimoe_kernels import GroupedExperts, SparseMoE, amp, ops, reference
 
 LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
@@ -209,10 +210,11 @@ def test_triton_path_under_autocast_matches_torch_path(one_thread):
         outs.append((y, _grads(moe, xi)))
     (y, g), (y_ref, g_ref) = outs
     assert y.dtype == torch.float16
-    torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y, y_ref, **AUTOCAST_FP16_TRITON)
+    assert g.keys() == g_ref.keys() and len(g) >= 3
     for name in g_ref:
         assert g[name].dtype == torch.float32
-        torch.testing.assert_close(g[name], g_ref[name], rtol=2e-2, atol=2e-2, msg=name)
+        torch.testing.assert_close(g[name], g_ref[name], **AUTOCAST_FP16_TRITON_GRAD, msg=name)
 
 
 @pytest.mark.gpu
@@ -229,8 +231,10 @@ def test_cuda_triton_under_autocast_equals_the_casts_by_hand(dt):
     y_ref, aux = _by_hand(moe, xr, dt)
     (y_ref.float().pow(2).sum() + aux).backward()
     assert y.dtype == dt
-    tol = 3e-2 if dt == torch.bfloat16 else 3e-3  # kernels and cuBLAS round their fp32 sums differently
-    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
-    for name, g in _grads(moe, xr).items():
+    # Kernels and cuBLAS round their fp32 sums differently.
+    torch.testing.assert_close(y, y_ref, **AUTOCAST_GPU[dt])
+    want = _grads(moe, xr)
+    assert got.keys() == want.keys()
+    for name, g in want.items():
         assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name], g, rtol=10 * tol, atol=10 * tol, msg=name)
+        torch.testing.assert_close(got[name], g, **AUTOCAST_GPU_GRAD[dt], msg=name)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tolerance import BASELINES_FP32
 from unimoe_kernels import SparseMoE, baselines, reference
 
 PROVIDERS = sorted(baselines.PROVIDERS)
@@ -41,14 +42,14 @@ def run(fn, moe, x):
     return y.detach(), grads
 
 
-def assert_matches(provider, moe, x, atol=1e-5, rtol=1e-4):
+def assert_matches(provider, moe, x):
     y_ref, g_ref = run(moe, moe, x)
     y, g = run(lambda t: baselines.PROVIDERS[provider](moe, t), moe, x)
     assert y.shape == x.shape and y.dtype == x.dtype
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y, y_ref, **BASELINES_FP32)
     assert g.keys() == g_ref.keys()
     for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g[name], g_ref[name], **BASELINES_FP32, msg=lambda m: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -121,7 +122,7 @@ def test_non_contiguous_input():
     x = torch.randn(16, 10).t()  # [10, 16] with strides (1, 10)
     assert not x.is_contiguous()
     for provider in PROVIDERS:
-        torch.testing.assert_close(baselines.PROVIDERS[provider](moe, x), moe(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(baselines.PROVIDERS[provider](moe, x), moe(x), **BASELINES_FP32)
 
 
 def test_bad_input():
@@ -190,7 +191,7 @@ def test_grouped_mm_works_under_no_grad():
     x = torch.randn(5, 16)
     with torch.no_grad():
         y = baselines.grouped_mm_moe(moe, x)
-    torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(y, moe(x), **BASELINES_FP32)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -203,8 +204,8 @@ def test_grouped_mm_mlp_matches_reference(lora_rank):
     kwargs = dict(lora=ex.lora_weights(), lora_scale=ex.lora_scale)
     got = baselines.grouped_mm_mlp(x, counts, ex.gate_up_proj, ex.down_proj, "swiglu", **kwargs)
     want = reference.grouped_mlp(x, counts, ex.gate_up_proj, ex.down_proj, "swiglu", **kwargs)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, **BASELINES_FP32)
     g = torch.randn_like(want)
     (dx_got,) = torch.autograd.grad(got, x, g)
     (dx_want,) = torch.autograd.grad(want, x, g)
-    torch.testing.assert_close(dx_got, dx_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dx_got, dx_want, **BASELINES_FP32)

@@ -1,8 +1,9 @@
 """Triton grouped LoRA-expert MLP (ops/grouped_gemm.py) against reference.grouped_mlp.
 
 The oracle is reference.grouped_mlp run in fp64 on the same (upcast) inputs. fp32 must match it to
-a tight tolerance; fp16 and bf16 follow flash-attention's rule: the kernel's error against the fp64
-oracle may be at most twice the error of torch's own same-dtype reference path, plus a small floor.
+a tight tolerance (tolerance.ORACLE_FP32); fp16 and bf16 follow flash-attention's rule
+(tolerance.assert_flash_rule): the kernel's error against the fp64 oracle may be at most twice the
+error of torch's own same-dtype reference path, plus a small floor.
 Without CUDA the kernels run in the Triton interpreter, so shapes are tiny; bigger shapes, bf16 and
 TF32 run only on a GPU (@pytest.mark.gpu).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tolerance import (FLOOR_GEMM, ORACLE_FP32, ORACLE_TF32, SAME_MATH_FP32, TOL, TRITON_VS_TORCH_FP32,
+                       assert_flash_rule, assert_max_err)
 from unimoe_kernels import SparseMoE, reference
 from unimoe_kernels.ops import grouped_gemm as gg
 from unimoe_kernels.ops.grouped_gemm import grouped_mlp
@@ -80,11 +83,6 @@ def run(case, activation, scale, *, backend, cast=None, **kw):
     return y, grads
 
 
-def amax(t):
-    """Largest magnitude, 0 for an empty tensor."""
-    return t.abs().max().item() if t.numel() else 0.0
-
-
 def assert_matches(case, activation, scale=2.0, **kw):
     """Triton (case's dtype) vs the fp64 oracle, forward and every gradient."""
     dtype = case["x"].dtype
@@ -96,22 +94,14 @@ def assert_matches(case, activation, scale=2.0, **kw):
     outs = [("y", y, y64)] + list(zip(need_names, grads, grads64))
     if dtype == torch.float32:
         for name, got, want in outs:
-            assert got.dtype == dtype and got.shape == want.shape, name
-            tol = 2e-5 * (1.0 + amax(want))
-            err = amax(got.double() - want)
-            assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+            assert got.dtype == dtype, name
+            assert_max_err(got, want, ORACLE_FP32, what=name)
     else:
         # torch's own same-dtype path sets the tolerance (flash-attention's rule).
         y16, grads16 = run(case, activation, scale, backend="reference", cast=dtype, **kw)
-        base = [y16] + list(grads16)
-        for (name, got, want), ref in zip(outs, base):
-            assert got.dtype == dtype and got.shape == want.shape, name
-            if not got.numel():
-                continue
-            err = (got.double() - want).abs().max().item()
-            ref_err = (ref.double() - want).abs().max().item()
-            floor = 1e-3 * (1.0 + want.abs().max().item())  # fp16 ulp at unit scale
-            assert err <= 2 * ref_err + floor, f"{name}: max error {err:.3g}, torch {dtype} error {ref_err:.3g}"
+        for (name, got, want), same in zip(outs, [y16, *grads16]):
+            assert got.dtype == dtype, name
+            assert_flash_rule(got, same, want, floor=FLOOR_GEMM, what=name)
 
 
 # Default shape: E=3 experts, one of them empty, H=40 and F=24 not multiples of the block, r=4.
@@ -223,14 +213,14 @@ def test_non_contiguous_inputs(device):
     assert not x_nc.is_contiguous() and not w_d_t.is_contiguous()
     y = grouped_mlp(x_nc, case["counts"], case["w_gu"], w_d_t, "gelu", lora=case["lora"], backend="triton")
     y_ref = reference.grouped_mlp(x, case["counts"], case["w_gu"], case["w_d"], "gelu", lora=case["lora"])
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
     y.sum().backward()
     dx, dwd = x_nc.grad, w_d_t.grad
     xr = x.clone().requires_grad_()
     wdr = case["w_d"].detach().clone().requires_grad_()
     reference.grouped_mlp(xr, case["counts"], case["w_gu"], wdr, "gelu", lora=case["lora"]).sum().backward()
-    torch.testing.assert_close(dx, xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dwd, wdr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, xr.grad, **TOL[torch.float32])
+    torch.testing.assert_close(dwd, wdr.grad, **TOL[torch.float32])
 
 
 def test_frozen_base_gets_no_gradient_and_lora_does(device):
@@ -280,8 +270,7 @@ def test_lora_dropout_matches_masked_reference(activation, device):
     grads64 = torch.autograd.grad(y64, ls64, dy.double())
     names = ["y", "dx", "dW_gu", "dW_d", "dA_gu", "dB_gu", "dA_d", "dB_d"]
     for name, got, want in zip(names, [y, *grads], [y64, *grads64]):
-        err, tol = amax(got.double() - want), 2e-5 * (1.0 + amax(want))
-        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+        assert_max_err(got, want, ORACLE_FP32, what=name)
 
 
 def test_lora_dropout_public_path(device):
@@ -294,7 +283,7 @@ def test_lora_dropout_public_path(device):
     y2 = grouped_mlp(*args, training=True, **kw)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # seeds come from torch's generator
     y_eval = grouped_mlp(*args, training=False, **kw)  # dropout is the identity outside training
-    torch.testing.assert_close(y_eval, reference.grouped_mlp(*args, lora=case["lora"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_eval, reference.grouped_mlp(*args, lora=case["lora"]), **TOL[torch.float32])
     assert (y1 - y_eval).abs().max() > 1e-3  # and inside training it does act
     with pytest.raises(ValueError, match="lora_dropout"):
         grouped_mlp(*args, training=True, **dict(kw, lora_dropout=1.0))
@@ -345,9 +334,7 @@ def test_gather_on_load_matches_permute_then_reference(ids, device):
     want = run_(lambda xx, w_gu, w_d, lo: reference.grouped_mlp(
         reference.permute(xx, plan, k), plan.tokens_per_expert, w_gu, w_d, lora=lo, lora_scale=2.0), ls64)
     for name, g, w in zip(["y", "dx", "dW_gu", "dW_d", "dA_gu", "dB_gu", "dA_d", "dB_d"], got, want):
-        assert g.shape == w.shape, name
-        err, tol = amax(g.double() - w), 2e-5 * (1.0 + amax(w))
-        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+        assert_max_err(g, w, ORACLE_FP32, what=name)
 
 
 def test_gather_with_dropout_equals_permuted_path(device):
@@ -368,7 +355,7 @@ def test_gather_with_dropout_equals_permuted_path(device):
                             "geglu", plan=plan, **kw)
         outs.append([y, *torch.autograd.grad(y, [xx] + leaves(case)[1:], torch.ones_like(y))])
     for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, **SAME_MATH_FP32)
 
 
 def test_bad_input_raises(device):
@@ -454,15 +441,15 @@ def test_sparse_moe_triton_equals_torch(lora_rank, device):
     x = torch.randn(3, 5, 24, device=device)
     x_t, x_r = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_t, y_r = moe_t(x_t), moe_r(x_r)
-    torch.testing.assert_close(y_t, y_r, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(y_t, y_r, **TRITON_VS_TORCH_FP32)
     dy = torch.randn_like(y_t)
     y_t.backward(dy)
     y_r.backward(dy)
-    torch.testing.assert_close(x_t.grad, x_r.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(x_t.grad, x_r.grad, **TRITON_VS_TORCH_FP32)
     for (name, p_t), p_r in zip(moe_t.named_parameters(), moe_r.parameters()):
         assert (p_t.grad is None) == (p_r.grad is None), name
         if p_t.grad is not None:
-            torch.testing.assert_close(p_t.grad, p_r.grad, rtol=2e-5, atol=2e-5, msg=name)
+            torch.testing.assert_close(p_t.grad, p_r.grad, **TRITON_VS_TORCH_FP32, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,8 +476,7 @@ def test_gpu_fp32_tf32():
         torch.backends.cuda.matmul.allow_tf32 = True
         y, _ = run(case, "swiglu", 2.0, backend="triton")
         y64, _ = run(case, "swiglu", 2.0, backend="reference", cast=torch.float64)
-        # TF32 keeps 10 mantissa bits: relative error about 1e-3 at unit-scale outputs.
-        assert (y.double() - y64).abs().max().item() <= 1e-2 * (1 + y64.abs().max().item())
+        assert_max_err(y, y64, ORACLE_TF32, what="y (TF32)")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 

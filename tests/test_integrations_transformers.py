@@ -23,6 +23,7 @@ from tiny_hf import FAMILIES, VOCAB, compiled_greedy, eager_greedy  # noqa: E402
 from tiny_hf import loss_and_grads as _loss_and_grads  # noqa: E402
 from tiny_hf import model as _model  # noqa: E402
 from tiny_hf import tokens as _tokens  # noqa: E402
+from tolerance import FLOOR_HF_LOGITS, assert_flash_rule  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -353,18 +354,15 @@ def test_example_script_writes_to_a_temp_dir_by_default(tmp_path, monkeypatch, c
 
 
 def _low_precision_rule(family, dtype, device, backend):
-    """flash-attention's rule: the patched model's error against the fp32 model
-    is at most twice the unpatched model's own error in the same dtype, plus a floor."""
+    """flash-attention's rule (tolerance.assert_flash_rule): the patched model's error against the fp32
+    model is at most twice the unpatched model's own error in the same dtype, plus a floor."""
     ref32 = _model(family).to(device)
     low = copy.deepcopy(ref32).to(dtype)
     patched = copy.deepcopy(low)
     assert patch_moe(patched, backend=backend) == 2
     ids = _tokens().to(device)
-    want = ref32(ids).logits
-    err_host = (low(ids).logits.float() - want).abs().max()
-    err_ours = (patched(ids).logits.float() - want).abs().max()
-    floor = 1e-3 if dtype == torch.float16 else 1e-2  # a few ulps of logits of size ~1 (fp16 / bf16 eps)
-    assert err_ours <= 2 * err_host + floor, (float(err_ours), float(err_host))
+    got, host = patched(ids).logits, low(ids).logits
+    assert_flash_rule(got, host, ref32(ids).logits, floor=FLOOR_HF_LOGITS[dtype], what=f"{family} logits")
 
 
 def test_triton_fp16_qwen2_moe_within_twice_host_error():

@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 
 from loop_oracle import per_token_moe
+from tolerance import TOL
 from unimoe_kernels import GroupedExperts, MoEAux, SparseMoE, TopKRouter
-
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
 def _randomise_lora(moe, scale=0.3):
@@ -245,7 +244,7 @@ def test_from_dense_copies_equal_the_dense_mlp(mlp_cls):
     mlp = mlp_cls(16, 24)
     moe = SparseMoE.from_dense(mlp, num_experts=4, top_k=2).eval()
     x = torch.randn(9, 16)
-    torch.testing.assert_close(moe(x), mlp(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x), mlp(x), **TOL[torch.float32])
 
 
 def test_from_dense_list_builds_one_expert_per_mlp():
@@ -254,7 +253,7 @@ def test_from_dense_list_builds_one_expert_per_mlp():
     x = torch.randn(9, 16)
     ids = moe.router(x).ids[:, 0]
     expected = torch.stack([mlps[e](x[t]) for t, e in enumerate(ids.tolist())])
-    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x), expected, **TOL[torch.float32])
     with pytest.raises(ValueError, match="num_experts=4 but 3 MLPs"):
         SparseMoE.from_dense(mlps, num_experts=4)
     with pytest.raises(ValueError, match="needs num_experts"):
