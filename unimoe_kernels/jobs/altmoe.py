@@ -29,7 +29,13 @@ from typing import Dict, List
 import torch
 
 from ..models.altmoe import (
-    AltMoEConfig, AltMoEPredictor, DirectionOptim, SyntheticPairs, load_predictor, save_predictor, train_alternating,
+    AltMoEConfig,
+    AltMoEPredictor,
+    DirectionOptim,
+    SyntheticPairs,
+    load_predictor,
+    save_predictor,
+    train_alternating,
 )
 from ..models.altmoe_retrieval import VectorStore, evaluate_direction
 from . import Parser, UsageError, float_above, float_at_least, int_at_least, pick_device, run_or_exit
@@ -71,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--latent-dim", type=int_at_least(1), default=16, help="size of the hidden factor both encoders see")
     # 0.3: measured R@1 0.96 on the 1000-item test gallery after 600 steps against a ceiling (the
     # oracle on the raw factors) of 0.998; at 0.1 the task is solved within 100 steps.
-    t.add_argument("--noise", type=float_at_least(0.0), default=0.3, help="per-modality observation noise of the factor")
+    t.add_argument("--noise", type=float_at_least(0.0), default=0.3,
+                   help="per-modality observation noise of the factor")
     t.add_argument("--n-train", type=int_at_least(1), default=8192, help="training pairs")
     t.add_argument("--n-val", type=int_at_least(1), default=512, help="validation pairs (recall during training)")
     t.add_argument("--n-test", type=int_at_least(1), default=1000, help="test pairs: the size of each test gallery")
@@ -115,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(torch.save); None: <run>/test_pairs.pt, paired with the default galleries")
     r.add_argument("--top-k", type=int_at_least(1), default=10, help="hits per query")
     r.add_argument("--batch-size", type=int_at_least(1), default=1024, help="queries searched per batch")
-    r.add_argument("--show", type=int_at_least(0), default=3, help="print the top hits of this many queries per direction")
+    r.add_argument("--show", type=int_at_least(0), default=3,
+                   help="print the top hits of this many queries per direction")
     r.add_argument("--json", default=None, help="where to write the results (None: <run>/retrieve.json)")
     r.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
     r.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
@@ -170,7 +178,8 @@ def run_train(args: argparse.Namespace) -> dict:
     lrs = dict(args.direction_lr)
     unknown = set(lrs) - set(predictor.directions)
     if unknown:
-        raise UsageError(f"--direction-lr names unknown directions {sorted(unknown)}; directions are {predictor.directions}")
+        raise UsageError(
+            f"--direction-lr names unknown directions {sorted(unknown)}; directions are {predictor.directions}")
     optim = {d: DirectionOptim(lr=lrs.get(d, args.lr), warmup_frac=args.warmup_frac,
                                final_lr_ratio=args.final_lr_ratio, weight_decay=args.weight_decay)
              for d in predictor.directions}
@@ -193,7 +202,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     test_recall, oracle = {}, {}
     for (src, tgt), d in zip(config.directions, predictor.directions):
-        test_recall[d] = evaluate_direction(predictor, test[src], VectorStore.load(galleries[tgt], map_location=device), d)
+        gallery = VectorStore.load(galleries[tgt], map_location=device)
+        test_recall[d] = evaluate_direction(predictor, test[src], gallery, d)
         oracle[d] = task.oracle_recall(args.n_test, seeds["test"], src, tgt)
     plot = _plot(history.evals, os.path.join(args.out, "recall.png"))
 
@@ -253,12 +263,14 @@ def run_retrieve(args: argparse.Namespace) -> dict:
             entry["recall"] = evaluate_direction(predictor, q, gallery, d, batch_size=args.batch_size)
             entry["chance_recall_at_1"] = 1.0 / len(gallery)
         hits = gallery.search(predictor.embed_queries(q[:args.show], d), args.top_k, batch_size=args.batch_size)
-        entry["top_hits"] = [{"query": i, "ids": hits.ids[i].tolist(), "scores": [round(s, 4) for s in hits.scores[i].tolist()]}
-                             for i in range(hits.ids.shape[0])]
+        entry["top_hits"] = [
+            {"query": i, "ids": hits.ids[i].tolist(), "scores": [round(s, 4) for s in hits.scores[i].tolist()]}
+            for i in range(hits.ids.shape[0])]
         results[d] = entry
         rec = entry.get("recall")
         line = f"{d:<20} gallery {len(gallery):>6}  "
-        line += (f"R@1 {rec['R@1']:.3f}  R@5 {rec['R@5']:.3f}  R@10 {rec['R@10']:.3f}" if rec else "(unpaired queries: no recall)")
+        line += (f"R@1 {rec['R@1']:.3f}  R@5 {rec['R@5']:.3f}  R@10 {rec['R@10']:.3f}" if rec
+                 else "(unpaired queries: no recall)")
         _print(line)
         for h in entry["top_hits"]:
             _print(f"  query {h['query']}: ids {h['ids'][:5]} scores {h['scores'][:5]}")

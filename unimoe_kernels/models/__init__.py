@@ -15,8 +15,8 @@
 
 from .altmoe import AltMoEConfig, AltMoEPredictor, train_alternating
 from .altmoe_retrieval import VectorStore
-from .unimoe import UniMoE, UniMoEConfig, answer_accuracy
 from .training import eval_batches, load_model, save_checkpoint, stage_batches, train_stage
+from .unimoe import UniMoE, UniMoEConfig, answer_accuracy
 
 __all__ = [
     "UniMoE", "UniMoEConfig", "answer_accuracy", "train_stage", "stage_batches", "eval_batches",

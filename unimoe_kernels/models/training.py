@@ -61,7 +61,9 @@ def stage_batches(cfg: UniMoEConfig, stage: int, step: int, batch_size: int, see
     raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
-def eval_batches(cfg: UniMoEConfig, per_modality: int = 64, seed: int = 12345, modalities=sd.MODALITIES) -> List[sd.Batch]:
+def eval_batches(
+    cfg: UniMoEConfig, per_modality: int = 64, seed: int = 12345, modalities=sd.MODALITIES
+) -> List[sd.Batch]:
     """A fixed QA evaluation set, one batch per modality, from a generator no training step uses."""
     g = torch.Generator().manual_seed(seed + 2**40)  # offset: outside the range _seed produces for small seeds
     return [sd.make_batch(cfg.data, m, per_modality, g) for m in modalities]
@@ -100,7 +102,9 @@ def _unflat_optimizer(tensors: dict, groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(path: str, model: UniMoE, optimizer: Optional[torch.optim.Optimizer] = None, **trainer_state) -> None:
+def save_checkpoint(
+    path: str, model: UniMoE, optimizer: Optional[torch.optim.Optimizer] = None, **trainer_state
+) -> None:
     """Write model (+ optimizer) safetensors and trainer.json into directory `path`."""
     from safetensors.torch import save_file
 

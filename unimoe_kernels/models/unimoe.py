@@ -86,10 +86,12 @@ class UniMoEConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} even-width heads (RoPE)")
+            raise ValueError(f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
+                             "even-width heads (RoPE)")
         bad = [m for m in self.expert_modalities if m not in sd.MODALITIES]
         if bad or not self.expert_modalities:
-            raise ValueError(f"expert_modalities must be a non-empty subset of {sd.MODALITIES}, got {self.expert_modalities}")
+            raise ValueError(
+                f"expert_modalities must be a non-empty subset of {sd.MODALITIES}, got {self.expert_modalities}")
         if self.top_k > len(self.expert_modalities):
             raise ValueError(f"top_k={self.top_k} exceeds the {len(self.expert_modalities)} experts")
 
@@ -169,8 +171,8 @@ class Attention(nn.Module):
         self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
-        b, l, d = x.shape
-        split = lambda t: t.view(b, l, self.heads, self.hd).transpose(1, 2)  # noqa: E731
+        b, seq, d = x.shape
+        split = lambda t: t.view(b, seq, self.heads, self.hd).transpose(1, 2)  # noqa: E731
         q = rope(split(self.q_proj(x)), positions, self.theta)
         k = rope(split(self.k_proj(x)), positions, self.theta)
         v = split(self.v_proj(x))
@@ -179,14 +181,15 @@ class Attention(nn.Module):
             past = cache.k[layer].shape[2] if cache.k[layer] is not None else 0
             k, v = cache.update(layer, k, v)
         if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=l > 1)
-        elif l == 1:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+        elif seq == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
         else:
             # New chunk after a cache: query i (absolute past + i) sees keys 0..past + i.
-            mask = torch.arange(k.shape[2], device=x.device)[None] <= (past + torch.arange(l, device=x.device))[:, None]
+            query_pos = past + torch.arange(seq, device=x.device)
+            mask = torch.arange(k.shape[2], device=x.device)[None] <= query_pos[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, seq, d))
 
 
 class SwiGLUMLP(nn.Module):
@@ -255,13 +258,17 @@ class UniMoE(nn.Module):
         cfg = cfg or UniMoEConfig()
         self.cfg = cfg
         spec = cfg.data
-        self.image_encoder = image_encoder or ImageEncoder(spec.image_size, cfg.patch_size, cfg.encoder_width, cfg.vit_layers)
-        self.audio_encoder = audio_encoder or AudioEncoder(spec.audio_bins, spec.audio_frames, cfg.encoder_width, cfg.audio_layers)
+        self.image_encoder = image_encoder or ImageEncoder(
+            spec.image_size, cfg.patch_size, cfg.encoder_width, cfg.vit_layers)
+        self.audio_encoder = audio_encoder or AudioEncoder(
+            spec.audio_bins, spec.audio_frames, cfg.encoder_width, cfg.audio_layers)
         for name, enc in (("image_encoder", self.image_encoder), ("audio_encoder", self.audio_encoder)):
             if not isinstance(getattr(enc, "width", None), int):
-                raise TypeError(f"{name} must have an int `width` attribute (its feature size), got {type(enc).__name__}")
+                raise TypeError(
+                    f"{name} must have an int `width` attribute (its feature size), got {type(enc).__name__}")
         self.vision_connector = VisionConnector(self.image_encoder.width, cfg.hidden_size)
-        self.audio_connector = AudioConnector(self.audio_encoder.width, cfg.hidden_size, cfg.audio_queries, cfg.encoder_width)
+        self.audio_connector = AudioConnector(
+            self.audio_encoder.width, cfg.hidden_size, cfg.audio_queries, cfg.encoder_width)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -272,17 +279,17 @@ class UniMoE(nn.Module):
     # ------------------------------------------------------------------ structure per stage
 
     def moe_layers(self) -> List[DecoderLayer]:
-        return [l for l in self.layers if l.is_moe]
+        return [layer for layer in self.layers if layer.is_moe]
 
     def sparse_moes(self) -> List[SparseMoE]:
-        return [l.mlp for l in self.layers if isinstance(l.mlp, SparseMoE)]
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
     def to_modality_ffns(self) -> None:
         """Stage 2 start: every MoE-selected layer's dense FFN becomes per-modality copies of it."""
         if self.ffn_mode != "dense":
             raise RuntimeError(f"to_modality_ffns needs ffn_mode 'dense', the model is in {self.ffn_mode!r}")
-        for l in self.moe_layers():
-            l.mlp = ModalityFFNs(l.mlp, self.cfg.expert_modalities)
+        for layer in self.moe_layers():
+            layer.mlp = ModalityFFNs(layer.mlp, self.cfg.expert_modalities)
         self.ffn_mode = "modality"
 
     def to_moe(self) -> None:
@@ -290,9 +297,9 @@ class UniMoE(nn.Module):
         if self.ffn_mode != "modality":
             raise RuntimeError(f"to_moe needs ffn_mode 'modality' (stage 2 first), the model is in {self.ffn_mode!r}")
         c = self.cfg
-        for l in self.moe_layers():
-            l.mlp = SparseMoE.from_dense(
-                list(l.mlp.ffns), top_k=c.top_k, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+        for layer in self.moe_layers():
+            layer.mlp = SparseMoE.from_dense(
+                list(layer.mlp.ffns), top_k=c.top_k, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                 lora_dropout=c.lora_dropout, aux_loss_coef=c.aux_loss_coef, backend=c.moe_backend,
                 max_token_groups=PAD_GROUP + 1,
             )
@@ -339,8 +346,8 @@ class UniMoE(nn.Module):
                 self.image_encoder.requires_grad_(True)
                 self.audio_encoder.requires_grad_(True)
         elif stage == 2:
-            for l in self.moe_layers():
-                l.mlp.requires_grad_(True)
+            for layer in self.moe_layers():
+                layer.mlp.requires_grad_(True)
         else:
             for moe in self.sparse_moes():
                 moe.router.requires_grad_(True)
@@ -496,6 +503,6 @@ def answer_accuracy(model: UniMoE, batches: Sequence[sd.Batch], use_cache: bool 
 
 
 __all__ = [
-    "UniMoEConfig", "UniMoE", "PRESETS", "preset_config", "RMSNorm", "Attention", "SwiGLUMLP", "ModalityFFNs", "DecoderLayer",
-    "KVCache", "rope", "answer_accuracy", "FFN_MODES", "MOE_IMPLS", "PAD_GROUP",
+    "UniMoEConfig", "UniMoE", "PRESETS", "preset_config", "RMSNorm", "Attention", "SwiGLUMLP", "ModalityFFNs",
+    "DecoderLayer", "KVCache", "rope", "answer_accuracy", "FFN_MODES", "MOE_IMPLS", "PAD_GROUP",
 ]
