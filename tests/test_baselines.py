@@ -104,10 +104,26 @@ def test_grouped_mm_rejects_misaligned_strides():
         baselines.grouped_mm_moe(moe, torch.randn(4, 97))
 
 
-def test_grouped_mm_probe_reports_reason():
-    # fp32 on CPU runs in this torch; a reason string comes back only where it does not.
-    why = baselines.grouped_mm_supported(torch.device("cpu"), torch.float32)
-    assert why is None or "grouped_mm" in why
+def test_grouped_mm_probe_reports_reason(monkeypatch):
+    # fp32 on CPU runs in this torch (the providers above run it): no reason.
+    baselines._grouped_mm_probe.cache_clear()
+    assert baselines.grouped_mm_supported(torch.device("cpu"), torch.float32) is None
+    # Where the probe fails, the reason names the op, the device, the dtype and the failure.
+    def fails(device_type, dtype):
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(baselines, "_grouped_mm_tiny", fails)
+    baselines._grouped_mm_probe.cache_clear()
+    try:
+        why = baselines.grouped_mm_supported(torch.device("cpu"), torch.float32)
+        assert why is not None and "torch._grouped_mm" in why and "cpu" in why and "float32" in why
+        assert "RuntimeError: no kernel for this dtype" in why
+        monkeypatch.delattr(torch, "_grouped_mm")
+        baselines._grouped_mm_probe.cache_clear()
+        why = baselines.grouped_mm_supported(torch.device("cpu"), torch.float32)
+        assert why is not None and "has no torch._grouped_mm" in why
+    finally:
+        baselines._grouped_mm_probe.cache_clear()  # no cached failure for the tests after this one
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -181,7 +181,11 @@ def test_fp64_takes_torch_path(device):
     # fp64 logits keep fp64 end to end (gradcheck relies on it), so they bypass the fp32 kernel.
     logits = torch.randn(3, 5, dtype=torch.float64, device=device)
     out = ops.topk_gating(logits, 2, backend="triton")
-    assert out.weights.dtype == torch.float64
+    ref = reference.topk_gating(logits, 2)
+    assert out.weights.dtype == out.scores.dtype == torch.float64
+    assert torch.equal(out.ids, ref.ids)
+    for name in ("weights", "scores", "logits"):  # the torch path itself: the very same values
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,7 @@ def test_dropout_and_recompute_equal_the_unfused_triton_path(recompute, device):
         torch.manual_seed(4)
         outs.append(run(leaves, plan, "swiglu", fn, backend="triton", lora_dropout=0.3, training=True,
                         recompute=recompute))
+    assert torch.equal(outs[0]["out"], outs[1]["out"])
     for name in outs[1]:
         torch.testing.assert_close(outs[0][name], outs[1][name], **FP32_CANCELLING,
                                    msg=lambda m, name=name: f"{name}: {m}")
@@ -118,6 +119,9 @@ def test_empty_batch_and_bad_weights(device):
     assert out.shape == (0, H)
     out.sum().backward()
     assert x.grad.shape == (0, H) and w.grad.shape == (0, 2)
+    for name in ("w_gu", "w_d"):  # no rows: the trainable weights get gradients of zeros
+        g = leaves[name].grad
+        assert g is not None and g.shape == leaves[name].shape and not g.any(), name
     with pytest.raises(TypeError, match="weights"):
         grouped_mlp_combine(x, plan, torch.zeros(0, 2, dtype=torch.int64, device=device), leaves["w_gu"],
                             leaves["w_d"], backend="triton")

@@ -51,9 +51,16 @@ def test_no_aux_losses_unless_needed(mode, loss_calls, one_thread):
 
 
 def test_training_still_attaches_the_losses(loss_calls, one_thread):
-    moe = SparseMoE(16, 8, 4, top_k=2, aux_loss_coef=0.01).train()
-    moe(torch.randn(6, 16)).sum().backward()
-    assert "router_losses" in loss_calls and moe.router.weight.grad is not None
+    x = torch.randn(6, 16)
+    grads = []
+    for coef in (0.0, 0.01):
+        torch.manual_seed(0)  # the same weights for both
+        moe = SparseMoE(16, 8, 4, top_k=2, aux_loss_coef=coef).train()
+        moe(x).sum().backward()
+        grads.append(moe.router.weight.grad.clone())
+        assert ("router_losses" in loss_calls) == (coef > 0)
+    # The attached loss reaches the router through backward: the gradient is not that of y alone.
+    assert not torch.allclose(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("grad", [False, True])

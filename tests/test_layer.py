@@ -88,7 +88,11 @@ def test_empty_batch():
     assert y.shape == (0, 8)
     assert aux.load_balancing_loss.item() == 0 and aux.z_loss.item() == 0
     assert aux.tokens_per_expert.tolist() == [0, 0, 0, 0]
-    y.sum().backward()
+    (y.sum() + aux.load_balancing_loss + aux.z_loss).backward()
+    # No tokens: x's gradient is empty and every parameter gets a gradient of zeros.
+    assert x.grad.shape == (0, 8)
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any(), name
 
 
 def test_grouped_experts_transformers_call():

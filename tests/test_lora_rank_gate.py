@@ -295,15 +295,20 @@ def test_sparse_moe_end_to_end_triton_equals_torch(device):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_batch_with_gate_and_bias(backend, device):
-    # x [2, 0, H]: no tokens; the output is empty, backward runs, the bias [2, 1, r] gets zeros.
+    # x [2, 0, H]: no tokens; the output is empty, backward runs, the bias [2, 1, r] and every
+    # trainable parameter get gradients of zeros.
     moe = SparseMoE(H, F, E, 2, lora_rank=R, lora_rank_gate=True, backend=backend, device=device)
     x = torch.randn(2, 0, H, device=device, requires_grad=True)
     bias = torch.randn(2, 1, R, device=device, requires_grad=True)
     y = moe(x, rank_gate_bias=bias)
     assert y.shape == x.shape
-    gx, gb = torch.autograd.grad(y.sum(), [x, bias], allow_unused=True)
-    assert gx is None or gx.shape == x.shape
-    assert gb is None or (gb.shape == bias.shape and not gb.any())
+    params = dict((n, p) for n, p in moe.named_parameters() if p.requires_grad)
+    gx, gb, *gp = torch.autograd.grad(y.sum(), [x, bias, *params.values()], allow_unused=True)
+    assert gx is not None and gx.shape == x.shape
+    assert gb is not None and gb.shape == bias.shape and not gb.any()
+    assert "experts.lora_gate_gate_up" in params
+    for (name, p), g in zip(params.items(), gp):
+        assert g is not None and g.shape == p.shape and not g.any(), name
 
 
 def test_mlp_on_sorted_rows_equals_forward_routed():

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.utils.flop_counter import FlopCounterMode
 
 from tolerance import FLOOR, FLOOR_TORCH_GROUPED_MLP_BF16, TOL, assert_flash_rule
 from unimoe_kernels import baselines, reference
@@ -132,7 +133,7 @@ def test_low_precision_error_within_twice_autograds(dtype):
 def test_frozen_base_gets_no_gradient_and_no_weight_gemm(mode):
     o = _operands(base_grad=False, dtype=torch.float32)
     y = _ours(o, "swiglu", 1.0)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         y.backward(torch.ones_like(y))
     assert o["w_gu"].grad is None and o["w_d"].grad is None and o["a_gu"].grad is not None
     want = baselines.flops(N, 1, H, FF, "swiglu", R, backward=True, base_trainable=False)
@@ -156,7 +157,7 @@ def test_no_rows():
     y = reference.grouped_mlp(x, torch.zeros(3, dtype=torch.int64), w_gu, w_d)
     assert y.shape == (0, H)
     y.backward(torch.randn_like(y))
-    assert w_gu.grad.abs().sum() == 0 and x.grad.shape == (0, H)
+    assert not w_gu.grad.any() and not w_d.grad.any() and x.grad.shape == (0, H)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -177,7 +178,7 @@ def test_opcheck(lora, mode):
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_flop_formulas_match_baselines(activation, lora_rank):
     o = _operands(activation, lora=bool(lora_rank), dtype=torch.float32)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         _ours(o, activation, 1.0).backward(torch.ones(N, H))
     want = baselines.flops(N, 1, H, FF, activation, R if lora_rank else 0, backward=True)
     assert counter.get_total_flops() == want.total
