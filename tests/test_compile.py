@@ -19,6 +19,7 @@ import torch._dynamo
 from torch._dynamo.backends.debugging import aot_eager
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
+from tolerance import TOL
 from unimoe_kernels import SparseMoE, reference
 
 # Registered when unimoe_kernels.ops is imported (by the line above).
@@ -28,7 +29,7 @@ unimoe = torch.ops.unimoe
 # arrays, which numpy deprecates; it is the interpreter's warning, not the kernels'.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-FP32 = dict(rtol=1e-5, atol=1e-6)
+FP32 = TOL[torch.float32]
 
 
 def _moe(device, **kw):

@@ -24,9 +24,10 @@ from unimoe_kernels.integrations import experts_interface  # noqa: E402
 from unimoe_kernels.integrations import transformers as hf  # noqa: E402  (registers "unimoe")
 
 from tiny_hf import FAMILIES, compiled_greedy, eager_greedy, loss_and_grads, model, tokens  # noqa: E402
+from tolerance import HF_GRAD_FP32, MODEL_TRITON_FP32, MODEL_TRITON_GRAD_FP32, TOL  # noqa: E402
 
-FP32 = dict(rtol=1e-5, atol=1e-5)
-GRAD = dict(rtol=1e-4, atol=1e-6)
+FP32 = TOL[torch.float32]
+GRAD = HF_GRAD_FP32
 
 
 @pytest.fixture
@@ -283,9 +284,9 @@ def test_peft_lora_on_triton_kernels(monkeypatch, runs):
     monkeypatch.setenv("UNIMOE_BACKEND", "auto")
     assert len(launches) == 2
     ref_out, ref_grads = _peft_step(ref, ids)
-    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits, ref_out.logits, **MODEL_TRITON_FP32)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], **MODEL_TRITON_GRAD_FP32, msg=name)
 
 
 # --- torch.export and torch.compile ---------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from tolerance import HF_GRAD_FP32, TOL  # noqa: E402
 from unimoe_kernels.integrations.peft import (  # noqa: E402
     export_peft_adapter, grouped_to_param_wrapper, load_peft_adapter, param_wrapper_to_grouped,
 )
@@ -82,7 +83,7 @@ def test_peft_adapter_loads_here_and_exports_back_identically(tmp_path, family, 
     model = copy.deepcopy(base)
     assert load_peft_adapter(model, tmp_path / "peft") == 2  # patches the model itself
     assert all(ex.lora_rank == lora["r"] for ex in patched_experts(model).values())
-    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, expected, **TOL[torch.float32])
     assert (base(ids).logits - expected).abs().max() > 1e-2  # the adapter matters
 
     state, config = export_peft_adapter(model, tmp_path / "ours")
@@ -93,7 +94,7 @@ def test_peft_adapter_loads_here_and_exports_back_identically(tmp_path, family, 
     for k in original:  # lossless: the same tensors, bit for bit
         assert torch.equal(state[k], original[k]), k
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded(ids).logits, expected, **TOL[torch.float32])
 
 
 def test_gradients_equal_peft_training():
@@ -113,8 +114,8 @@ def test_gradients_equal_peft_training():
                           (prefix, ex.lora_A_down, ex.lora_B_down)):
             ga, gb = grouped_to_param_wrapper(a.grad, b.grad)
             assert gb.abs().sum() > 0
-            torch.testing.assert_close(ga, theirs[f"{mod}.lora_A.default.weight"].grad, rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(gb, theirs[f"{mod}.lora_B.default.weight"].grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ga, theirs[f"{mod}.lora_A.default.weight"].grad, **HF_GRAD_FP32)
+            torch.testing.assert_close(gb, theirs[f"{mod}.lora_B.default.weight"].grad, **HF_GRAD_FP32)
 
 
 def test_adapter_trained_here_loads_in_peft(tmp_path):
@@ -130,7 +131,7 @@ def test_adapter_trained_here_loads_in_peft(tmp_path):
     assert (config["r"], config["lora_alpha"]) == (4, 12)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"] == config["target_parameters"]
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, **TOL[torch.float32])
 
 
 def test_different_scale_is_folded_into_b():
@@ -140,7 +141,7 @@ def test_different_scale_is_folded_into_b():
     patch_moe(model, lora_rank=2)  # scale 1: B must be multiplied by 4
     load_peft_adapter(model, peft.get_peft_model_state_dict(pm), config=pm.peft_config["default"])
     ids = _ids()
-    torch.testing.assert_close(model(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, pm(ids).logits, **TOL[torch.float32])
 
 
 def _uni_moe_adapter(base, r, names, prefix_of):
@@ -176,7 +177,7 @@ def test_per_expert_linear_lora_import_and_lossless_export(names, prefix_of):
     assert load_peft_adapter(model, state, config=config, names=names, rename=prefix_of) == 2
     assert all(ex.lora_rank == 6 for ex in patched_experts(model).values())  # gate and up side by side
     ids = _ids()
-    torch.testing.assert_close(model(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, oracle(ids).logits, **TOL[torch.float32])
 
     out, out_config = export_peft_adapter(model, layout="per_expert", names=names, rename=prefix_of)
     assert (out_config["r"], out_config["lora_alpha"]) == (3, 6)
@@ -198,7 +199,7 @@ def test_per_expert_export_of_shared_a_keeps_delta_weights():
     again = copy.deepcopy(base)
     load_peft_adapter(again, state, config=config)
     ids = _ids()
-    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, **TOL[torch.float32])
 
 
 def test_missing_or_extra_adapter_keys_raise():

@@ -23,7 +23,8 @@ from tiny_hf import FAMILIES, VOCAB, compiled_greedy, eager_greedy  # noqa: E402
 from tiny_hf import loss_and_grads as _loss_and_grads  # noqa: E402
 from tiny_hf import model as _model  # noqa: E402
 from tiny_hf import tokens as _tokens  # noqa: E402
-from tolerance import FLOOR_HF_LOGITS, assert_flash_rule  # noqa: E402
+from tolerance import (FLOOR_HF_LOGITS, HF_GRAD_FP32, MODEL_TRITON_FP32, MODEL_TRITON_GRAD_FP32,  # noqa: E402
+                       SAME_MATH_FP32, TOL, assert_flash_rule)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,13 +42,13 @@ def test_patched_equals_unpatched_logits_router_logits_and_grads(family):
     ids = _tokens()
     out, grads = _loss_and_grads(model, ids)
     ref_out, ref_grads = _loss_and_grads(ref, ids)
-    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref_out.logits, **TOL[torch.float32])
+    torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, **SAME_MATH_FP32)
     for r, r_ref in zip(out.router_logits, ref_out.router_logits):
-        torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r, r_ref, **TOL[torch.float32])
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], **HF_GRAD_FP32, msg=name)
     # The experts' gradients are really there (not zeros that would match trivially).
     assert grads["model.layers.0.mlp.experts.gate_up_proj"].abs().sum() > 0
 
@@ -89,7 +90,7 @@ def test_save_pretrained_writes_host_format(tmp_path):
     # And the host's own class loads it back, unpatched, computing the same logits.
     reloaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "patched").eval()
     ids = _tokens()
-    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, **TOL[torch.float32])
 
 
 class _DeltaW(nn.Module):
@@ -128,14 +129,14 @@ def test_lora_matches_delta_w_oracle_and_freezes_base(family):
     ids = _tokens()
     out, _ = _loss_and_grads(model, ids)
     ref_out, _ = _loss_and_grads(ref, ids)
-    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref_out.logits, **TOL[torch.float32])
     plain = _model(family)(ids).logits
     assert (out.logits - plain).abs().max() > 1e-3  # the adapter is really applied
     for name, ex in patched_experts(model).items():
         gu, d = oracles[name]
         for ours, theirs in ((ex.lora_A_gate_up, gu.a), (ex.lora_B_gate_up, gu.b), (ex.lora_A_down, d.a), (ex.lora_B_down, d.b)):
             assert ours.grad is not None and ours.grad.abs().sum() > 0
-            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ours.grad, theirs.grad, **HF_GRAD_FP32)
         assert ex.gate_up_proj.grad is None  # frozen base gets no gradient
 
 
@@ -184,7 +185,7 @@ def test_unpatch_merges_lora_into_host_weights():
     assert unpatch_moe(model, merge_lora=True) == 2
     assert not patched_experts(model)
     assert all(isinstance(model.model.layers[i].mlp.experts, host_type) for i in range(2))
-    torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, adapted, **TOL[torch.float32])
 
 
 def test_lora_finetune_of_patched_mixtral_lowers_loss():
@@ -249,7 +250,7 @@ def test_exact_gelu_experts_patch_as_geglu():
     assert patch_moe(model) == 2
     assert next(iter(patched_experts(model).values())).activation == "geglu"
     ids = _tokens()
-    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, **TOL[torch.float32])
 
 
 class _ToyExperts(nn.Module):
@@ -280,7 +281,7 @@ def test_generic_v5_experts_interface():
     for x, idx in ((torch.randn(1, 8), torch.tensor([[1, 0]])),
                    (torch.randn(4, 8), torch.tensor([[0, 1], [1, 0], [0, 0], [1, 1]]))):
         w = torch.rand(idx.shape)
-        torch.testing.assert_close(block["experts"](x, idx, w), ref["experts"](x, idx, w), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block["experts"](x, idx, w), ref["experts"](x, idx, w), **TOL[torch.float32])
 
 
 def test_bad_arguments():
@@ -314,9 +315,9 @@ def test_triton_backend_matches_unpatched():
     ids = _tokens(batch=1, seq=6)
     out, _ = _loss_and_grads(model, ids)
     ref_out, _ = _loss_and_grads(ref, ids)
-    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ex.lora_B_down.grad, d.b.grad, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(ex.lora_A_gate_up.grad, gu.a.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref_out.logits, **MODEL_TRITON_FP32)
+    torch.testing.assert_close(ex.lora_B_down.grad, d.b.grad, **MODEL_TRITON_GRAD_FP32)
+    torch.testing.assert_close(ex.lora_A_gate_up.grad, gu.a.grad, **MODEL_TRITON_GRAD_FP32)
 
 
 def test_example_script_runs(tmp_path, monkeypatch, capsys):
@@ -384,7 +385,7 @@ def test_only_moe_layers_are_patched_and_dense_mlps_left_alone():
     assert list(patched_experts(model)) == ["model.layers.1.mlp.experts"]
     assert type(model.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
     ids = _tokens()
-    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, **TOL[torch.float32])
 
 
 def test_lora_with_trainable_base_and_mode_kept():
@@ -440,7 +441,7 @@ def test_patched_experts_skip_the_sentinel_index_like_the_host():
         y = m(xx, idx, ww)
         outs.append((y, *torch.autograd.grad(y, (xx, ww), torch.ones_like(y))))
     for got, want in zip(*outs):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert outs[0][2][1, 0] == 0 and outs[0][2][4].abs().max() == 0
 
 
@@ -458,7 +459,7 @@ def test_set_experts_implementation_on_a_patched_model(monkeypatch):
     for impl, ours in (("grouped_mm", False), ("batched_mm", False), ("eager", False), ("unimoe", True)):
         calls.clear()
         model.set_experts_implementation(impl)
-        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, want, **TOL[torch.float32])
         assert bool(calls) == ours, impl  # transformers' kernels on the same Parameters, or ours
     unpatch_moe(model)
     assert model.config._experts_implementation == before
@@ -490,4 +491,4 @@ def test_patched_model_compiles_fullgraph_and_exports():
                              dynamic_shapes={"input_ids": {1: seq}, "use_cache": None})
     other = _tokens(seq=9)
     torch.testing.assert_close(ep.module()(input_ids=other, use_cache=False).logits, ref(other).logits,
-                               rtol=1e-5, atol=1e-5)
+                               **TOL[torch.float32])

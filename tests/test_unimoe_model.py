@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from tolerance import MODEL_TRITON_FP32, TOL
 from unimoe_kernels.__main__ import main
 from unimoe_kernels.models import synthetic_data as sd
 from unimoe_kernels.models import training as T
@@ -139,7 +140,7 @@ def test_generate_with_kv_cache_equals_recompute(chain, stage):
         fast, fast_logits = model.generate(b, max_new_tokens=4, use_cache=True, return_logits=True)
         slow, slow_logits = model.generate(b, max_new_tokens=4, use_cache=False, return_logits=True)
         assert torch.equal(fast, slow), b.modality
-        torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast_logits, slow_logits, **TOL[torch.float32])
         assert fast.shape == (5, 4)
     model.train()
 
@@ -152,7 +153,7 @@ def test_fused_layers_equal_naive_loop(chain):
         fused = model(embeds, groups, mod)
         model.set_moe_impl("naive")
         naive = model(embeds, groups, mod)
-    torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, naive, **TOL[torch.float32])
     # The comparison is not vacuous: LoRA is trained (nonzero B) and each token mixes 2 experts.
     assert any(m.experts.lora_B_down.abs().max() > 0 for m in model.sparse_moes())
     with pytest.raises(ValueError, match="moe_impl"):
@@ -170,7 +171,7 @@ def test_fused_triton_kernels_in_model_equal_naive_loop(chain, device):
         fused = model(embeds, groups, mod)
         model.set_moe_impl("naive")
         naive = model(embeds, groups, mod)
-    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused, naive, **MODEL_TRITON_FP32)
 
 
 class _Interrupt(Exception):
@@ -398,14 +399,14 @@ def test_attention_is_causal_and_rope_is_relative(chain):
         y = x.clone()
         y[:, 6:] = torch.randn(2, 3, model.cfg.hidden_size)  # change only the last 3 positions
         changed = model(y)
-    torch.testing.assert_close(base[:, :6], changed[:, :6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base[:, :6], changed[:, :6], **TOL[torch.float32])
     assert (base[:, 6:] - changed[:, 6:]).abs().max() > 1e-3
     # RoPE: q.k depends on positions only through their difference.
     from unimoe_kernels.models.unimoe import rope
 
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     dot = lambda pq, pk: (rope(q, torch.tensor([pq]), 1e4) * rope(k, torch.tensor([pk]), 1e4)).sum()  # noqa: E731
-    torch.testing.assert_close(dot(3, 1), dot(10, 8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dot(3, 1), dot(10, 8), **TOL[torch.float32])
     assert (dot(3, 1) - dot(3, 2)).abs() > 1e-4
 
 
