@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import AUTOCAST_FP16_TRITON, AUTOCAST_FP16_TRITON_GRAD, AUTOCAST_GPU, AUTOCAST_GPU_GRAD
+
 from unimoe_kernels import GroupedExperts, SparseMoE, amp, ops, reference
 
 LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")

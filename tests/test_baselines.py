@@ -7,9 +7,9 @@ All in fp32 on CPU with tiny shapes (plain torch, no Triton), so the whole file 
 
 import pytest
 import torch
+from tolerance import BASELINES_FP32
 from torch.utils.flop_counter import FlopCounterMode
 
-from tolerance import BASELINES_FP32
 from unimoe_kernels import SparseMoE, baselines, reference
 
 PROVIDERS = sorted(baselines.PROVIDERS)

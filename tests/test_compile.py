@@ -16,10 +16,10 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from tolerance import TOL
 from torch._dynamo.backends.debugging import aot_eager
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from tolerance import TOL
 from unimoe_kernels import SparseMoE, reference
 
 # Registered when unimoe_kernels.ops is imported (by the line above).

@@ -27,8 +27,8 @@ dropless all-to-all reads the split sizes on the host, a sync its docs state.
 
 import pytest
 import torch
-
 from tolerance import GRAPH_REPLAY_BF16, assert_max_err, max_err
+
 from unimoe_kernels import SparseMoE
 
 pytestmark = pytest.mark.gpu

@@ -18,8 +18,8 @@ import traceback
 import pytest
 import torch
 import torch.nn as nn
-
 from tolerance import EXPERT_PARALLEL, TOL, assert_max_err
+
 from unimoe_kernels import SparseMoE, gather_state_dict, ops, shard_state_dict
 from unimoe_kernels.parallel import is_expert_key, merge_state_dicts
 

@@ -18,13 +18,12 @@ import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_hf import FAMILIES, compiled_greedy, eager_greedy, loss_and_grads, model, tokens  # noqa: E402
+from tolerance import HF_GRAD_FP32, MODEL_TRITON_FP32, MODEL_TRITON_GRAD_FP32, TOL  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation  # noqa: E402
 
 from unimoe_kernels.integrations import experts_interface  # noqa: E402
 from unimoe_kernels.integrations import transformers as hf  # noqa: E402  (registers "unimoe")
-
-from tiny_hf import FAMILIES, compiled_greedy, eager_greedy, loss_and_grads, model, tokens  # noqa: E402
-from tolerance import HF_GRAD_FP32, MODEL_TRITON_FP32, MODEL_TRITON_GRAD_FP32, TOL  # noqa: E402
 
 FP32 = TOL[torch.float32]
 GRAD = HF_GRAD_FP32

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-
 from tolerance import TOL
+
 from unimoe_kernels import ops, reference
 
 # Router math runs in fp32 on both paths, so fp32 and fp16 logits share the fp32 tolerance for

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import (
+    FLOOR_GEMM,
+    ORACLE_FP32,
+    ORACLE_TF32,
+    SAME_MATH_FP32,
+    TOL,
+    TRITON_VS_TORCH_FP32,
+    assert_flash_rule,
+    assert_max_err,
+)
 
-from tolerance import (FLOOR_GEMM, ORACLE_FP32, ORACLE_TF32, SAME_MATH_FP32, TOL, TRITON_VS_TORCH_FP32,
-                       assert_flash_rule, assert_max_err)
 from unimoe_kernels import SparseMoE, reference
 from unimoe_kernels.ops import grouped_gemm as gg
 from unimoe_kernels.ops.grouped_gemm import grouped_mlp

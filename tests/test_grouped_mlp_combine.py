@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import FP32_CANCELLING, ORACLE_FP32, assert_max_err
+
 from unimoe_kernels import reference
 from unimoe_kernels.ops import grouped_mlp_combine
 

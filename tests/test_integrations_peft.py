@@ -17,8 +17,12 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from tolerance import HF_GRAD_FP32, TOL  # noqa: E402
+
 from unimoe_kernels.integrations.peft import (  # noqa: E402
-    export_peft_adapter, grouped_to_param_wrapper, load_peft_adapter, param_wrapper_to_grouped,
+    export_peft_adapter,
+    grouped_to_param_wrapper,
+    load_peft_adapter,
+    param_wrapper_to_grouped,
 )
 from unimoe_kernels.integrations.transformers import patch_moe, patched_experts  # noqa: E402
 

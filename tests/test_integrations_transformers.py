@@ -14,17 +14,27 @@ import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
 
-from unimoe_kernels import modules as moe_modules  # noqa: E402
-from unimoe_kernels.integrations.transformers import (  # noqa: E402
-    patch_moe, patched_experts, unpatch_moe, unsupported_reason,
-)
-
 from tiny_hf import FAMILIES, VOCAB, compiled_greedy, eager_greedy  # noqa: E402
 from tiny_hf import loss_and_grads as _loss_and_grads  # noqa: E402
 from tiny_hf import model as _model  # noqa: E402
 from tiny_hf import tokens as _tokens  # noqa: E402
-from tolerance import (FLOOR_HF_LOGITS, HF_GRAD_FP32, MODEL_TRITON_FP32, MODEL_TRITON_GRAD_FP32,  # noqa: E402
-                       SAME_MATH_FP32, TOL, assert_flash_rule)
+from tolerance import (  # noqa: E402
+    FLOOR_HF_LOGITS,
+    HF_GRAD_FP32,
+    MODEL_TRITON_FP32,
+    MODEL_TRITON_GRAD_FP32,
+    SAME_MATH_FP32,
+    TOL,
+    assert_flash_rule,
+)
+
+from unimoe_kernels import modules as moe_modules  # noqa: E402
+from unimoe_kernels.integrations.transformers import (  # noqa: E402
+    patch_moe,
+    patched_experts,
+    unpatch_moe,
+    unsupported_reason,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from loop_oracle import per_token_moe
 from tolerance import TOL
+
 from unimoe_kernels import GroupedExperts, MoEAux, SparseMoE, TopKRouter
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from loop_oracle import _act
 from tolerance import FLOOR_GEMM, FLOOR_GEMM_BF16, SAME_MATH_FP32, TOL, TRITON_VS_TORCH_FP32, assert_flash_rule
+
 from unimoe_kernels import SparseMoE, reference
 from unimoe_kernels.modules import GroupedExperts
 from unimoe_kernels.ops import grouped_gemm as gg

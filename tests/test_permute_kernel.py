@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import torch
-
 from tolerance import BF16_LARGE_GPU, FLOOR, FP16_WEIGHT_GRAD, TOL, assert_flash_rule
+
 from unimoe_kernels import SparseMoE, ops, reference
 
 # The interpreter (triton 3.6, numpy 2.3) turns the runtime bound of `range(0, H, BLOCK_H)` into an

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import FLOOR_ROUTER_LOGITS, FP32_CANCELLING, assert_flash_rule
+
 from unimoe_kernels import SparseMoE
 from unimoe_kernels.ops import gating
 from unimoe_kernels.ops.gating import router_logits

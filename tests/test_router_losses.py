@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import ROUTER_LOSS_GRAD_FP32, TOL
+
 from unimoe_kernels import reference
 from unimoe_kernels.ops import build_routing
 from unimoe_kernels.ops.gating import router_losses, topk_gating

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import FLOOR, TOL, Bound, amax, assert_flash_rule, assert_max_err, max_err
 
 

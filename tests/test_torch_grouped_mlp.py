@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import FLOOR, FLOOR_TORCH_GROUPED_MLP_BF16, TOL, assert_flash_rule
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils.flop_counter import FlopCounterMode
 
-from tolerance import FLOOR, FLOOR_TORCH_GROUPED_MLP_BF16, TOL, assert_flash_rule
 from unimoe_kernels import baselines, reference
 from unimoe_kernels import torch_grouped_mlp as tgm
 

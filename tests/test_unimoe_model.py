@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-
 from tolerance import MODEL_TRITON_FP32, TOL
+
 from unimoe_kernels.__main__ import main
 from unimoe_kernels.models import synthetic_data as sd
 from unimoe_kernels.models import training as T
