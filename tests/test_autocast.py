@@ -42,13 +42,13 @@ def _by_hand(moe: SparseMoE, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     if ex.lora_rank_gate:
         token = plan.sorted_slots.to(torch.int64) // k
         expert = torch.searchsorted(plan.expert_offsets[1:].to(torch.int64), torch.arange(token.numel()), right=True)
-        gates = tuple(reference.lora_rank_gates(x2, w, token, expert) for w in (ex.lora_gate_gate_up, ex.lora_gate_down))
+        gates = tuple(ops.lora_rank_gates(x2, w, token, expert) for w in (ex.lora_gate_gate_up, ex.lora_gate_down))
     y_sorted = reference.grouped_mlp(
         reference.permute(x2.to(dt), plan, k), plan.tokens_per_expert, ex.gate_up_proj.to(dt), ex.down_proj.to(dt),
         ex.activation, lora=lora, lora_scale=ex.lora_scale, rank_gates=gates)
     y = reference.unpermute(y_sorted, plan, g.weights)
-    aux = moe.aux_loss_coef * reference.load_balancing_loss(g.scores, g.ids, moe.num_experts) \
-        + moe.z_loss_coef * reference.z_loss(g.logits)
+    aux = moe.aux_loss_coef * ops.load_balancing_loss(g.scores, g.ids, moe.num_experts) \
+        + moe.z_loss_coef * ops.z_loss(g.logits)
     return y.view(x.shape), aux
 
 

@@ -169,8 +169,8 @@ def test_aux_losses_backprop_through_kernel(device, scoring):
     # torch path: load-balancing loss through the scores, z-loss through the returned logits.
     logits = torch.randn(20, 7, device=device)
     a, out, b, ref = _both(logits, 2, scoring=scoring)
-    loss_a = reference.load_balancing_loss(out.scores, out.ids, 7, scoring) + 0.1 * reference.z_loss(out.logits)
-    loss_b = reference.load_balancing_loss(ref.scores, ref.ids, 7, scoring) + 0.1 * reference.z_loss(ref.logits)
+    loss_a = ops.load_balancing_loss(out.scores, out.ids, 7, scoring) + 0.1 * ops.z_loss(out.logits)
+    loss_b = ops.load_balancing_loss(ref.scores, ref.ids, 7, scoring) + 0.1 * ops.z_loss(ref.logits)
     torch.testing.assert_close(loss_a, loss_b, **FP32)
     (da,) = torch.autograd.grad(loss_a + out.weights.sum(), a)
     (db,) = torch.autograd.grad(loss_b + ref.weights.sum(), b)

@@ -14,7 +14,7 @@ import torch
 from loop_oracle import _act
 from tolerance import FLOOR_GEMM, FLOOR_GEMM_BF16, SAME_MATH_FP32, TOL, TRITON_VS_TORCH_FP32, assert_flash_rule
 
-from unimoe_kernels import SparseMoE, reference
+from unimoe_kernels import SparseMoE, ops, reference
 from unimoe_kernels.modules import GroupedExperts
 from unimoe_kernels.ops import grouped_gemm as gg
 
@@ -107,7 +107,7 @@ def test_gates_helper_is_r_times_softmax_of_the_routed_expert():
     bias = torch.randn(5, R, dtype=torch.float64)
     tok = torch.tensor([4, 0, 0, 2, 3, 1, 4])  # rows of tokens in any order, a token used twice
     exp = torch.tensor([0, 3, 1, 1, 2, 0, 3])
-    g = reference.lora_rank_gates(x, gw, tok, exp, bias)
+    g = ops.lora_rank_gates(x, gw, tok, exp, bias)
     for n in range(len(tok)):
         t, e = int(tok[n]), int(exp[n])
         want = R * torch.softmax(gw[e] @ x[t] + bias[t], dim=0)
@@ -129,7 +129,7 @@ def test_gradcheck_gate_parameters_and_bias():
     def fn(x, bias, g_gu, g_d, a_gu, b_d):
         tok = torch.div(plan.sorted_slots.long(), 2, rounding_mode="floor")
         rows = torch.searchsorted(plan.expert_offsets[1:].long(), torch.arange(tok.numel()), right=True)
-        gates = tuple(reference.lora_rank_gates(x, g, tok, rows, bias) for g in (g_gu, g_d))
+        gates = tuple(ops.lora_rank_gates(x, g, tok, rows, bias) for g in (g_gu, g_d))
         lora = reference.LoRAWeights(a_gu, ex.lora_B_gate_up.detach(), ex.lora_A_down.detach(), b_d)
         y = gg.grouped_mlp_gather(x, plan, 2, ex.gate_up_proj.detach(), ex.down_proj.detach(), lora=lora,
                                   lora_scale=ex.lora_scale, rank_gates=gates, backend="torch")

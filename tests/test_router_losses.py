@@ -1,5 +1,5 @@
-"""ops.gating.router_losses (losses from the gating pass's statistics) equals reference.load_balancing_loss
-and reference.z_loss in value and in every gradient, on the Triton and torch paths."""
+"""ops.gating.router_losses (losses from the gating pass's statistics) equals ops.load_balancing_loss
+and ops.z_loss in value and in every gradient, on the Triton and torch paths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from tolerance import ROUTER_LOSS_GRAD_FP32, TOL
 
-from unimoe_kernels import reference
+from unimoe_kernels import ops, reference
 from unimoe_kernels.ops import build_routing
 from unimoe_kernels.ops.gating import router_losses, topk_gating
 
@@ -27,8 +27,8 @@ def test_equals_the_reference_losses(backend, scoring, t, device):
 
     ref_logits = logits.detach().double().requires_grad_()
     ref = reference.topk_gating(ref_logits, k, scoring=scoring)
-    ref_lbl = reference.load_balancing_loss(ref.scores, ref.ids, e, scoring)
-    ref_z = reference.z_loss(ref.logits)
+    ref_lbl = ops.load_balancing_loss(ref.scores, ref.ids, e, scoring)
+    ref_z = ops.z_loss(ref.logits)
     assert torch.equal(gating.ids.cpu().long(), ref.ids.cpu().long())
     torch.testing.assert_close(lbl.double(), ref_lbl, **TOL[torch.float32])  # fp32 losses against fp64
     torch.testing.assert_close(z.double(), ref_z, **TOL[torch.float32])

@@ -82,7 +82,7 @@ def topk_gating_fwd_kernel(
     if STATS:
         # What the aux losses need, from the tile already in registers: logsumexp per row (z-loss)
         # and this program's column sums of the probabilities (load-balancing loss; sigmoid scores
-        # are normalised per token first, with reference.load_balancing_loss's floor).
+        # are normalised per token first, with ops.gating.load_balancing_loss's floor).
         tl.store(lse_ptr + rows, m + tl.log(ex_sum), mask=rmask)
         if SCORING == 0:
             probs = p
