@@ -125,7 +125,11 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     act, glu = ACT_CODE[activation]
     has_lora = a_gu is not None
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
-    dy = dy.contiguous()
+    # The kernels read dy through its strides, so a row-strided gradient (a slice of a wider one)
+    # is not copied; a non-unit column stride or a broadcast row (stride 0) is materialised, as
+    # before, rather than handed to the TMA descriptors.
+    if dy.stride(-1) != 1 or dy.stride(0) == 0:
+        dy = dy.contiguous()
     # With weights, dy is d(out) [T, H] of the combined output: the dact kernel gathers its rows per
     # token and scales them by the routing weight of each sorted row (w_sorted[slot_rows[s]] = w[s]).
     w_sorted = None
