@@ -15,15 +15,13 @@ than dense means routing, permutation and combine cost almost nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
-import time
-from typing import Callable
 
 import torch
 
-from .. import baselines
+from .. import baselines, timing
 from ..modules import SparseMoE
 from ..types import ACTIVATIONS
 from . import UsageError, int_at_least, pick_device
@@ -46,19 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int_at_least(1), default=7, help="timed rounds; each runs every provider once")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (None: do not)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -99,28 +84,25 @@ def run(args: argparse.Namespace) -> dict:
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours, naive, rtol=tol, atol=tol, msg="SparseMoE and the naive loop disagree")
 
-    for fn in providers.values():  # warm-up: allocator, Triton compilation and autotuning
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    rounds = range(args.rounds)
+    progress = None
     try:
         from tqdm import tqdm
 
-        rounds = tqdm(rounds, desc="bench rounds", unit="round")
+        progress = functools.partial(tqdm, desc="bench rounds", unit="round")
     except ImportError:
         pass
-    for _ in rounds:
-        for name, fn in providers.items():
-            times[name].append(_timed(fn, device))
+    # One warm-up round (allocator, Triton compilation and autotuning); wall clock, synchronized
+    # around every call: the time from launch to completion, host overhead included.
+    times = timing.time_interleaved(providers, args.rounds, warmup=1, device=device, clock="wall", progress=progress)
 
     flop = baselines.flops(t, k, h, f, args.activation, args.lora_rank, backward=True, base_trainable=base_trainable).total
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = {n: v.median for n, v in times.items()}
     rows = [
         {
             "provider": n,
-            "median_ms": med[n] * 1e3,
-            "best_ms": min(v) * 1e3,
-            "gflops": flop / med[n] / 1e9,
+            "median_ms": med[n],
+            "best_ms": v.min,
+            "gflops": flop / (med[n] * 1e-3) / 1e9,
             # The package's convention: "N.NNx faster" = baseline time / this time.
             "faster_than_dense": med["dense_chain"] / med[n],
             "faster_than_naive_loop": med["naive_loop"] / med[n],

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from .. import timing
 from ..models.unimoe import PRESETS
 from . import float_above, int_at_least, pick_device
 from .train import FRESH_HELP, add_common, announce, clear_stage, reusable_stage, set_threads, stage_dir, stage_settings
@@ -71,17 +72,13 @@ STACK_SHAPES = {
 }
 
 
-def _median_rate(fns: dict, rounds: int) -> dict:
-    """fns: name -> callable returning the tokens it processed. Interleaved rounds, median tokens/s."""
-    for fn in fns.values():  # warm-up (allocator, first-call dispatch)
-        fn()
-    rates = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
-            t0 = time.perf_counter()
-            tokens = fn()
-            rates[n].append(tokens / (time.perf_counter() - t0))
-    return {n: statistics.median(v) for n, v in rates.items()}
+def _median_rate(fns: dict, rounds: int, device: torch.device = None) -> dict:
+    """fns: name -> callable returning the tokens it processed. Interleaved rounds after one warm-up
+    round (allocator, first-call dispatch), median tokens/s."""
+    timed = timing.time_interleaved(fns, rounds, warmup=1, device=device, clock="wall", keep_results=True)
+    # The median of the rounds' rates, as the report has always given; with an even round count it
+    # is not tokens / median time.
+    return {n: statistics.median(tokens / (ms * 1e-3) for tokens, ms in zip(t.results, t.ms)) for n, t in timed.items()}
 
 
 def measure_throughput(model, cfg, batch_size: int, rounds: int, steps: int, eval_set) -> dict:
@@ -161,17 +158,12 @@ def measure_layer_stack(shape: str, device: torch.device, rounds: int) -> dict:
             m.experts.lora_B_down.copy_(0.02 * torch.randn(m.experts.lora_B_down.shape, generator=gen))
     x0 = torch.randn(c["tokens"], c["hidden"], generator=gen).to(device, dtype)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step(naive: bool):
         x = x0.clone().requires_grad_(True)
         h = x
         for m, n in zip(moes, norms):
             h = h + (baselines.naive_loop_moe(m, n(h)) if naive else m(n(h)))
         h.float().pow(2).mean().backward()
-        sync()
         return c["tokens"]
 
     with torch.no_grad():
@@ -182,7 +174,7 @@ def measure_layer_stack(shape: str, device: torch.device, rounds: int) -> dict:
     # the output's scale; a wrong fast path would be off by O(1).
     if rel_err > (5e-2 if dtype == torch.bfloat16 else 1e-4):
         raise RuntimeError(f"layer stack: SparseMoE and the naive loop disagree (max error {rel_err:.3g} of the output scale)")
-    rates = _median_rate({"fused": lambda: step(False), "naive": lambda: step(True)}, rounds)
+    rates = _median_rate({"fused": lambda: step(False), "naive": lambda: step(True)}, rounds, device)
     return {"shape": shape, **c, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device), "max_rel_err": rel_err,
             "train_tokens_per_s": rates, "speedup_vs_naive": rates["fused"] / rates["naive"]}
 
