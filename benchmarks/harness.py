@@ -6,7 +6,8 @@ Flow of one benchmark test (one provider, one config, one mode):
     check(provider output [and dx] vs oracle)        oracle = reference.py in fp32; a fast wrong
                                                      provider fails here, before any timing
     measure(...)                                     GPU: CUDA events per call, median, after a
-                                                     warm-up that also runs any autotuning;
+                                                     warm-up that also runs any autotuning
+                                                     (unimoe_kernels.timing, the jobs' loop too);
                                                      CPU: pytest-benchmark's own rounds, median
     record(...)                                      ms, TFLOP/s, GB/s, ratio to a dense MLP of
                                                      the same FLOPs, peak memory -> extra_info and
@@ -18,15 +19,13 @@ while letting the per-call setup (input rotation, zeroing grads) stay outside th
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
 
-from unimoe_kernels import SparseMoE, baselines, reference
+from unimoe_kernels import SparseMoE, baselines, reference, timing
 
 from .configs import ShapeConfig
 
@@ -194,42 +193,19 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.d
 
 
 def _sync() -> None:
-    if HAS_CUDA:
-        torch.cuda.synchronize()
+    timing.sync(DEVICE)
 
 
 def cuda_median_ms(fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None,
                    warmup: int = GPU_WARMUP, reps: int = GPU_REPS) -> float:
     """Median CUDA-event time of fn(*args_for(i)); setup() and input choice stay outside the events."""
-    for i in range(warmup):
-        if setup:
-            setup()
-        fn(*args_for(i))
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        args = args_for(i)
-        if setup:
-            setup()
-        starts[i].record()
-        fn(*args)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return timing.time_calls(fn, reps, warmup=warmup, args_for=args_for, setup=setup, device=DEVICE,
+                             clock="events").median
 
 
 def cpu_median_ms(fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None, reps: int = CPU_ROUNDS) -> float:
-    fn(*args_for(0))  # warm-up: first-call allocations and dispatch caches
-    times = []
-    for i in range(reps):
-        args = args_for(i)
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    # One warm-up call: first-call allocations and dispatch caches.
+    return timing.time_calls(fn, reps, warmup=1, args_for=args_for, setup=setup, device="cpu").median
 
 
 def median_ms(fn, args_for, setup=None) -> float:

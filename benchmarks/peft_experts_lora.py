@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import weakref
 from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from unimoe_kernels import timing
 
 PROVIDERS = {"peft+eager": "eager", "peft+grouped_mm": "grouped_mm", "peft+unimoe": "unimoe"}
 
@@ -115,18 +115,13 @@ def _step(m, x, dy):
     return run
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_bytes(run, device) -> int:
     if device.type == "cuda":
-        _sync(device)
+        timing.sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         run()
-        _sync(device)
+        timing.sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     with _TensorBytes() as counter:
         run()
@@ -173,15 +168,10 @@ def measure(size: str = "tiny", rounds: int = 9, device=None, shape=None) -> lis
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
                                        msg=lambda m, name=name: f"{name} vs peft+eager: {m}")
 
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():  # interleaved: machine noise hits every provider alike
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return [Result(name, statistics.median(times[name]) * 1e3, _peak_bytes(run, device) / 2**20,
+    # No warm-up round: the check above ran every provider once. Interleaved rounds, so machine
+    # noise hits every provider alike; wall time synchronized around each call.
+    times = timing.time_interleaved(runs, rounds, warmup=0, device=device, clock="wall")
+    return [Result(name, times[name].median, _peak_bytes(run, device) / 2**20,
                    _saved_bytes(run, list(models[name].parameters())) / 2**20) for name, run in runs.items()]
 
 
