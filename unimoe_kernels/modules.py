@@ -41,7 +41,7 @@ from .ops.gating import check_gating_args, router_logits, router_losses, topk_ga
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.lora_gates import lora_rank_gates
 from .ops.routing import apply_capacity, build_routing, expert_capacity
-from .types import GatingOutput, LoRAWeights, MoEAux, RoutingPlan, is_glu
+from .types import LoRAWeights, MoEAux, RoutingPlan, is_glu
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -296,7 +296,9 @@ class GroupedExperts(nn.Module):
                 for g in (self.lora_gate_gate_up, self.lora_gate_down)
             )
 
-    def mlp(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, plan: Optional[RoutingPlan] = None) -> torch.Tensor:
+    def mlp(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, plan: Optional[RoutingPlan] = None
+    ) -> torch.Tensor:
         """Expert MLPs over rows grouped by expert: x_sorted [N, H], tokens_per_expert [E] -> [N, H].
 
         `plan` (optional) lends its tile map to the Triton path (ops.grouped_mlp). With
@@ -345,9 +347,11 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
         t = hidden_states.shape[0]
         if top_k_index.dim() != 2 or top_k_index.shape[0] != t or top_k_index.is_floating_point():
-            raise ValueError(f"top_k_index must be an integer tensor [T={t}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
+            raise ValueError(
+                f"top_k_index must be an integer tensor [T={t}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
         if top_k_weights.shape != top_k_index.shape:
-            raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}")
+            raise ValueError(f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, "
+                             f"got {tuple(top_k_weights.shape)}")
         plan = build_routing(top_k_index, self.num_experts)
         return self.forward_routed(hidden_states, plan, top_k_weights, rank_gate_bias)
 
@@ -365,11 +369,12 @@ def _dense_mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     for gate, up, down in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
         if all(hasattr(mlp, n) for n in (gate, up, down)):
             layers = [getattr(mlp, n) for n in (gate, up, down)]
-            if any(getattr(l, "bias", None) is not None for l in layers):
+            if any(getattr(layer, "bias", None) is not None for layer in layers):
                 raise ValueError(f"from_dense: {type(mlp).__name__} has biases, which SparseMoE experts do not support")
-            return tuple(l.weight for l in layers)  # type: ignore[return-value]
+            return tuple(layer.weight for layer in layers)  # type: ignore[return-value]
     raise TypeError(
-        f"from_dense needs SwiGLU MLPs with gate_proj/up_proj/down_proj or w1/w3/w2 linear layers, got {type(mlp).__name__}"
+        "from_dense needs SwiGLU MLPs with gate_proj/up_proj/down_proj or w1/w3/w2 linear layers, "
+        f"got {type(mlp).__name__}"
     )
 
 
@@ -442,7 +447,8 @@ class SparseMoE(nn.Module):
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         _check_positive("max_token_groups", max_token_groups)
-        self.hidden_size, self.ffn_hidden_size, self.num_experts, self.top_k = hidden_size, ffn_hidden_size, num_experts, top_k
+        self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
+        self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef, self.capacity_factor = aux_loss_coef, z_loss_coef, capacity_factor
         self.ep_group, self.ep_size, self.ep_rank, self.ep_capacity = ep_group, ep_size, ep_rank, ep_capacity
         self.num_local_experts = num_experts // ep_size
@@ -458,7 +464,8 @@ class SparseMoE(nn.Module):
         )
         # Not persistent: statistics, not weights, so state dicts stay those of the host model.
         self.register_buffer(
-            "group_expert_counts", torch.zeros(max_token_groups, num_experts, dtype=torch.int64, device=device), persistent=False
+            "group_expert_counts", torch.zeros(max_token_groups, num_experts, dtype=torch.int64, device=device),
+            persistent=False
         )
 
     @classmethod
