@@ -11,8 +11,8 @@ ep_group on its own tokens (forward, no autograd), shapes from configs.py. Per r
 GB/s = bytes of rows that leave their rank (both directions; a rank's rows for its own experts are
 a local copy and not counted) / the time of the two row exchanges. Before timing, every rank checks
 its output against the single-process torch path with the same weights (harness.TOLERANCES); rank 0
-writes the medians and the parent puts them in the benchmark summary (harness.RESULTS). Spawning processes is not possible
-everywhere (sandboxes, missing gloo): the test then skips with the reason.
+writes the medians and the parent puts them in the benchmark summary (harness.RESULTS). Spawning
+processes is not possible everywhere (sandboxes, missing gloo): the test then skips with the reason.
 """
 
 from __future__ import annotations
@@ -180,11 +180,13 @@ def _record(cfg_name: str, size: str, provider: str, cfg: dict, results: list) -
     harness.RESULTS.append(rec)
     padded_ms = max(r["padded_layer_ms"] for r in results)
     harness.RESULTS.append(Record(
-        group="ep_dispatch", config=cfg_name, size=size, mode="fwd", provider=f"{provider}-padded{PADDED_CAPACITY_FACTOR}",
-        ms=padded_ms, shape=cfg, extra={"capacity_factor": PADDED_CAPACITY_FACTOR},
+        group="ep_dispatch", config=cfg_name, size=size, mode="fwd",
+        provider=f"{provider}-padded{PADDED_CAPACITY_FACTOR}", ms=padded_ms, shape=cfg,
+        extra={"capacity_factor": PADDED_CAPACITY_FACTOR},
     ))
     print(f"\n[{provider}] {cfg_name}/{size}: layer {rec.ms:.2f} ms = exchange {slowest['exchange_ms']:.2f} ms "
-          f"+ compute {slowest['compute_ms']:.2f} ms (counts+sync alone {slowest['counts_exchange_ms']:.2f} ms); rows {moved / 1e6:.3f} MB across ranks in {rows_ms:.2f} ms "
+          f"+ compute {slowest['compute_ms']:.2f} ms (counts+sync alone {slowest['counts_exchange_ms']:.2f} ms); "
+          f"rows {moved / 1e6:.3f} MB across ranks in {rows_ms:.2f} ms "
           f"= {rec.gbps or 0:.3f} GB/s; padded mode (capacity_factor {PADDED_CAPACITY_FACTOR}, no host sync) "
           f"{padded_ms:.2f} ms")
 

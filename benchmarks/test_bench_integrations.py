@@ -53,7 +53,8 @@ def _params():
     for size, (name, r), mode in itertools.product(("tiny", "full"), cases, MODES):
         for provider in PROVIDERS.get(r, LORA_PROVIDERS):
             marks = [pytest.mark.gpu] if size == "full" else []  # full sizes: GBs of weights, minutes on CPU
-            out.append(pytest.param(size, name, r, mode, provider, marks=marks, id=f"{size}-{name}-r{r}-{mode}-{provider}"))
+            out.append(pytest.param(size, name, r, mode, provider, marks=marks,
+                                    id=f"{size}-{name}-r{r}-{mode}-{provider}"))
     return out
 
 
@@ -79,7 +80,8 @@ def _block(cfg, dtype):
 
 def _peft_block(block, r):
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=[],
+                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     pm = peft.get_peft_model(block, cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a fresh B is zero: a provider that dropped LoRA would pass the check
@@ -202,5 +204,6 @@ def test_peft_experts_lora_script():
     assert list(results) == list(peft_experts_lora.PROVIDERS)
     ours = results["peft+unimoe"]
     for name in ("peft+eager", "peft+grouped_mm"):
-        assert ours.saved_mib < results[name].saved_mib and ours.peak_mib < results[name].peak_mib, (ours, results[name])
+        theirs = results[name]
+        assert ours.saved_mib < theirs.saved_mib and ours.peak_mib < theirs.peak_mib, (ours, theirs)
     assert "peft+unimoe" in peft_experts_lora.format_table(list(results.values()), "t")

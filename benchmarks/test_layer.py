@@ -103,7 +103,8 @@ def _run_dense(benchmark, cfg, size, mode):
     )
     harness.check_close("dense", y, want, DTYPE)
     ms = harness.measure(benchmark, d.fn, d.args_for, d.setup)
-    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, 0, mode == "fwd+bwd", base_trainable=not cfg.lora)
+    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, 0, mode == "fwd+bwd",
+                                 base_trainable=not cfg.lora)
     rec = Record("layer", cfg.name, size, mode, "dense", ms=ms, shape=cfg.as_dict(),
                  peak_mem_mb=harness.peak_memory_mb(d.fn, d.args_for(0), d.setup) if ms else None)
     harness.record(benchmark, rec, flop_count=flop_count.total, dense=ms)
@@ -137,7 +138,8 @@ def test_layer(benchmark, size, name, mode, provider):
 
     args_for = lambda i: (case.xs[i % len(case.xs)],)  # noqa: E731 - rotation of the input sets
     ms = harness.measure(benchmark, call, args_for, setup)
-    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, cfg.r, bwd, base_trainable=not moe.experts.base_frozen)
+    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, cfg.r, bwd,
+                                 base_trainable=not moe.experts.base_frozen)
     extra = {"lora_flops": flop_count.lora} if flop_count.lora else {}
     if provider in ANCHORS:
         extra.update(anchors.describe(provider))

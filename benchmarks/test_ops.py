@@ -59,7 +59,8 @@ class _Inputs:
         self.weights, self.ids = gating.weights, gating.ids
         self.plan = reference.build_routing(self.ids, e)
         self.xs = [torch.randn(t, h, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(harness.N_INPUTS)]
-        self.ys_sorted = [torch.randn(t * k, h, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(harness.N_INPUTS)]
+        self.ys_sorted = [torch.randn(t * k, h, device=DEVICE, dtype=DTYPE, generator=g)
+                          for _ in range(harness.N_INPUTS)]
         self._moe = None
 
     def moe(self):
@@ -83,7 +84,8 @@ def get_inputs(cfg, size) -> _Inputs:
 def _check_ids(name, got, want):
     bad = int((got.to(torch.int64) != want.to(torch.int64)).any(dim=1).sum())
     allowed = int(harness.TIE_FLIP_SHARE * got.shape[0])
-    assert bad <= allowed, f"{name}: {bad} tokens chose other experts than reference.py ({allowed} allowed for near-ties)"
+    assert bad <= allowed, (
+        f"{name}: {bad} tokens chose other experts than reference.py ({allowed} allowed for near-ties)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +172,8 @@ def test_memory_bound_op(benchmark, size, name, op, provider):
             got = fn(inp.ids)
         for label, a, b in zip(("counts", "offsets", "sorted_slots", "slot_rows"), got,
                                (want.tokens_per_expert, want.expert_offsets, want.sorted_slots, want.slot_rows)):
-            assert torch.equal(a.to(torch.int64).cpu(), b.to(torch.int64).cpu()), f"{provider}: {label} differs from reference.py"
+            assert torch.equal(a.to(torch.int64).cpu(), b.to(torch.int64).cpu()), (
+                f"{provider}: {label} differs from reference.py")
         args_for = lambda i: (inp.ids,)  # noqa: E731 - one routing; ids are tiny next to the caches
         # ids read (int32), sorted_slots and slot_rows written (int32); counts/offsets are O(E).
         bytes_moved = 3 * n * 4
@@ -279,7 +282,8 @@ def test_grouped_mlp(benchmark, size, name, mode, provider):
 
     args_for = lambda i: (xs[i % len(xs)],)  # noqa: E731
     ms = harness.measure(benchmark, call, args_for, setup)
-    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, cfg.r, bwd, base_trainable=not ex.base_frozen)
+    flop_count = baselines.flops(cfg.T, cfg.k, cfg.H, cfg.F, cfg.activation, cfg.r, bwd,
+                                 base_trainable=not ex.base_frozen)
     rec = Record("grouped_mlp", cfg.name, size, mode, provider, ms=ms, shape=cfg.as_dict(),
                  peak_mem_mb=harness.peak_memory_mb(call, args_for(0), setup) if ms else None)
     harness.record(benchmark, rec, flop_count=flop_count.total, dense=harness.dense_ms(cfg, size, mode, bool(ms)))

@@ -17,8 +17,10 @@ def _records():
     return [
         Record("layer", "mixtral", "tiny", "fwd+bwd", "dense", ms=1.0, tflops=2.0, vs_dense=1.0, shape=shape),
         Record("layer", "mixtral", "tiny", "fwd+bwd", "naive_loop", ms=8.0, tflops=0.25, vs_dense=0.125, shape=shape),
-        Record("layer", "mixtral", "tiny", "fwd+bwd", "scattermoe", skipped="scattermoe is not importable here", shape=shape),
-        Record("layer", "mixtral", "tiny", "fwd+bwd", "ours", ms=2.0, tflops=1.0, vs_dense=0.5, peak_mem_mb=3.5, shape=shape),
+        Record("layer", "mixtral", "tiny", "fwd+bwd", "scattermoe", skipped="scattermoe is not importable here",
+               shape=shape),
+        Record("layer", "mixtral", "tiny", "fwd+bwd", "ours", ms=2.0, tflops=1.0, vs_dense=0.5, peak_mem_mb=3.5,
+               shape=shape),
         Record("permute", "mixtral", "tiny", "fwd", "index_select", ms=0.5, gbps=10.0, shape=shape),
         Record("permute", "mixtral", "tiny", "fwd", "ours", ms=0.25, gbps=20.0, shape=shape),
     ]
@@ -27,7 +29,7 @@ def _records():
 def test_summary_puts_providers_side_by_side():
     lines = results.summary_lines(_records())
     text = "\n".join(lines)
-    naive = next(l for l in lines if l.strip().startswith("naive_loop"))
+    naive = next(line for line in lines if line.strip().startswith("naive_loop"))
     # ours faster = naive time / ours time = 8 / 2 (baseline time / our time).
     assert naive.split()[5] == "4.00x"
     assert "[layer] mixtral (tiny) fwd+bwd" in text and "[permute] mixtral (tiny) fwd" in text
@@ -52,7 +54,8 @@ def test_save_and_render(tmp_path):
     assert render_results.main(["--dir", str(tmp_path)]) == 0
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## test-device" in md
-    assert "| mixtral | tiny | fwd+bwd | 1.000 ms (2.00 TFLOP/s) | 8.000 ms (0.25 TFLOP/s) | 2.000 ms (1.00 TFLOP/s) | 4.00x |" in md
+    assert ("| mixtral | tiny | fwd+bwd | 1.000 ms (2.00 TFLOP/s) | 8.000 ms (0.25 TFLOP/s) "
+            "| 2.000 ms (1.00 TFLOP/s) | 4.00x |") in md
     assert "| mixtral | tiny | fwd | 0.500 ms (10.00 GB/s) | 0.250 ms (20.00 GB/s) | 2.00x |" in md
     assert "*scattermoe*: skipped (scattermoe is not importable here)" in md
     png = tmp_path / "results.png"

@@ -136,7 +136,8 @@ def _oracle(full: SparseMoE, s: dict, xs, gs):
         dxs.append(x.grad)
         dropped.append(int(aux.dropped_slots))
         counts.append(aux.tokens_per_expert.to(torch.int64))
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in full.named_parameters() if p.requires_grad}
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in full.named_parameters() if p.requires_grad}
     return outs, dxs, dropped, torch.stack(counts).sum(0), grads
 
 
@@ -175,7 +176,8 @@ def _run_scenario(name: str, s: dict, rank: int, world_size: int, group, device)
     x = xs[rank].clone().requires_grad_(True)
     y, aux = ep(x, return_aux=True)
     _close(f"{name} rank {rank} output", y.detach(), outs[rank])
-    assert int(aux.dropped_slots) == dropped[rank], f"{name} rank {rank}: dropped {int(aux.dropped_slots)} != {dropped[rank]}"
+    assert int(aux.dropped_slots) == dropped[rank], (
+        f"{name} rank {rank}: dropped {int(aux.dropped_slots)} != {dropped[rank]}")
     (y * gs[rank]).sum().backward()
     _close(f"{name} rank {rank} dx", x.grad, dxs[rank])
 
@@ -257,7 +259,8 @@ def _worker(rank: int, world_size: int, init_method: str, table: str) -> None:
     else:
         backend, device = "gloo", torch.device("cpu")
         torch.set_num_threads(1)  # P processes share 2 cores
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         group = dist.new_group(list(range(world_size)))  # a sub-group, as a real EP group is
         scenarios = {"2": SCENARIOS_2, "4": SCENARIOS_4}.get(table) or _gpu_scenarios(world_size)

@@ -113,7 +113,8 @@ def test_sentinel_index_is_skipped_like_eager():
     for name, ex in experts.items():
         xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         y = ex(xx, idx, ww)
-        grads = torch.autograd.grad(y, (xx, ww, ex.gate_up_proj, ex.down_proj), torch.randn(y.shape, generator=g.manual_seed(4)))
+        dy = torch.randn(y.shape, generator=g.manual_seed(4))
+        grads = torch.autograd.grad(y, (xx, ww, ex.gate_up_proj, ex.down_proj), dy)
         results[name] = (y, *grads)
     for got, want in zip(results["ours"], results["ref"]):
         torch.testing.assert_close(got, want, **GRAD)
@@ -324,7 +325,8 @@ def test_readme_transformers_example_runs(tmp_path, runs):
 
     pytest.importorskip("peft")
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if 'experts_implementation="unimoe"' in b)
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    block = next(b for b in blocks if 'experts_implementation="unimoe"' in b)
     model("qwen3_moe").save_pretrained(tmp_path)
     code = block.replace('"Qwen/Qwen3-30B-A3B"', repr(str(tmp_path)))
     assert code != block

@@ -37,8 +37,8 @@ def _base(family="mixtral"):
         cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common)
         model = transformers.MixtralForCausalLM(cfg)
     else:  # prime E=5, k=3
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
-                                          head_dim=8, **common)
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5,
+                                          num_experts_per_tok=3, head_dim=8, **common)
         model = transformers.Qwen3MoeForCausalLM(cfg)
     with torch.no_grad():  # clear top-k margins (HF's 0.02 init makes routers nearly uniform)
         for name, p in model.named_parameters():
@@ -133,7 +133,8 @@ def test_adapter_trained_here_loads_in_peft(tmp_path):
     ids = _ids()
     _, config = export_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-mixtral")
     assert (config["r"], config["lora_alpha"]) == (4, 12)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"] == config["target_parameters"]
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_parameters"] == config["target_parameters"]
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, **TOL[torch.float32])
 

@@ -93,7 +93,8 @@ def test_save_pretrained_writes_host_format(tmp_path):
     patch_moe(model)
     model.save_pretrained(tmp_path / "patched")
     ref.save_pretrained(tmp_path / "ref")
-    saved, saved_ref = load_file(tmp_path / "patched" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    saved = load_file(tmp_path / "patched" / "model.safetensors")
+    saved_ref = load_file(tmp_path / "ref" / "model.safetensors")
     assert saved.keys() == saved_ref.keys()
     for k in saved:
         torch.testing.assert_close(saved[k], saved_ref[k], rtol=0, atol=0, msg=k)
@@ -127,7 +128,8 @@ def test_lora_matches_delta_w_oracle_and_freezes_base(family):
     oracles = {}
     for name, ex in patched_experts(model).items():
         assert not ex.gate_up_proj.requires_grad and not ex.down_proj.requires_grad  # base frozen
-        assert all(getattr(ex, n).requires_grad for n in ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down"))
+        lora_names = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
+        assert all(getattr(ex, n).requires_grad for n in lora_names)
         host = ref.get_submodule(name)
         host.gate_up_proj.requires_grad_(False)
         host.down_proj.requires_grad_(False)
@@ -144,7 +146,8 @@ def test_lora_matches_delta_w_oracle_and_freezes_base(family):
     assert (out.logits - plain).abs().max() > 1e-3  # the adapter is really applied
     for name, ex in patched_experts(model).items():
         gu, d = oracles[name]
-        for ours, theirs in ((ex.lora_A_gate_up, gu.a), (ex.lora_B_gate_up, gu.b), (ex.lora_A_down, d.a), (ex.lora_B_down, d.b)):
+        pairs = ((ex.lora_A_gate_up, gu.a), (ex.lora_B_gate_up, gu.b), (ex.lora_A_down, d.a), (ex.lora_B_down, d.b))
+        for ours, theirs in pairs:
             assert ours.grad is not None and ours.grad.abs().sum() > 0
             torch.testing.assert_close(ours.grad, theirs.grad, **HF_GRAD_FP32)
         assert ex.gate_up_proj.grad is None  # frozen base gets no gradient
@@ -319,7 +322,8 @@ def test_triton_backend_matches_unpatched():
         ex.lora_B_gate_up.normal_(0.0, 0.1)
         ex.lora_B_down.normal_(0.0, 0.1)
     host = ref.model.layers[0].mlp.experts
-    gu, d = _DeltaW(ex.lora_A_gate_up, ex.lora_B_gate_up, ex.lora_scale), _DeltaW(ex.lora_A_down, ex.lora_B_down, ex.lora_scale)
+    gu = _DeltaW(ex.lora_A_gate_up, ex.lora_B_gate_up, ex.lora_scale)
+    d = _DeltaW(ex.lora_A_down, ex.lora_B_down, ex.lora_scale)
     torch.nn.utils.parametrize.register_parametrization(host, "gate_up_proj", gu)
     torch.nn.utils.parametrize.register_parametrization(host, "down_proj", d)
     ids = _tokens(batch=1, seq=6)

@@ -42,7 +42,8 @@ def test_layer_matches_per_token_loop(dtype, t, h, f, e, k, why):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
-@pytest.mark.parametrize("scoring,normalize", [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)])
+@pytest.mark.parametrize("scoring,normalize",
+                         [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)])
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_every_option_matches_loop(activation, scoring, normalize, lora_rank):
     moe = _moe(20, 12, 6, 2, dtype=torch.float64, activation=activation, scoring=scoring,
@@ -237,7 +238,8 @@ class _LlamaMLP(nn.Module):
 class _MixtralExpert(nn.Module):
     def __init__(self, h, f):
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h, bias=False)
+        self.w1, self.w3 = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+        self.w2 = nn.Linear(f, h, bias=False)
 
     def forward(self, x):
         return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))

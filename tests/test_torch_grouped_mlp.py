@@ -170,7 +170,8 @@ def test_opcheck(lora, mode):
     torch.library.opcheck(tgm.torch_grouped_mlp_fwd, args)
     y, z, xa, ha = tgm.torch_grouped_mlp_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     bwd = (torch.randn_like(y), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]), z, xa, ha)
-    for needs in ((True, True, True, True, True), (True, False, False, lora, False), (False, False, True, False, False)):
+    need_sets = ((True, True, True, True, True), (True, False, False, lora, False), (False, False, True, False, False))
+    for needs in need_sets:
         torch.library.opcheck(tgm.torch_grouped_mlp_bwd, (*bwd, *needs))
 
 

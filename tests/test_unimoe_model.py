@@ -239,7 +239,8 @@ def test_synthetic_data_is_deterministic_and_answerable():
     for i in range(8):
         bright = img[i].amax(0) > 0.5
         mean = img[i][:, bright].mean(1)
-        assert torch.allclose(mean / mean.max(), torch.tensor(sd.RGB[sd.COLOURS[i]]) / max(sd.RGB[sd.COLOURS[i]]), atol=0.15)
+        rgb = sd.RGB[sd.COLOURS[i]]
+        assert torch.allclose(mean / mean.max(), torch.tensor(rgb) / max(rgb), atol=0.15)
     # ... and the tone's loudest STFT bin is the named pitch's.
     pitch = torch.arange(6)
     spec_ = sd.render_audio(pitch, torch.full((6,), 3), spec, g)

@@ -23,12 +23,13 @@ def config(family: str, **overrides):
         cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **COMMON)
     elif family == "qwen2_moe":
         # Shared expert with its sigmoid gate; no renormalisation of the top-k weights; prime E.
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
-                                          num_experts=5, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=48, num_experts=5, num_experts_per_tok=2,
+                                          norm_topk_prob=False, **COMMON)
     elif family == "qwen3_moe":
         # k=3: not a power of two; renormalised top-k.
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=3,
-                                          norm_topk_prob=True, head_dim=8, **COMMON)
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=5,
+                                          num_experts_per_tok=3, norm_topk_prob=True, head_dim=8, **COMMON)
     elif family == "olmoe":
         cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=6, num_experts_per_tok=2, **COMMON)
     else:
