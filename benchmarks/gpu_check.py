@@ -161,7 +161,8 @@ def stage_wheels(check: Check) -> None:
     elif check.dry:
         check.stages.append(Stage("wheels", note=f"dry: not installed: {names}"))
     else:
-        stage = check.run(Stage("wheels"), [[sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", *wheels]])
+        pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", *wheels]
+        stage = check.run(Stage("wheels"), [pip])
         stage.note = names
 
 
@@ -216,7 +217,8 @@ def junit_counts(path: Path) -> Optional[dict]:
 def _count_note(counts: Optional[dict]) -> str:
     if counts is None:
         return "no junit XML (the run ended before pytest wrote it)"
-    return f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    return (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped")
 
 
 def stage_tests(check: Check, paths: list, marker: str, workers: int) -> Optional[dict]:

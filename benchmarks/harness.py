@@ -61,7 +61,8 @@ TIE_FLIP_SHARE = 1e-3 if HAS_CUDA else 0.0
 class Record:
     """One measured (or skipped) provider; what the summary and the JSON writer read."""
 
-    group: str  # "layer", "topk_gating", "build_routing", "permute", "unpermute", "grouped_mlp", "decode", "host_overhead"
+    # "layer", "topk_gating", "build_routing", "permute", "unpermute", "grouped_mlp", "decode", "host_overhead"
+    group: str
     config: str
     size: str
     mode: str  # "fwd" or "fwd+bwd"
@@ -131,7 +132,8 @@ def oracle_layer(moe: SparseMoE, x: torch.Tensor, grad_out: Optional[torch.Tenso
     router, ex = moe.router, moe.experts
     logits = xf @ p["router.weight"].t()
     gating = reference.topk_gating(
-        logits, moe.top_k, scoring=router.scoring, normalize=router.normalize_topk, scaling_factor=router.scaling_factor,
+        logits, moe.top_k, scoring=router.scoring, normalize=router.normalize_topk,
+        scaling_factor=router.scaling_factor,
     )
     plan = reference.build_routing(gating.ids, moe.num_experts)
     lora = None
@@ -203,8 +205,10 @@ def cuda_median_ms(fn: Callable, args_for: Callable[[int], tuple], setup: Option
                              clock="events").median
 
 
-def cpu_median_ms(fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None, reps: int = CPU_ROUNDS) -> float:
-    # One warm-up call: first-call allocations and dispatch caches.
+def cpu_median_ms(
+    fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None, reps: int = CPU_ROUNDS
+) -> float:
+    # One warm-up call: first-call allocations, kernel selection and compilation.
     return timing.time_calls(fn, reps, warmup=1, args_for=args_for, setup=setup, device="cpu").median
 
 
@@ -212,7 +216,9 @@ def median_ms(fn, args_for, setup=None) -> float:
     return cuda_median_ms(fn, args_for, setup) if HAS_CUDA else cpu_median_ms(fn, args_for, setup)
 
 
-def measure(benchmark, fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None) -> Optional[float]:
+def measure(
+    benchmark, fn: Callable, args_for: Callable[[int], tuple], setup: Optional[Callable] = None
+) -> Optional[float]:
     """Time fn and feed pytest-benchmark; the median in ms, or None under --benchmark-disable.
 
     GPU: the median comes from CUDA events (cuda_median_ms); pytest-benchmark then also times a

@@ -73,8 +73,10 @@ def sweep(shapes: list[str], out: Path, lora_rank: int) -> Path:
             w_d = (torch.randn(e, h, f, device=dev, generator=g) / f**0.5).bfloat16().requires_grad_(r == 0)
             lora = None
             if r:
-                lora = reference.LoRAWeights(*(torch.randn(*s, device=dev, generator=g).mul(0.02).bfloat16().requires_grad_()
-                                               for s in ((e, r, h), (e, 2 * f, r), (e, r, f), (e, h, r))))
+                lora_shapes = ((e, r, h), (e, 2 * f, r), (e, r, f), (e, h, r))
+                lora = reference.LoRAWeights(*(
+                    torch.randn(*s, device=dev, generator=g).mul(0.02).bfloat16().requires_grad_()
+                    for s in lora_shapes))
             y = grouped_mlp_gather(x, plan, k, w_gu, w_d, lora=lora)
             y.backward(torch.randn_like(y))
         print(f"{name}: tuned in {sw.seconds:.1f} s", flush=True)

@@ -19,7 +19,7 @@ Flow of one timed call:
 
 clock="auto" is "events" on a CUDA device and "wall" elsewhere (a CPU has nothing to synchronize).
 Warm-up calls run the same way (setup, args_for, fn) before any clock starts and are never timed:
-they absorb first-call allocation, dispatch caches, Triton compilation and autotuning.
+they absorb first-call allocation, kernel selection, Triton compilation and autotuning.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     t, h, f, e, k = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
-    moe = SparseMoE(h, f, e, k, activation=args.activation, lora_rank=args.lora_rank, device=device, dtype=dtype).train()
+    moe = SparseMoE(h, f, e, k, activation=args.activation, lora_rank=args.lora_rank, device=device,
+                    dtype=dtype).train()
     if args.lora_rank:
         with torch.no_grad():  # nonzero B so the LoRA path does real work in the correctness check
             moe.experts.lora_B_gate_up.normal_(0, 0.02)
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
     # around every call: the time from launch to completion, host overhead included.
     times = timing.time_interleaved(providers, args.rounds, warmup=1, device=device, clock="wall", progress=progress)
 
-    flop = baselines.flops(t, k, h, f, args.activation, args.lora_rank, backward=True, base_trainable=base_trainable).total
+    flop = baselines.flops(t, k, h, f, args.activation, args.lora_rank, backward=True,
+                           base_trainable=base_trainable).total
     med = {n: v.median for n, v in times.items()}
     rows = [
         {
@@ -110,9 +112,11 @@ def run(args: argparse.Namespace) -> dict:
         for n, v in times.items()
     ]
     result = {
-        "shape": dict(tokens=t, hidden=h, ffn=f, experts=e, top_k=k, lora_rank=args.lora_rank, activation=args.activation),
+        "shape": dict(tokens=t, hidden=h, ffn=f, experts=e, top_k=k, lora_rank=args.lora_rank,
+                      activation=args.activation),
         "dtype": args.dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "torch": torch.__version__,
         "flops_fwd_bwd": flop,
         "rows": rows,

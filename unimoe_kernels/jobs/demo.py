@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int_at_least(1), default=32, help="examples per training step")
     p.add_argument("--eval-examples", type=int_at_least(1), default=64, help="evaluation examples per modality")
     p.add_argument("--bench-rounds", type=int_at_least(1), default=5, help="timed rounds per variant (median reported)")
-    p.add_argument("--bench-steps", type=int_at_least(1), default=4, help="training steps (or generate calls) per round")
+    p.add_argument("--bench-steps", type=int_at_least(1), default=4,
+                   help="training steps (or generate calls) per round")
     p.add_argument("--fresh", action="store_true", help=FRESH_HELP + " (every stage of OUT)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--no-plots", action="store_true", help="write report.json only, no PNG plots")
@@ -74,7 +75,7 @@ STACK_SHAPES = {
 
 def _median_rate(fns: dict, rounds: int, device: torch.device = None) -> dict:
     """fns: name -> callable returning the tokens it processed. Interleaved rounds after one warm-up
-    round (allocator, first-call dispatch), median tokens/s."""
+    round (allocator, first-call kernel selection), median tokens/s."""
     timed = timing.time_interleaved(fns, rounds, warmup=1, device=device, clock="wall", keep_results=True)
     # The median of the rounds' rates, as the report has always given; with an even round count it
     # is not tokens / median time.
@@ -149,8 +150,8 @@ def measure_layer_stack(shape: str, device: torch.device, rounds: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
     # lora_dropout 0: the naive loop cannot replay dropout masks, and both should do the same work.
-    moes = [SparseMoE(c["hidden"], c["ffn"], c["experts"], c["top_k"], lora_rank=c["lora_rank"], lora_alpha=2.0 * c["lora_rank"],
-                      device=device, dtype=dtype) for _ in range(c["layers"])]
+    moes = [SparseMoE(c["hidden"], c["ffn"], c["experts"], c["top_k"], lora_rank=c["lora_rank"],
+                      lora_alpha=2.0 * c["lora_rank"], device=device, dtype=dtype) for _ in range(c["layers"])]
     norms = [RMSNorm(c["hidden"], 1e-6).to(device, dtype) for _ in range(c["layers"])]
     with torch.no_grad():
         for m in moes:  # nonzero B, so the LoRA terms are real work in both variants
@@ -173,10 +174,11 @@ def measure_layer_stack(shape: str, device: torch.device, rounds: int) -> dict:
     # The naive loop accumulates the combine in bf16 and ours in fp32, so bf16 agrees to ~1e-2 of
     # the output's scale; a wrong fast path would be off by O(1).
     if rel_err > (5e-2 if dtype == torch.bfloat16 else 1e-4):
-        raise RuntimeError(f"layer stack: SparseMoE and the naive loop disagree (max error {rel_err:.3g} of the output scale)")
+        raise RuntimeError(
+            f"layer stack: SparseMoE and the naive loop disagree (max error {rel_err:.3g} of the output scale)")
     rates = _median_rate({"fused": lambda: step(False), "naive": lambda: step(True)}, rounds, device)
-    return {"shape": shape, **c, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device), "max_rel_err": rel_err,
-            "train_tokens_per_s": rates, "speedup_vs_naive": rates["fused"] / rates["naive"]}
+    return {"shape": shape, **c, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device),
+            "max_rel_err": rel_err, "train_tokens_per_s": rates, "speedup_vs_naive": rates["fused"] / rates["naive"]}
 
 
 @torch.no_grad()
@@ -216,7 +218,8 @@ def _plots(report: dict, out: str) -> list:
         # its raw curve zigzags between easy and hard data.
         w = min(8, len(h))
         smooth = [sum(h[max(0, i - w + 1): i + 1]) / len(h[max(0, i - w + 1): i + 1]) for i in range(len(h))]
-        ax.plot(range(offset, offset + len(h)), smooth, color=line.get_color(), linewidth=1.5, label=f"stage {s['stage']}")
+        ax.plot(range(offset, offset + len(h)), smooth, color=line.get_color(), linewidth=1.5,
+                label=f"stage {s['stage']}")
         offset += len(h)
     ax.set_yscale("log")
     ax.set_xlabel("step (stages back to back)")
@@ -232,7 +235,8 @@ def _plots(report: dict, out: str) -> list:
     mods = list(report["stages"][-1]["eval"]["per_modality"])
     width = 0.8 / len(report["stages"])
     for i, s in enumerate(report["stages"]):
-        ax.bar([j + i * width for j in range(len(mods))], [s["eval"]["per_modality"][m] for m in mods], width, label=f"after stage {s['stage']}")
+        heights = [s["eval"]["per_modality"][m] for m in mods]
+        ax.bar([j + i * width for j in range(len(mods))], heights, width, label=f"after stage {s['stage']}")
     ax.axhline(report["stages"][-1]["eval"]["chance"], color="k", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mods))], mods)
     ax.set_ylabel("answer accuracy")
@@ -244,7 +248,8 @@ def _plots(report: dict, out: str) -> list:
     plt.close(fig)
 
     thr = report["throughput"]
-    panels = [(thr["train_tokens_per_s"], "model: training tokens/s"), (thr["generate_tokens_per_s"], "model: generation tokens/s")]
+    panels = [(thr["train_tokens_per_s"], "model: training tokens/s"),
+              (thr["generate_tokens_per_s"], "model: generation tokens/s")]
     if report.get("layer_stack"):
         st = report["layer_stack"]
         panels.append((st["train_tokens_per_s"], f"{st['shape']} MoE stack ({st['device']}):\nfwd+bwd tokens/s"))
@@ -265,7 +270,8 @@ def _plots(report: dict, out: str) -> list:
     ax.set_yticks(range(len(load["token_modalities"])), [f"{m} tokens" for m in load["token_modalities"]])
     for i, row in enumerate(load["fraction"]):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 * max(max(r) for r in load["fraction"]) else "k", fontsize=8)
+            dark = v < 0.5 * max(max(r) for r in load["fraction"])
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if dark else "k", fontsize=8)
     fig.colorbar(im, ax=ax, label="share of the modality's expert slots")
     ax.set_title("expert load per modality (all MoE layers)")
     fig.tight_layout()
@@ -321,7 +327,8 @@ def run(args: argparse.Namespace) -> dict:
                        "train_tokens_per_s": rec["tokens"] / rec["seconds"] if rec["tokens"] else None,
                        "history": rec["history"], "eval": acc})
         # Means of the first and last 10 steps: single steps are noisy (and stage 2 alternates modalities).
-        print(f"stage {stage}: loss {statistics.mean(rec['history'][:10]):.3f} -> {statistics.mean(rec['history'][-10:]):.3f}, "
+        first, last = statistics.mean(rec["history"][:10]), statistics.mean(rec["history"][-10:])
+        print(f"stage {stage}: loss {first:.3f} -> {last:.3f}, "
               f"answer accuracy {acc['accuracy']:.3f} (chance {acc['chance']:.3f}) {acc['per_modality']}")
     t_train = time.perf_counter() - t_start
 
@@ -353,18 +360,21 @@ def run(args: argparse.Namespace) -> dict:
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     thr = throughput
-    print(f"final answer accuracy {final['accuracy']:.3f} = {report['accuracy_over_chance']:.1f}x chance ({final['chance']:.3f})")
+    print(f"final answer accuracy {final['accuracy']:.3f} = {report['accuracy_over_chance']:.1f}x chance "
+          f"({final['chance']:.3f})")
     print(f"speed, {SPEED_NOTE}:")
     print(f"training tokens/s: SparseMoE {thr['train_tokens_per_s']['fused']:.0f} vs naive loop "
           f"{thr['train_tokens_per_s']['naive']:.0f} (SparseMoE {thr['train_speedup_vs_naive']:.2f}x faster)")
     print(f"generation tokens/s: SparseMoE {thr['generate_tokens_per_s']['fused']:.0f} vs naive loop "
           f"{thr['generate_tokens_per_s']['naive']:.0f} (SparseMoE {thr['generate_speedup_vs_naive']:.2f}x faster)")
     if stack is not None:
-        print(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} F={stack['ffn']} "
+        print(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} "
+              f"F={stack['ffn']} "
               f"E={stack['experts']} k={stack['top_k']} r={stack['lora_rank']}, {stack['dtype']} on {stack['device']}) "
               f"fwd+bwd tokens/s: SparseMoE {stack['train_tokens_per_s']['fused']:.0f} vs naive loop "
               f"{stack['train_tokens_per_s']['naive']:.0f} (SparseMoE {stack['speedup_vs_naive']:.2f}x faster)")
-    print(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; cols: {', '.join(load['experts'])}):")
+    print(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; "
+          f"cols: {', '.join(load['experts'])}):")
     for m, row in zip(load["token_modalities"], load["fraction"]):
         print(f"  {m:>5}: " + " ".join(f"{v:.2f}" for v in row))
     print(f"demo took {report['seconds']['total']:.0f} s; report in {os.path.join(args.out, 'report.json')}")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     hits = total = new_tokens = 0
     seconds = 0.0
     rows = []
-    # Warm-up call (first-call allocation and dispatch), so tokens/s measures steady state.
+    # Warm-up call (first-call allocation and kernel selection), so tokens/s measures steady state.
     model.generate(sd.make_batch(model.cfg.data, mods[0], 1, torch.Generator().manual_seed(args.seed + 1)), 1)
     for m in mods:
         batch = sd.make_batch(model.cfg.data, m, args.num, g)
@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> dict:
             hits, total = hits + ok, total + 1
             prompt = words(batch.prompt[i].tolist()).replace("<bos>", "<bos>" if m == "text" else f"<bos> <{m}>")
             rows.append({"modality": m, "prompt": prompt, "truth": words(truth), "answer": words(pred), "correct": ok})
-            print(f"[{m:>5}] {rows[-1]['prompt']:<32} truth: {rows[-1]['truth']:<12} answer: {rows[-1]['answer']:<12} {'ok' if ok else 'WRONG'}")
+            row = rows[-1]
+            print(f"[{m:>5}] {row['prompt']:<32} truth: {row['truth']:<12} answer: {row['answer']:<12} "
+                  f"{'ok' if ok else 'WRONG'}")
     result = {"accuracy": hits / total, "tokens_per_s": new_tokens / seconds if seconds > 0 else None, "rows": rows}
     print(f"accuracy {hits}/{total}, {result['tokens_per_s']:.0f} generated tokens/s "
           f"({'naive loop' if args.naive else 'SparseMoE'}, {'no cache' if args.no_cache else 'KV cache'})")
