@@ -382,13 +382,13 @@ class SparseMoE(nn.Module):
     """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts.
 
     forward(x [..., H], *, return_aux=False, token_groups=None, rank_gate_bias=None) -> y with x's
-    shape and dtype, and MoEAux when return_aux. While training with aux_loss_coef > 0 (or z_loss_coef > 0) the weighted
-    losses reach the router through backward even if the caller ignores them. token_groups (an
-    integer per token, e.g. a modality id in [0, max_token_groups)) accumulates per-group expert
-    loads, read with routing_stats(). With lora_rank_gate=True (GroupedExperts' docstring) the rank-1
-    pieces of each expert's LoRA are gated per token; rank_gate_bias [..., r], broadcastable to
-    x.shape[:-1] + (r,) (e.g. [B, 1, r]: one task or sample embedding per sequence), shifts the
-    gate logits.
+    shape and dtype, and MoEAux when return_aux. While training with aux_loss_coef > 0 (or
+    z_loss_coef > 0) the weighted losses reach the router through backward even if the caller
+    ignores them. token_groups (an integer per token, e.g. a modality id in [0, max_token_groups))
+    accumulates per-group expert loads, read with routing_stats(). With lora_rank_gate=True
+    (GroupedExperts' docstring) the rank-1 pieces of each expert's LoRA are gated per token;
+    rank_gate_bias [..., r], broadcastable to x.shape[:-1] + (r,) (e.g. [B, 1, r]: one task or
+    sample embedding per sequence), shifts the gate logits.
 
     Expert parallelism: with ep_group (a torch.distributed ProcessGroup of P ranks, E divisible by P)
     rank r holds experts r*E/P .. (r+1)*E/P - 1 (experts.* parameters are [E/P, ...]) and the router
@@ -399,6 +399,32 @@ class SparseMoE(nn.Module):
     and no host sync happens. The router's gradient holds only this rank's tokens: sum or average it
     over the group (DDP/FSDP over the data-parallel ranks) and never all-reduce the expert parameters
     over the EP group. Aux losses and MoEAux statistics are per rank. See docs/expert_parallel.md.
+
+    Arguments (ValueError for any impossible combination, naming the argument):
+        hidden_size, ffn_hidden_size: H and F of each expert MLP (positive ints).
+        num_experts: E, the global expert count (divisible by the ep_group size).
+        top_k: k experts per token, 1 <= k <= E (default 2).
+        activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu"; GLU ones make gate_up_proj
+            [E, 2F, H], the others [E, F, H].
+        scoring: "softmax" (default) or "sigmoid" router scores; normalize_topk (default True)
+            renormalises the k chosen scores to sum to 1.
+        lora_rank: r of a per-expert LoRA on both GEMMs (0, the default: none); lora_alpha: its scale
+            numerator (None: r, so the scale alpha / r is 1); lora_dropout in [0, 1) on the LoRA
+            inputs while training; freeze_base: None (default) freezes the base weights iff r > 0.
+        lora_rank_gate: gate each rank-1 piece of the LoRA per token (needs r > 0; GroupedExperts).
+        aux_loss_coef (default 0.01), z_loss_coef (default 0.0), both >= 0: weights of the
+            load-balancing loss and the router z-loss attached to the output while training.
+        router_jitter >= 0: multiplicative uniform noise on the router input while training.
+        capacity_factor: None (default, dropless) or > 0: each expert keeps its first
+            ceil(capacity_factor * T * k / E) slots in token order, the others get weight 0.
+        ep_group: a torch.distributed process group for expert parallelism (None: all local).
+        ep_capacity: rows per (source rank, expert) in the padded exchange (needs ep_group; not
+            with capacity_factor).
+        backend: "auto" (default: Triton on CUDA, torch elsewhere), "triton" or "torch".
+        max_token_groups: rows of the per-group expert-load statistics (token_groups < this).
+        router_kwargs: extra TopKRouter arguments (scaling_factor, n_groups, topk_groups,
+            use_expert_bias).
+        device, dtype: of the parameters, as for nn.Linear.
     """
 
     def __init__(
