@@ -1,6 +1,7 @@
 """unimoe_kernels: fused Mixture-of-Experts kernels (gating, permutation, grouped LoRA-expert GEMMs)
 with drop-in torch.nn modules. CUDA tensors run Triton kernels, CPU tensors the torch path of
 reference.py; both have the same semantics. Nothing here touches the GPU at import time.
+The layers, data flow, op contracts and kernel designs: docs/architecture.md.
 """
 
 from . import amp, ops, reference

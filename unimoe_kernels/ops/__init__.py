@@ -6,6 +6,7 @@ permute into the GEMM's loads, grouped_mlp_combine the unpermute too); see each 
 Beside them: router_logits (the router GEMM, fp32 out), load_balancing_loss / z_loss / router_losses
 (gating.py), expert_capacity / apply_capacity (routing.py), lora_rank_gates (lora_gates.py).
 Expert parallel: topk_gating -> build_routing -> dispatch -> grouped_mlp -> combine (ops/dispatch.py).
+Every op's contract and the kernel designs: docs/architecture.md.
 """
 
 from .dispatch import combine, dispatch
