@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import time
 
 import pytest
 import torch
 
-from unimoe_kernels import baselines
+from unimoe_kernels import baselines, timing
 
 from . import anchors, configs, harness
 from .harness import DEVICE, HAS_CUDA, Record
@@ -227,17 +226,8 @@ def capture_forward(fn, static_x: torch.Tensor):
 
 def wall_median_ms(fn, args_for, reps: int = harness.GPU_REPS) -> float:
     """Median host wall time of one synchronised call: launch to completion, host overhead included."""
-    for i in range(harness.GPU_WARMUP):
-        fn(*args_for(i))
-    times = []
-    for i in range(reps):
-        args = args_for(i)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(*args)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timing.time_calls(fn, reps, warmup=harness.GPU_WARMUP, args_for=args_for, device="cuda",
+                             clock="wall").median
 
 
 @pytest.mark.gpu
