@@ -109,6 +109,23 @@ class TopKRouter(nn.Module):
     multiplies the input by U(1 - j, 1 + j) noise while training (Switch Transformer). With
     use_expert_bias a buffer `expert_bias` [E] is added to the scores for selection only
     (DeepSeek-V3 aux-loss-free balancing; the caller updates it).
+
+    Arguments (ValueError naming the argument for an impossible value):
+        hidden_size, num_experts: H and E (positive ints).
+        top_k: k, an int with 1 <= k <= E (default 2).
+        scoring: "softmax" (default) or "sigmoid" scores of the logits.
+        normalize_topk: divide the k chosen scores by their sum (default True).
+        scaling_factor: multiplies the combine weights, after the normalisation (default 1.0).
+        router_jitter: j >= 0 (default 0.0, no noise), the jitter above.
+        n_groups: expert groups of group-limited routing, >= 1 and dividing E (default 1: off).
+        topk_groups: only experts of the topk_groups best groups (a group's score: the sum of its two
+            best selection scores) can be chosen; 1 <= topk_groups <= n_groups and
+            topk_groups * E / n_groups >= k (default None: all n_groups).
+        use_expert_bias: register the fp32 buffer expert_bias [E], zeros at first (default False).
+        backend: "auto" (default), "triton" or "torch", passed to ops.topk_gating.
+        device, dtype: of weight, as for nn.Linear.
+    forward(x [T, H], return_stats=False) -> GatingOutput (weights [T, k] fp32, ids [T, k] int32,
+    scores and logits [T, E] fp32; fp64 for fp64 x), and ops.gating.RouterStats with return_stats.
     """
 
     def __init__(
@@ -190,6 +207,21 @@ class GroupedExperts(nn.Module):
 
     Under torch.autocast the GEMM operands (x, the base weights and the LoRA factors) are cast to the
     autocast dtype and the output comes back in it; the rank-gate logits stay fp32 (amp.py).
+
+    Arguments (ValueError naming the argument for an impossible value):
+        num_experts, hidden_size, ffn_hidden_size: E, H and F (positive ints).
+        activation: "swiglu" (default), "geglu", "gelu" (exact erf), "relu" or "silu".
+        lora_rank: r, an int >= 0 (default 0: no LoRA).
+        lora_alpha: the LoRA scale is lora_alpha / r (default None: r, so the scale is 1).
+        lora_dropout: in [0, 1) (default 0.0): dropout of the LoRA inputs only, while training.
+        freeze_base: requires_grad False on gate_up_proj and down_proj (default None: True iff r > 0).
+        lora_rank_gate: the per-token gate of the rank-1 pieces above (default False; needs r > 0).
+        backend: "auto" (default), "triton" or "torch".
+        device, dtype: of the parameters.
+    forward(hidden_states [T, H], top_k_index [T, k] integer, top_k_weights [T, k] floating,
+    rank_gate_bias=None) -> [T, H]: TypeError for a non-floating input or, outside autocast, one whose
+    dtype is not the parameters'; ValueError for other shapes, another device, or rank_gate_bias
+    without lora_rank_gate. Ids must lie in [0, E); they are not checked (that would sync the host).
     """
 
     def __init__(
@@ -382,13 +414,12 @@ class SparseMoE(nn.Module):
     """Drop-in sparse MoE FFN: TopKRouter + GroupedExperts.
 
     forward(x [..., H], *, return_aux=False, token_groups=None, rank_gate_bias=None) -> y with x's
-    shape and dtype, and MoEAux when return_aux. While training with aux_loss_coef > 0 (or
-    z_loss_coef > 0) the weighted losses reach the router through backward even if the caller
-    ignores them. token_groups (an integer per token, e.g. a modality id in [0, max_token_groups))
-    accumulates per-group expert loads, read with routing_stats(). With lora_rank_gate=True
-    (GroupedExperts' docstring) the rank-1 pieces of each expert's LoRA are gated per token;
-    rank_gate_bias [..., r], broadcastable to x.shape[:-1] + (r,) (e.g. [B, 1, r]: one task or
-    sample embedding per sequence), shifts the gate logits.
+    shape and dtype (the autocast dtype under torch.autocast), and MoEAux when return_aux. While
+    training (grad mode on) with aux_loss_coef > 0 or z_loss_coef > 0 the weighted losses reach the
+    router through backward even if the caller ignores them. token_groups (an integer per token,
+    e.g. a modality id in [0, max_token_groups)) accumulates per-group expert loads, read with
+    routing_stats(). With lora_rank_gate=True (GroupedExperts' docstring) the rank-1 pieces of each
+    expert's LoRA are gated per token; rank_gate_bias shifts the gate logits.
 
     Expert parallelism: with ep_group (a torch.distributed ProcessGroup of P ranks, E divisible by P)
     rank r holds experts r*E/P .. (r+1)*E/P - 1 (experts.* parameters are [E/P, ...]) and the router
@@ -400,31 +431,51 @@ class SparseMoE(nn.Module):
     over the group (DDP/FSDP over the data-parallel ranks) and never all-reduce the expert parameters
     over the EP group. Aux losses and MoEAux statistics are per rank. See docs/expert_parallel.md.
 
-    Arguments (ValueError for any impossible combination, naming the argument):
+    Constructor arguments (ValueError naming the argument for an impossible value or combination;
+    TypeError for an ep_group that is not a ProcessGroup):
         hidden_size, ffn_hidden_size: H and F of each expert MLP (positive ints).
-        num_experts: E, the global expert count (divisible by the ep_group size).
-        top_k: k experts per token, 1 <= k <= E (default 2).
-        activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu"; GLU ones make gate_up_proj
-            [E, 2F, H], the others [E, F, H].
-        scoring: "softmax" (default) or "sigmoid" router scores; normalize_topk (default True)
-            renormalises the k chosen scores to sum to 1.
-        lora_rank: r of a per-expert LoRA on both GEMMs (0, the default: none); lora_alpha: its scale
-            numerator (None: r, so the scale alpha / r is 1); lora_dropout in [0, 1) on the LoRA
-            inputs while training; freeze_base: None (default) freezes the base weights iff r > 0.
-        lora_rank_gate: gate each rank-1 piece of the LoRA per token (needs r > 0; GroupedExperts).
-        aux_loss_coef (default 0.01), z_loss_coef (default 0.0), both >= 0: weights of the
-            load-balancing loss and the router z-loss attached to the output while training.
-        router_jitter >= 0: multiplicative uniform noise on the router input while training.
+        num_experts: E, the global expert count (positive; divisible by the ep_group size).
+        top_k: k experts per token, an int with 1 <= k <= E (default 2).
+        activation: "swiglu" (default), "geglu", "gelu" (exact erf), "relu" or "silu"; the GLU ones
+            make gate_up_proj [E, 2F, H] (gate rows first), the others [E, F, H].
+        scoring: "softmax" (default) or "sigmoid" router scores.
+        normalize_topk: renormalise the k chosen scores to sum to 1 (default True).
+        lora_rank: r >= 0 of a per-expert LoRA on both GEMMs (default 0: none).
+        lora_alpha: the LoRA scale is lora_alpha / r (default None: r, so the scale is 1).
+        lora_dropout: in [0, 1) (default 0.0), dropout of the LoRA inputs only, while training.
+        freeze_base: requires_grad False on the expert base weights (default None: True iff r > 0).
+        lora_rank_gate: gate each rank-1 piece of the LoRA per token (default False; needs r > 0).
+        aux_loss_coef: >= 0 (default 0.01), weight of the load-balancing loss attached while training.
+        z_loss_coef: >= 0 (default 0.0), weight of the router z-loss attached while training.
+        router_jitter: j >= 0 (default 0.0): while training the router input is multiplied by
+            U(1 - j, 1 + j) noise.
         capacity_factor: None (default, dropless) or > 0: each expert keeps its first
-            ceil(capacity_factor * T * k / E) slots in token order, the others get weight 0.
-        ep_group: a torch.distributed process group for expert parallelism (None: all local).
-        ep_capacity: rows per (source rank, expert) in the padded exchange (needs ep_group; not
-            with capacity_factor).
-        backend: "auto" (default: Triton on CUDA, torch elsewhere), "triton" or "torch".
-        max_token_groups: rows of the per-group expert-load statistics (token_groups < this).
-        router_kwargs: extra TopKRouter arguments (scaling_factor, n_groups, topk_groups,
-            use_expert_bias).
+            ceil(capacity_factor * T * k / E) slots (at least 1) in token order, the others get weight
+            0 (MoEAux.dropped_slots counts them). With ep_group every rank must then get the same
+            capacity, so bring the same T (dispatch checks the capacities agree, on the device).
+        ep_group: a torch.distributed ProcessGroup for expert parallelism (default None: all local);
+            torch.distributed must be initialised and this process a member.
+        ep_capacity: a positive int, rows per (source rank, expert) in the padded exchange (default
+            None); needs ep_group, not with capacity_factor.
+        backend: "auto" (default: Triton on CUDA, torch elsewhere), "triton" or "torch", for the
+            router and the experts (the routing plan always picks its own, ops.build_routing).
+        max_token_groups: a positive int (default 16), rows of the per-group expert-load statistics.
+        router_kwargs: a dict of further TopKRouter arguments (scaling_factor, n_groups, topk_groups,
+            use_expert_bias; TopKRouter's docstring), default None.
         device, dtype: of the parameters, as for nn.Linear.
+
+    forward arguments:
+        x: [..., H] floating tensor on the parameters' device (else TypeError / ValueError);
+            outside autocast its dtype must be the expert parameters' (else a TypeError naming the
+            fix). T is the product of the leading dimensions.
+        return_aux: also return MoEAux (losses unscaled by their coefficients, tokens_per_expert,
+            router_logits, dropped_slots) (default False).
+        token_groups: None (default) or an integer tensor of shape x.shape[:-1] (else ValueError) with
+            values in [0, max_token_groups) (asserted on the device, without a host sync).
+        rank_gate_bias: None (default) or a floating [..., r] tensor broadcastable to
+            x.shape[:-1] + (r,) (e.g. [r], or [B, 1, r] for one task or sample embedding per
+            sequence), added to the rank-gate logits of both LoRA sites; ValueError without
+            lora_rank_gate or with ep_group.
     """
 
     def __init__(
