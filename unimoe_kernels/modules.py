@@ -333,7 +333,7 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """Expert MLPs over rows grouped by expert: x_sorted [N, H], tokens_per_expert [E] -> [N, H].
 
-        `plan` (optional) lends its tile map to the Triton path (ops.grouped_mlp). With
+        `plan` (optional) lends its expert offsets to the Triton path (ops.grouped_mlp). With
         lora_rank_gate the gates are computed from the rows themselves (no bias)."""
         gates = None
         if self.lora_rank_gate:

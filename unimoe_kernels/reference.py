@@ -1,7 +1,7 @@
 """Plain PyTorch version of every kernel op of the MoE data flow: the CPU path and the test oracle.
 
 The ops in ops/ call into this module when they run on the torch backend, and the tests compare the
-kernels against it; nothing else in the package calls it (the modules and integrations go through
+kernels against it; outside ops/ only the baselines use it (the modules and integrations go through
 ops/). Helpers that have no kernel (aux losses, capacity, LoRA rank gates) live in the op file of
 their stage.
 

@@ -57,8 +57,8 @@ class DispatchState(NamedTuple):
     group: the expert-parallel process group; world_size P; num_local_experts E_l = E / P.
     plan: the routing plan of this rank's tokens over the E global experts (dispatch's input).
     tokens_per_local_expert: [E_l] int32, rows x_local holds per local expert (grouped_mlp's counts).
-    local_plan: RoutingPlan of the received rows over the E_l local experts (dropless), whose tile map
-        grouped_mlp can reuse; None in padded mode.
+    local_plan: RoutingPlan of the received rows over the E_l local experts (dropless), whose expert
+        offsets grouped_mlp can reuse; None in padded mode.
     send_splits, recv_splits: rows sent to / received from each rank (dropless); None in padded mode.
     capacity: rows per (source rank, expert) pair in padded mode; None when dropless.
     padded_rows: [T*k] int64, slot -> row of the padded send buffer (padded mode), else None.
