@@ -17,6 +17,11 @@ Backward, same tiling: d(weights) -> d(raw weights) through the renormalisation,
 chosen experts and added to d(scores) (the aux losses' gradient), then through softmax or sigmoid
 -> d(logits) [T, E] fp32. Scores are recomputed nowhere: the forward saved them.
 
+NaN (a NaN or inf logit upstream, an fp16 overflow is enough, or a NaN expert_bias) ranks above
+every number in every selection, lowest index first, as in torch.sort / topk, which the reference
+uses: the ids stay in [0, E) and the NaN reaches the token's weights, so it shows in the loss as on
+the torch path. No comparison `v == max` is relied on for a NaN row (it is never true there).
+
 The expert axis lives in one BLOCK_E tile (E padded to a power of two, padded columns masked to
 -inf), which holds for every router in use (E <= 512 in qwen3-next; a larger E still works, just with
 a bigger tile).
@@ -32,6 +37,23 @@ SIGMOID = 1
 # Floor of the renormalisation denominator, the same value as reference.topk_gating, so an all-zero
 # row of sigmoid scores stays finite and the clamp's gradient mask matches.
 NORM_FLOOR = tl.constexpr(1e-20)
+
+
+@triton.jit
+def _argmax_nan_first(v, valid, idx, NONE: tl.constexpr):
+    """(best value, its index) per row of v [rows, cols] over the columns where valid holds.
+
+    The order is torch.sort's descending one: NaN above every number (best = NaN, index = the
+    lowest NaN column), then the largest number, ties to the lowest index. NaN is kept out of the
+    max itself, whose NaN handling differs between the interpreter and the GPU. idx [cols] holds
+    the column indices; a row without a valid column gets index NONE.
+    """
+    isnan = valid & (v != v)
+    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    m = tl.max(tl.where(valid & (v == v), v, float("-inf")), axis=1)
+    hit = tl.where(has_nan[:, None], isnan, valid & (v == m[:, None]))
+    i = tl.min(tl.where(hit, idx[None, :], NONE), axis=1)
+    return tl.where(has_nan, float("nan"), m), i
 
 
 @triton.jit
@@ -105,22 +127,18 @@ def topk_gating_fwd_kernel(
         gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
         for g in range(N_GROUPS):
             ing = cand & (grp == g)[None, :]
-            v = tl.where(ing, sel, float("-inf"))
-            m1 = tl.max(v, axis=1)
+            m1, i1 = _argmax_nan_first(sel, ing, cols, BLOCK_E)
             if GROUP_SIZE > 1:
                 # Remove one occurrence of the best so that a tied second best still counts.
-                i1 = tl.min(tl.where(ing & (v == m1[:, None]), cols[None, :], BLOCK_E), axis=1)
-                v2 = tl.where(cols[None, :] == i1[:, None], float("-inf"), v)
-                s = m1 + tl.max(v2, axis=1)
+                m2, _i2 = _argmax_nan_first(sel, ing & (cols[None, :] != i1[:, None]), cols, BLOCK_E)
+                s = m1 + m2
             else:
                 s = m1
             gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
         gfree = tl.broadcast_to((gcols < N_GROUPS)[None, :], (BLOCK_T, BLOCK_G))
         keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
         for _r in range(TOPK_GROUPS):
-            gv = tl.where(gfree, gscore, float("-inf"))
-            gm = tl.max(gv, axis=1)
-            gi = tl.min(tl.where(gfree & (gv == gm[:, None]), gcols[None, :], BLOCK_G), axis=1)
+            _gm, gi = _argmax_nan_first(gscore, gfree, gcols, BLOCK_G)
             gfree = gfree & (gcols[None, :] != gi[:, None])
             keep = tl.where(grp[None, :] == gi[:, None], 1, keep)
         cand = cand & (keep != 0)
@@ -129,10 +147,8 @@ def topk_gating_fwd_kernel(
     wts = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     idt = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     for j in range(K):
-        v = tl.where(cand, sel, float("-inf"))
-        m = tl.max(v, axis=1)
         # Lowest index among the equal maxima: the tie rule of the reference's stable sort.
-        i = tl.min(tl.where(cand & (v == m[:, None]), cols[None, :], BLOCK_E), axis=1)
+        _m, i = _argmax_nan_first(sel, cand, cols, BLOCK_E)
         hit = cols[None, :] == i[:, None]
         w = tl.sum(tl.where(hit, p, 0.0), axis=1)
         wts = tl.where(kcols[None, :] == j, w[:, None], wts)

