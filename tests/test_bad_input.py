@@ -13,7 +13,8 @@ import pytest
 import torch
 from tolerance import TOL
 
-from unimoe_kernels import ops, reference
+from unimoe_kernels import _ext, ops, reference
+from unimoe_kernels.ops import routing as routing_ops
 
 NAN, INF = float("nan"), float("inf")
 # NaN and inf are the inputs here: numpy (under Triton's interpreter) and torch warn about them.
@@ -97,3 +98,50 @@ def test_nan_logits_reach_the_output_of_that_token_only(device):
     assert got[bad].isnan().all(dim=1).all() and want[bad].isnan().all(dim=1).all()
     good = torch.tensor([0, 3, 7, 8])
     torch.testing.assert_close(got[good], want[good], **FP32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing plans: ids outside [0, E), 2^31 slots
+# ----------------------------------------------------------------------------------------------
+
+PLAN_BACKENDS = ["auto", "torch", "triton"] + (["c"] if _ext.has_c() else [])
+
+
+@pytest.mark.parametrize("backend", PLAN_BACKENDS)
+@pytest.mark.parametrize("bad", [4, -1, 2**32 + 1], ids=["E", "-1", "wraps_to_1_in_int32"])
+def test_build_routing_refuses_ids_outside_the_experts_on_cpu(backend, bad):
+    # The torch backend used to fail with torch's generic index error, the Triton one to scatter
+    # out of bounds, and an int64 id that wraps into range in int32 was taken as expert 1.
+    ids = torch.tensor([[0, 1], [2, 3], [1, bad]], dtype=torch.int64)
+    with pytest.raises(ValueError, match=rf"ids must lie in \[0, num_experts=4\), found {bad} at flat slot 5"):
+        ops.build_routing(ids, 4, backend=backend)
+
+
+def test_build_routing_without_a_host_read_still_refuses_bad_ids(monkeypatch):
+    # Where ids cannot be read for free (CUDA, tracing) the plan is built first and its offsets,
+    # which skip a bad id, are checked on the device (torch._assert_async); here the CPU stands in
+    # for that path.
+    monkeypatch.setattr(routing_ops, "values_readable", lambda t: False)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"build_routing: ids must lie in \[0, num_experts=4\)"):
+        ops.build_routing(ids, 4, backend="triton")
+
+
+def test_triton_plan_kernels_skip_ids_outside_the_experts():
+    # Memory safety without any check: the plan kernels bin a bad id with the padding, so they
+    # neither read nor write out of bounds, and the valid slots are planned as without it.
+    ids = torch.tensor([[0, -1], [2, 3], [1, 4], [3, 0]], dtype=torch.int32)
+    counts, offsets, sorted_slots, slot_rows, _, _ = routing_ops.routing_plan_triton(ids, 4, 16)
+    assert counts.tolist() == [2, 1, 1, 2] and offsets.tolist() == [0, 2, 3, 4, 6]
+    assert sorted_slots[:6].tolist() == [0, 7, 4, 2, 3, 6]
+    assert slot_rows[[0, 2, 3, 4, 6, 7]].tolist() == [0, 3, 4, 2, 5, 1]
+
+
+@pytest.mark.parametrize("backend", PLAN_BACKENDS)
+def test_build_routing_refuses_2_to_the_31_slots(backend):
+    # The plan is int32: 2^31 slots used to come back as a wrapped plan. Meta ids hold no data, so
+    # the check must come from the shape, before any backend runs (a CPU tensor of 2^31 ids would
+    # make a build_routing without the check allocate tens of GiB).
+    ids = torch.empty(2**30, 2, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=r"T\*k = 2147483648 routing slots.*at most 2\^31 - 1"):
+        ops.build_routing(ids, 4, backend=backend)

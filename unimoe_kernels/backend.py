@@ -59,3 +59,25 @@ def use_triton(requested: str, t: torch.Tensor) -> bool:
     """Whether an op on tensor t runs its Triton kernels: resolve() says "triton" and t is not fp64
     (the kernels have no fp64 tensor-core dot; the torch path is exact for gradcheck)."""
     return resolve(requested, t.device) == "triton" and t.dtype != torch.float64
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read on the host for free: a real CPU tensor outside torch.compile
+    and torch.export tracing. Elsewhere a read is a host sync (CUDA) or a data-dependent trace."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the bool scalar tensor ok is True.
+
+    Read at once where that is free (values_readable); otherwise torch._assert_async, which on CUDA
+    is a device-side assert reported at the next sync (no host sync) and under tracing stays in the
+    graph (a RuntimeError on CPU when it runs).
+    """
+    if values_readable(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)

@@ -13,6 +13,11 @@ A stable counting sort of the N = T*k flat slots by expert, in blocks of BLOCK s
     routing_tile_map_kernel   tile_expert / tile_row_start of each block_m-row tile, located from
                               the offsets exactly as the grouped GEMM locates its own tiles
 
+An id outside [0, E) counts nowhere and is never written (it is binned with the padding), so such
+ids cannot make the kernels read or write out of bounds; the plan then covers fewer than N rows,
+which ops.routing.build_routing turns into an error (ValueError on CPU, a device-side assert on
+CUDA).
+
 Slots keep their flat order within an expert across blocks (blocks are scanned in order) and
 within a block (the local index breaks ties), so the plan equals reference.build_routing's.
 """
@@ -21,6 +26,13 @@ import triton
 import triton.language as tl
 
 from .gemm_common import _expert_tiles, _locate_tile
+
+
+@triton.jit
+def _in_range_or(ids, E):
+    """ids as int32, E wherever an id lies outside [0, E): compared before the narrowing, so an int64
+    id that only wraps into range in int32 is caught too."""
+    return tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
 
 
 @triton.jit
@@ -33,7 +45,7 @@ def routing_histogram_kernel(
 ):
     b = tl.program_id(0)
     offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=E).to(tl.int32)
+    ids = _in_range_or(tl.load(ids_ptr + offs, mask=offs < N, other=E), E)
     bins = tl.arange(0, BINS)
     tl.store(counts_ptr + b.to(tl.int64) * E + bins, tl.histogram(ids, BINS), mask=bins < E)
 
@@ -51,8 +63,8 @@ def routing_scatter_kernel(
     b = tl.program_id(0)
     local = tl.arange(0, BLOCK)
     offs = b.to(tl.int64) * BLOCK + local
-    # Padding slots take id E: they sort after every real slot and are not written.
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=E).to(tl.int32)
+    # Padding slots (and ids outside [0, E)) take id E: they sort after every real slot and are not written.
+    ids = _in_range_or(tl.load(ids_ptr + offs, mask=offs < N, other=E), E)
     # int32 keys: E * BLOCK stays far below 2^31 for any router (E <= 2^16 at BLOCK 1024).
     key = tl.sort(ids * BLOCK + local)
     e = key // BLOCK

@@ -26,8 +26,11 @@ Backends (`backend`):
               torch.ops.unimoe.routing_plan_triton.
     "torch"   reference.build_routing (scatter-add counts, torch.sort, searchsorted), the oracle.
     "auto"    "c" when _C serves the tensor's device, else "triton" on CUDA, else "torch".
-All give identical plans for ids in [0, E). Ids outside that range are the caller's error: the
-CPU extension raises ValueError, the others cannot check without a host sync.
+All give identical plans for ids in [0, E). Ids outside that range are an error, found without a
+host sync: on CPU tensors build_routing raises ValueError before any backend runs; on CUDA (and
+under torch.compile) the plan kernels skip such ids, never reading or writing out of bounds, and
+a device-side assert (torch._assert_async: the plan's offsets must reach N) reports them at the
+next sync. The plan's fields are int32, so T*k must stay below 2^31 (ValueError otherwise).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
+from ..backend import require, values_readable
 from ..reference import build_routing as _build_routing_torch
 from ..types import RoutingPlan, max_tiles
 from .launch_utils import cdiv, next_pow2
@@ -50,6 +54,8 @@ _BACKENDS = ("auto", "torch", "c", "triton")
 _PLAN_BLOCK = 1024
 # Tiles located per program of the Triton tile map (each loads the E offsets once).
 _TILES_PER_PROGRAM = 64
+# Most slots a plan holds: its fields are int32 and the tile map marks its unused tail with N.
+MAX_SLOTS = 2**31 - 1
 
 
 def _c_serves(device: torch.device) -> bool:
@@ -170,8 +176,10 @@ def build_routing(
     """Routing plan (types.RoutingPlan) of expert ids [T, k], its tile map in block_m-row tiles.
 
     ids: [T, k] integer tensor (int32 from the gating op; any integer dtype is accepted), values
-    in [0, num_experts). backend: "auto" | "c" | "triton" | "torch" (see the module docstring);
-    impl is its former name, still accepted with a DeprecationWarning. No host sync.
+    in [0, num_experts), T*k at most MAX_SLOTS = 2^31 - 1. backend: "auto" | "c" | "triton" |
+    "torch" (see the module docstring); impl is its former name, still accepted with a
+    DeprecationWarning. No host sync. An id outside [0, num_experts) is a ValueError naming it for
+    CPU tensors, a device-side assert for CUDA tensors (module docstring).
     """
     if impl is not None:
         warnings.warn("build_routing(impl=...) is deprecated; use backend=...", DeprecationWarning, stacklevel=2)
@@ -188,7 +196,29 @@ def build_routing(
     _check_int("block_m", block_m, 1)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    n = ids.numel()
+    if n > MAX_SLOTS:
+        raise ValueError(f"ids: T*k = {n} routing slots, but a RoutingPlan is int32 and holds at most 2^31 - 1; "
+                         "route the tokens in smaller batches")
+    checked = n == 0 or values_readable(ids)
+    if n and checked:
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= num_experts:
+            flat = ids.reshape(-1)
+            slot = int(((flat < 0) | (flat >= num_experts)).nonzero()[0])
+            raise ValueError(f"build_routing: ids must lie in [0, num_experts={num_experts}), found {int(flat[slot])} "
+                             f"at flat slot {slot}")
+    plan = _build_plan(ids, num_experts, block_m, backend)
+    if not checked:
+        # The Triton and C plans count an id outside [0, E) nowhere, so the offsets fall short of N
+        # (torch's scatter-add asserts on such an index by itself).
+        require(plan.expert_offsets[num_experts] == n,
+                f"build_routing: ids must lie in [0, num_experts={num_experts})")
+    return plan
 
+
+def _build_plan(ids: torch.Tensor, num_experts: int, block_m: int, backend: str) -> RoutingPlan:
+    """The plan from the backend build_routing chose, its arguments already checked."""
     if backend == "auto":
         backend = "c" if _c_serves(ids.device) else "triton" if ids.device.type == "cuda" else "torch"
     if backend == "torch":
