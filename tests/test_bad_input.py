@@ -14,6 +14,7 @@ import torch
 from tolerance import TOL
 
 from unimoe_kernels import _ext, ops, reference
+from unimoe_kernels.ops import grouped_gemm as grouped_gemm_ops
 from unimoe_kernels.ops import routing as routing_ops
 
 NAN, INF = float("nan"), float("inf")
@@ -145,3 +146,43 @@ def test_build_routing_refuses_2_to_the_31_slots(backend):
     ids = torch.empty(2**30, 2, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match=r"T\*k = 2147483648 routing slots.*at most 2\^31 - 1"):
         ops.build_routing(ids, 4, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_mlp: expert counts that do not describe the rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _mlp_operands(n=6, e=3, h=8, f=4):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(n, h, generator=g), torch.randn(e, 2 * f, h, generator=g) / 3,
+            torch.randn(e, h, f, generator=g) / 3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("counts,why", [([2, 2, 1], "sum 5 < 6 rows"), ([3, 3, 3], "sum 9 > 6 rows"),
+                                        ([-2, 4, 4], "negative count, right sum")], ids=lambda v: str(v))
+def test_grouped_mlp_refuses_counts_that_do_not_sum_to_the_rows(backend, counts, why):
+    # Rows used to go to the wrong experts (torch) or the kernels' tiles ran past them (Triton: a
+    # glibc abort from the corrupted heap).
+    x, w_gu, w_d = _mlp_operands()
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be >= 0 and sum to N=6"):
+        ops.grouped_mlp(x, torch.tensor(counts, dtype=torch.int32), w_gu, w_d, backend=backend)
+
+
+def test_grouped_mlp_count_check_without_a_host_read(monkeypatch):
+    # Where counts cannot be read for free (CUDA, tracing) the check is a device-side assert; the
+    # CPU stands in for that path here.
+    monkeypatch.setattr(grouped_gemm_ops, "values_readable", lambda t: False)
+    x, w_gu, w_d = _mlp_operands()
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be >= 0 and sum to N=6"):
+        ops.grouped_mlp(x, torch.tensor([-2, 4, 4], dtype=torch.int32), w_gu, w_d, backend="triton")
+    y = ops.grouped_mlp(x, torch.tensor([1, 2, 3]), w_gu, w_d, backend="triton")
+    torch.testing.assert_close(y, ops.grouped_mlp(x, torch.tensor([1, 2, 3]), w_gu, w_d, backend="torch"), **FP32)
+
+
+def test_grouped_mlp_refuses_a_plan_of_other_rows():
+    x, w_gu, w_d = _mlp_operands()
+    plan = ops.build_routing(torch.tensor([[0], [1], [2], [2], [1]]), 3)
+    with pytest.raises(ValueError, match=r"plan must describe the N=6 rows of x_sorted, but it plans 5 slots"):
+        ops.grouped_mlp(x, torch.tensor([2, 2, 2]), w_gu, w_d, plan=plan, backend="triton")

@@ -32,6 +32,7 @@ import torch
 from .. import backend as _backend
 from .. import reference
 from ..amp import autocast_operands
+from ..backend import require, values_readable
 from ..types import LoRAWeights, RoutingPlan, is_glu
 from .grouped_gemm_launch import dropout_mask
 from .grouped_mlp_ops import grouped_mlp_bwd, grouped_mlp_fwd
@@ -81,6 +82,37 @@ def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation
             raise ValueError(f"{name} is on {t.device} but x_sorted is on {x_sorted.device}")
 
 
+def _check_counts(tokens_per_expert: torch.Tensor, n: int, plan: Optional[RoutingPlan]) -> None:
+    """tokens_per_expert [E] must be >= 0 and sum to N = x_sorted's rows; a plan must plan N slots.
+
+    Wrong counts send rows to the wrong experts (torch path) or make the kernels' tiles reach past
+    the rows (Triton path: a corrupted heap). Read on the host where that is free (CPU); elsewhere a
+    device-side assert (no host sync). A plan's own counts are right by construction (build_routing
+    checked its ids) and are not checked again.
+    """
+    if plan is not None:
+        if not isinstance(plan, RoutingPlan):
+            raise TypeError(f"plan must be a RoutingPlan or None, got {type(plan).__name__}")
+        if plan.sorted_slots.numel() != n:
+            raise ValueError(f"plan must describe the N={n} rows of x_sorted, but it plans "
+                             f"{plan.sorted_slots.numel()} slots")
+        if tokens_per_expert is plan.tokens_per_expert:
+            return
+    if n == 0 and tokens_per_expert.numel() == 0:
+        return
+    what = f"tokens_per_expert must be >= 0 and sum to N={n} (the rows of x_sorted)"
+    if values_readable(tokens_per_expert):
+        counts = tokens_per_expert.to(torch.int64)
+        if bool((counts < 0).any()):
+            raise ValueError(f"{what}, got {counts.tolist()}")
+        total = int(counts.sum())
+        if total != n:
+            raise ValueError(f"{what}, got counts summing to {total}")
+        return
+    # Six tiny launches on E numbers; a negative count could hide in a right sum, so both parts.
+    require((tokens_per_expert.sum() == n) & (tokens_per_expert.min() >= 0), what)
+
+
 def _check_rank_gates(rank_gates, lora, n: int, device: torch.device):
     """rank_gates must be (g_gate_up [N, r], g_down [N, r]) floating tensors on x's device, with LoRA."""
     if rank_gates is None:
@@ -117,7 +149,8 @@ def grouped_mlp(
 ) -> torch.Tensor:
     """Expert MLP over expert-grouped rows x_sorted [N, H] -> y_sorted [N, H].
 
-    Semantics of reference.grouped_mlp; tokens_per_expert [E] must sum to N. `plan` (optional) lends
+    Semantics of reference.grouped_mlp; tokens_per_expert [E] must be >= 0 and sum to N: a
+    ValueError on CPU, a device-side assert on CUDA (no host sync) otherwise. `plan` (optional) lends
     its expert offsets to the Triton path so they are not rebuilt; it must describe these rows.
     recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1 again there
     instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
@@ -126,6 +159,7 @@ def grouped_mlp(
     """
     x_sorted, gate_up_proj, down_proj, lora = autocast_operands(x_sorted, gate_up_proj, down_proj, lora)
     _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    _check_counts(tokens_per_expert, x_sorted.shape[0], plan)
     _check_rank_gates(rank_gates, lora, x_sorted.shape[0], x_sorted.device)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
