@@ -13,7 +13,7 @@ import pytest
 import torch
 from tolerance import TOL
 
-from unimoe_kernels import _ext, ops, reference
+from unimoe_kernels import SparseMoE, _ext, ops, reference
 from unimoe_kernels.ops import grouped_gemm as grouped_gemm_ops
 from unimoe_kernels.ops import routing as routing_ops
 
@@ -186,3 +186,44 @@ def test_grouped_mlp_refuses_a_plan_of_other_rows():
     plan = ops.build_routing(torch.tensor([[0], [1], [2], [2], [1]]), 3)
     with pytest.raises(ValueError, match=r"plan must describe the N=6 rows of x_sorted, but it plans 5 slots"):
         ops.grouped_mlp(x, torch.tensor([2, 2, 2]), w_gu, w_d, plan=plan, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 on the Triton path in the interpreter
+# ----------------------------------------------------------------------------------------------
+
+BF16_REFUSED = r"bf16 tensors cannot take the Triton path on CPU: Triton's interpreter .* has no bf16"
+
+
+def test_interpreter_refuses_bf16_kernels_instead_of_returning_garbage():
+    # The grouped GEMM used to return values near 9e9 where the truth is 0.3.
+    x, w_gu, w_d = (t.bfloat16() for t in _mlp_operands())
+    counts = torch.tensor([1, 2, 3])
+    plan = ops.build_routing(torch.tensor([[0], [1], [1], [2], [2], [2]]), 3)
+    w = torch.ones(6, 1)
+    calls = {
+        "grouped_mlp": lambda: ops.grouped_mlp(x, counts, w_gu, w_d, backend="triton"),
+        "grouped_mlp_gather": lambda: ops.grouped_mlp_gather(x, plan, 1, w_gu, w_d, backend="triton"),
+        "grouped_mlp_combine": lambda: ops.grouped_mlp_combine(x, plan, w, w_gu, w_d, backend="triton"),
+        "permute": lambda: ops.permute(x, plan, 1, backend="triton"),
+        "unpermute": lambda: ops.unpermute(x, plan, w, backend="triton"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=BF16_REFUSED):
+            call()
+            pytest.fail(f"{name} ran bf16 kernels in the interpreter")
+
+
+def test_bf16_autocast_on_cpu_triton_path_is_refused_and_fp32_gating_still_runs():
+    moe = SparseMoE(8, 4, 3, top_k=2, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match=BF16_REFUSED):
+        moe(torch.randn(5, 8))
+    # The gating kernel reads its logits in fp32, so bf16 logits are fine there.
+    logits = torch.randn(5, 6).bfloat16()
+    got = ops.topk_gating(logits, 2, backend="triton")
+    want = reference.topk_gating(logits, 2)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.weights, want.weights, **FP32)
+    # And the torch path, CPU's default, runs bf16 autocast.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SparseMoE(8, 4, 3, top_k=2)(torch.randn(5, 8)).dtype == torch.bfloat16

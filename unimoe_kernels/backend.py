@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -55,10 +56,22 @@ def resolve(requested: str, device: torch.device) -> str:
     return requested
 
 
-def use_triton(requested: str, t: torch.Tensor) -> bool:
+def use_triton(requested: str, t: torch.Tensor, *, kernel_dtype: Optional[torch.dtype] = None) -> bool:
     """Whether an op on tensor t runs its Triton kernels: resolve() says "triton" and t is not fp64
-    (the kernels have no fp64 tensor-core dot; the torch path is exact for gradcheck)."""
-    return resolve(requested, t.device) == "triton" and t.dtype != torch.float64
+    (the kernels have no fp64 tensor-core dot; the torch path is exact for gradcheck).
+
+    kernel_dtype: the dtype the kernels will read, when the op converts t first (default t's).
+    bf16 kernels on CPU tensors in Triton's interpreter are a ValueError: the interpreter has no
+    bf16 (its dots return values like 9e9 where the truth is 0.3, and its casts truncate).
+    """
+    if resolve(requested, t.device) != "triton" or t.dtype == torch.float64:
+        return False
+    if (kernel_dtype or t.dtype) == torch.bfloat16 and t.device.type == "cpu":
+        raise ValueError(
+            "bf16 tensors cannot take the Triton path on CPU: Triton's interpreter (TRITON_INTERPRET=1) has no "
+            "bf16 and would return wrong numbers; use backend='torch' (the default on CPU), fp16 or fp32, or a GPU"
+        )
+    return True
 
 
 def values_readable(t: torch.Tensor) -> bool:

@@ -369,7 +369,8 @@ def topk_gating(
             raise ValueError(f"expert_bias must be [E={logits.shape[1]}], got {tuple(expert_bias.shape)}")
         if expert_bias.device != logits.device:
             raise ValueError(f"expert_bias is on {expert_bias.device} but logits are on {logits.device}")
-    if not _use_triton(backend, logits):
+    # The kernel reads the logits in fp32 whatever their dtype (bf16 ones too, in the interpreter).
+    if not _use_triton(backend, logits, kernel_dtype=torch.float32):
         out = reference.topk_gating(
             logits, top_k, scoring=scoring, normalize=normalize, scaling_factor=scaling_factor,
             expert_bias=expert_bias, n_groups=n_groups, topk_groups=topk_groups,
