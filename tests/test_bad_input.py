@@ -13,7 +13,7 @@ import pytest
 import torch
 from tolerance import TOL
 
-from unimoe_kernels import SparseMoE, _ext, ops, reference
+from unimoe_kernels import SparseMoE, TopKRouter, _ext, ops, reference
 from unimoe_kernels.ops import grouped_gemm as grouped_gemm_ops
 from unimoe_kernels.ops import routing as routing_ops
 
@@ -227,3 +227,33 @@ def test_bf16_autocast_on_cpu_triton_path_is_refused_and_fp32_gating_still_runs(
     # And the torch path, CPU's default, runs bf16 autocast.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert SparseMoE(8, 4, 3, top_k=2)(torch.randn(5, 8)).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf layer coefficients
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(capacity_factor=NAN), "capacity_factor"),
+    (dict(capacity_factor=INF), "capacity_factor"),
+    (dict(aux_loss_coef=NAN), "aux_loss_coef"),
+    (dict(aux_loss_coef=INF), "aux_loss_coef"),
+    (dict(z_loss_coef=NAN), "z_loss_coef"),
+    (dict(router_jitter=NAN), "router_jitter"),
+    (dict(router_jitter=INF), "router_jitter"),
+], ids=lambda v: str(v))
+def test_layer_refuses_nan_and_inf_coefficients(kwargs, name):
+    # NaN passed the `< 0` checks: aux_loss_coef NaN and router_jitter NaN silently switched the
+    # loss and the jitter off (`> 0` is False), capacity_factor NaN/inf failed deep in the forward.
+    with pytest.raises(ValueError, match=rf"^{name}.* must be a finite number"):
+        SparseMoE(8, 4, 4, top_k=2, **kwargs)
+
+
+def test_router_and_capacity_refuse_nan():
+    with pytest.raises(ValueError, match=r"^router_jitter must be a finite number >= 0.0, got nan"):
+        TopKRouter(8, 4, 2, router_jitter=NAN)
+    for bad in (NAN, INF, 0.0):
+        with pytest.raises(ValueError, match=r"^capacity_factor must be a finite number > 0"):
+            ops.expert_capacity(16, 4, bad)
+    assert ops.expert_capacity(16, 4, 1.25) == 5

@@ -29,6 +29,7 @@ TypeError that names both dtypes and the fix.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -47,6 +48,18 @@ from .types import LoRAWeights, MoEAux, RoutingPlan, is_glu
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_number(name: str, value, *, minimum: float, allow_min: bool = True) -> None:
+    """ValueError naming the argument unless value is a finite real >= minimum (> with allow_min=False).
+
+    NaN passes every comparison-based check (nan < 0 is False) and used to switch a loss or the jitter
+    off silently; inf made capacity overflow deep in the forward.
+    """
+    bound = f">= {minimum}" if allow_min else f"> {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not (
+            value >= minimum if allow_min else value > minimum):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _check_input(x: torch.Tensor, hidden_size: int, param: torch.Tensor, name: str = "x") -> None:
@@ -151,8 +164,7 @@ class TopKRouter(nn.Module):
         if not isinstance(top_k, int):
             raise ValueError(f"top_k must be an int, got {top_k!r}")
         check_gating_args(num_experts, top_k, n_groups, topk_groups, scoring)
-        if router_jitter < 0:
-            raise ValueError(f"router_jitter must be >= 0, got {router_jitter}")
+        _check_number("router_jitter", router_jitter, minimum=0.0)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.scoring, self.normalize_topk, self.scaling_factor = scoring, normalize_topk, scaling_factor
         self.router_jitter, self.n_groups, self.topk_groups = router_jitter, n_groups, topk_groups
@@ -519,10 +531,10 @@ class SparseMoE(nn.Module):
                 raise ValueError(f"ep_capacity must be a positive int or None, got {ep_capacity!r}")
             if capacity_factor is not None:
                 raise ValueError("give capacity_factor or ep_capacity, not both: both set the per-expert capacity")
-        if aux_loss_coef < 0 or z_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got {aux_loss_coef}, {z_loss_coef}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        _check_number("aux_loss_coef", aux_loss_coef, minimum=0.0)
+        _check_number("z_loss_coef", z_loss_coef, minimum=0.0)
+        if capacity_factor is not None:
+            _check_number("capacity_factor (None: dropless)", capacity_factor, minimum=0.0, allow_min=False)
         _check_positive("max_token_groups", max_token_groups)
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k = num_experts, top_k

@@ -247,7 +247,13 @@ def _build_plan(ids: torch.Tensor, num_experts: int, block_m: int, backend: str)
 
 
 def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
-    """Rows each expert may take: ceil(capacity_factor * N / E), at least 1; from shapes only."""
+    """Rows each expert may take: ceil(capacity_factor * N / E), at least 1; from shapes only.
+
+    ValueError for a capacity_factor that is not a finite number > 0 (NaN would compare False
+    everywhere and inf has no ceiling).
+    """
+    if not isinstance(capacity_factor, (int, float)) or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
     return max(1, math.ceil(capacity_factor * num_slots / num_experts))
 
 
