@@ -5,15 +5,34 @@
       -> one line `<prog>: error: <message>` on stderr, exit status 2 (argparse's convention)
 
 UsageError is for what the user fixes on the command line (a value out of range, no CUDA device for
---device cuda, a run directory holding another run); anything else is a bug and keeps its traceback.
+--device cuda, a run directory holding another run); models.errors.RunError (a damaged checkpoint, a
+diverged run) prints the same way; anything else is a bug and keeps its traceback.
+
+A job that writes a run directory holds it with run_directory(out): created and checked writable
+before any training, and locked (OUT/.lock, flock) so that a second live run into it stops at once
+with one line naming the first one's pid; a dead run's lock is released by the kernel and taken over.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterator
+
+from ..models.errors import RunError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run directories are not locked there
+    fcntl = None
 
 EXIT_USAGE = 2  # argparse's exit status for a command-line error
+LOCK_NAME = ".lock"
 
 
 class UsageError(ValueError):
@@ -41,10 +60,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_or_exit(parser: argparse.ArgumentParser, run: Callable, args: argparse.Namespace):
-    """run(args), with a UsageError turned into parser.error (one line, exit 2)."""
+    """run(args), with a UsageError or a RunError turned into parser.error (one line, exit 2)."""
     try:
         return run(args)
-    except UsageError as e:
+    except (UsageError, RunError) as e:
         parser.error(str(e))
 
 
@@ -54,7 +73,8 @@ def _number(kind: type, lo, inclusive: bool, what: str) -> Callable[[str], objec
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < lo or (value == lo and not inclusive) or value != value:  # value != value: NaN
+        # Infinity passes every comparison with lo and NaN fails them all: both are refused here.
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
@@ -68,13 +88,13 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def float_above(lo: float) -> Callable[[str], float]:
-    """argparse type: a float > lo (NaN refused)."""
-    return _number(float, lo, False, f"a number > {lo:g}")
+    """argparse type: a finite float > lo (NaN and infinity refused)."""
+    return _number(float, lo, False, f"a finite number > {lo:g}")
 
 
 def float_at_least(lo: float) -> Callable[[str], float]:
-    """argparse type: a float >= lo (NaN refused)."""
-    return _number(float, lo, True, f"a number >= {lo:g}")
+    """argparse type: a finite float >= lo (NaN and infinity refused)."""
+    return _number(float, lo, True, f"a finite number >= {lo:g}")
 
 
 def pick_device(name: str, flag: str = "--device"):
@@ -98,5 +118,71 @@ def pick_device(name: str, flag: str = "--device"):
     return device
 
 
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("unimoe_kernels", "__main__.py")):
+        argv[0] = "python -m unimoe_kernels"
+    return " ".join(argv)
+
+
+def _holder(fd: int) -> dict:
+    """What the lock file says about the run that wrote it ({} when empty or unreadable)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        record = json.loads(os.read(fd, 1 << 16).decode() or "{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _open_run_directory(out: str, flag: str) -> int:
+    """Create `out` if needed and open its lock file for writing: a UsageError naming `flag` when
+    that is not possible, so an unwritable directory stops the job before it trains."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"{flag} {out} is a file, not a directory: pass a directory (it is created when missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        return os.open(os.path.join(out, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else out
+        raise UsageError(f"{flag} {out}: cannot write there ({where}: {e.strerror}): "
+                         "pass a writable directory") from None
+
+
+@contextlib.contextmanager
+def run_directory(out: str, flag: str = "--out") -> Iterator[None]:
+    """Hold run directory `out` for the duration of the block (see the module docstring); a lock a
+    dead run left behind is taken over, and the screen says so."""
+    created = not os.path.isdir(out)
+    fd = _open_run_directory(out, flag)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = _holder(fd)
+                who = (f"pid {other['pid']} ({other.get('command', '?')}, since {other.get('since', '?')})"
+                       if "pid" in other else "a process that is just starting")
+                raise UsageError(f"{out} is in use by another live run, {who}: wait for it to end or stop it, "
+                                 f"or pass another {flag}") from None
+        previous = _holder(fd)
+        record = {"pid": os.getpid(), "command": _command_line(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(record).encode())
+        if previous.get("pid") not in (None, os.getpid()):
+            print(f"{out}: taking over the lock of pid {previous['pid']}, which ended without releasing it", flush=True)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: the run ended cleanly
+            if created and os.listdir(out) == [LOCK_NAME]:
+                # A job that stopped before writing anything leaves no directory behind either.
+                os.remove(os.path.join(out, LOCK_NAME))
+                os.rmdir(out)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 __all__ = ["UsageError", "Formatter", "Parser", "run_or_exit", "int_at_least", "float_above", "float_at_least",
-           "pick_device", "EXIT_USAGE"]
+           "pick_device", "run_directory", "EXIT_USAGE", "LOCK_NAME"]

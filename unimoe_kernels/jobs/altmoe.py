@@ -4,10 +4,13 @@ synthetic two-encoder demo (no download).
 train:    SyntheticPairs(seed) -> frozen encoders -> train / val / test embeddings
           -> train_alternating (one direction per step, tqdm bar, Recall@1/5/10 on val every
              --eval-every steps) -> test Recall@k both directions
-          -> --out/: checkpoint.pt (predictor + how the data was made), gallery_<modality>.pt
+          -> --out/ (locked for the run, checked writable before training): gallery_<modality>.pt
              (VectorStore of each modality's test embeddings), test_pairs.pt (raw test embeddings,
-             the queries), report.json, recall.png (when matplotlib imports)
-retrieve: checkpoint.pt + gallery_<tgt>.pt (+ queries) -> queries through the predictor
+             the queries), then checkpoint.pt (predictor + how the data was made + the sha256 of
+             those files), each renamed into place whole; report.json, recall.png (when
+             matplotlib imports); a loss that stops being finite ends the job before any save
+retrieve: checkpoint.pt + gallery_<tgt>.pt (+ queries), the run's files checked against the
+             checkpoint's sha256 -> queries through the predictor
           -> cosine top-k in batches -> Recall@1/5/10 per direction (paired queries) and the top
              hits of the first --show queries -> retrieve.json
 
@@ -38,7 +41,9 @@ from ..models.altmoe import (
     train_alternating,
 )
 from ..models.altmoe_retrieval import VectorStore, evaluate_direction
-from . import Parser, UsageError, float_above, float_at_least, int_at_least, pick_device, run_or_exit
+from ..models.checkpoint import replacing, sha256_of
+from ..models.errors import TrainingDiverged
+from . import Parser, UsageError, float_above, float_at_least, int_at_least, pick_device, run_directory, run_or_exit
 
 DEFAULT_OUT = os.path.join("runs", "altmoe")
 
@@ -58,15 +63,25 @@ def _dims(text: str) -> Dict[str, int]:
 
 def _direction_lr(text: str):
     name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--direction-lr must look like 'image_to_text=2e-3', got {text!r}")
     try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--direction-lr must look like 'image_to_text=2e-3', got {text!r}") from None
+        return name.strip(), float_above(0.0)(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"--direction-lr {name.strip()}: {e}") from None
+
+
+def _fraction(text: str) -> float:
+    value = float_at_least(0.0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `train` and `retrieve` sub-subcommands (dest `altmoe_command`) to `parser`."""
-    sub = parser.add_subparsers(dest="altmoe_command", required=True)
+    # Not required by argparse, whose message would not list the choices: run() says them.
+    sub = parser.add_subparsers(dest="altmoe_command", metavar="{train,retrieve}")
 
     t = sub.add_parser("train", help="alternating training on the synthetic two-encoder task, with a report")
     t.add_argument("--out", default=DEFAULT_OUT, help="run directory")
@@ -98,20 +113,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float_above(0.0), default=1.5e-3, help="peak LR of every direction")
     t.add_argument("--direction-lr", type=_direction_lr, action="append", default=[],
                    help="per-direction peak LR, e.g. image_to_text=2e-3 (repeatable)")
-    t.add_argument("--warmup-frac", type=float_at_least(0.0), default=0.1, help="share of the steps in linear warmup")
-    t.add_argument("--final-lr-ratio", type=float_at_least(0.0), default=0.01,
+    t.add_argument("--warmup-frac", type=_fraction, default=0.1, help="share of the steps in linear warmup")
+    t.add_argument("--final-lr-ratio", type=_fraction, default=0.01,
                    help="the cosine schedule ends at this fraction of the peak LR")
     t.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01, help="AdamW weight decay")
     t.add_argument("--eval-every", type=int_at_least(1), default=50, help="validation recall every N steps")
     t.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the batches")
     t.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int_at_least(0), default=0,
-                   help="torch CPU threads (0 = torch's default); 1 is fastest for the demo's tiny matmuls "
-                        "on a busy machine")
+    # 1, measured on a 2-core machine (40 default-size steps): 3.9 s with 1 thread vs 3.3 s with 2
+    # when idle, but 5.0 s vs 37.9 s with two other busy processes. Every tiny op forks an OpenMP
+    # team whose threads spin at the barrier while the core they wait for is descheduled.
+    t.add_argument("--threads", type=int_at_least(0), default=1,
+                   help="torch CPU threads (0 = torch's default, one per core: as much as 8x slower for these "
+                        "small matmuls when other processes share the cores)")
 
     r = sub.add_parser("retrieve", help="cross-modal search with a trained connector and saved galleries")
-    r.add_argument("--run", default=DEFAULT_OUT, help="directory of a `train` run")
+    r.add_argument("--run", default=None, help=f"directory of a `train` run (None: {DEFAULT_OUT})")
     r.add_argument("--checkpoint", default=None, help="predictor checkpoint (None: <run>/checkpoint.pt)")
     r.add_argument("--direction", action="append", default=None,
                    help="direction(s) to search, e.g. image_to_text (None: all of the checkpoint)")
@@ -161,7 +179,32 @@ def run_train(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     if args.top_k > args.experts:
         raise UsageError(f"--top-k {args.top_k} is more than --experts {args.experts}")
-    os.makedirs(args.out, exist_ok=True)
+    with run_directory(args.out):
+        return _train(args, device)
+
+
+def _save_run(args: argparse.Namespace, predictor: AltMoEPredictor, task: SyntheticPairs, seeds: dict,
+              test: Dict[str, torch.Tensor]) -> tuple:
+    """Galleries and test pairs first, checkpoint.pt last and naming their sha256, each file renamed
+    into place whole: after a kill, retrieve finds the old checkpoint with files it did not write and
+    says so, instead of searching another run's galleries."""
+    bad = [n for n, p in predictor.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(f"altmoe: {bad[0]} is no longer finite after training (peak --lr {args.lr:g}); nothing "
+                               "was saved: train again with a lower --lr")
+    galleries = {m: os.path.join(args.out, f"gallery_{m}.pt") for m in test}
+    for m, path in galleries.items():
+        VectorStore(test[m], modality=m).save(path)
+    pairs = os.path.join(args.out, "test_pairs.pt")
+    with replacing(pairs) as tmp:
+        torch.save({m: t.cpu() for m, t in test.items()}, tmp)
+    files = {os.path.basename(f): sha256_of(f) for f in [*galleries.values(), pairs]}
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    save_predictor(predictor, ckpt, extra={"synthetic": task.spec(), "split_seeds": seeds, "files": files})
+    return ckpt, galleries
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     task = SyntheticPairs(args.dims, latent_dim=args.latent_dim, noise=args.noise, seed=args.seed)
     # Distinct seeds per split so val and test items never repeat training items.
@@ -192,13 +235,7 @@ def run_train(args: argparse.Namespace) -> dict:
     )
     train_s = time.perf_counter() - start
 
-    galleries = {}
-    for m in config.dims:
-        galleries[m] = os.path.join(args.out, f"gallery_{m}.pt")
-        VectorStore(test[m], modality=m).save(galleries[m])
-    torch.save({m: t.cpu() for m, t in test.items()}, os.path.join(args.out, "test_pairs.pt"))
-    ckpt = os.path.join(args.out, "checkpoint.pt")
-    save_predictor(predictor, ckpt, extra={"synthetic": task.spec(), "split_seeds": seeds})
+    ckpt, galleries = _save_run(args, predictor, task, seeds, test)
 
     test_recall, oracle = {}, {}
     for (src, tgt), d in zip(config.directions, predictor.directions):
@@ -228,14 +265,43 @@ def run_train(args: argparse.Namespace) -> dict:
     return report
 
 
+def _read(path: str, fix: str, load):
+    """load(), with any failure to read `path` (truncated, not the format asked for) one UsageError
+    naming the file, then `fix`."""
+    try:
+        return load()
+    except Exception as e:  # torch.load alone raises RuntimeError, EOFError, UnpicklingError, BadZipFile, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}: {first}): {fix}") from None
+
+
 def run_retrieve(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
-    ckpt = args.checkpoint or os.path.join(args.run, "checkpoint.pt")
-    for flag, path in (("--checkpoint", ckpt), ("--queries", args.queries), ("--gallery", args.gallery)):
+    run_dir = args.run or DEFAULT_OUT
+    ckpt = args.checkpoint or os.path.join(run_dir, "checkpoint.pt")
+    retrain = f"`python -m unimoe_kernels altmoe train --out {run_dir}`"
+    if not os.path.exists(ckpt):
+        if args.checkpoint:
+            raise UsageError(f"--checkpoint {ckpt!r} does not exist: pass the checkpoint.pt of an `altmoe train` run")
+        raise UsageError(f"{ckpt!r} does not exist: run {retrain} first"
+                         + ("" if args.run else ", or pass --run the directory of a train run"))
+    for flag, path in (("--queries", args.queries), ("--gallery", args.gallery)):
         if path is not None and not os.path.exists(path):
-            raise UsageError(f"{flag} {path!r} does not exist" + (" (run `python -m unimoe_kernels altmoe train` "
-                             "first, or pass --run)" if flag == "--checkpoint" and not args.checkpoint else ""))
-    predictor, _ = load_predictor(ckpt, map_location=device)
+            raise UsageError(f"{flag} {path!r} does not exist")
+    fix = "pass another --checkpoint" if args.checkpoint else f"train it again ({retrain})"
+    predictor, extra = _read(ckpt, fix, lambda: load_predictor(ckpt, map_location=device))
+    # The run's own files, when read through the run's own checkpoint, must be the ones it wrote.
+    written = extra.get("files", {}) if not args.checkpoint else {}
+
+    def run_file(path: str, flag: str, load):
+        fix = f"pass another {flag}" if getattr(args, flag[2:]) else f"train again ({retrain})"
+        value = _read(path, fix, load)
+        want = written.get(os.path.basename(path)) if os.path.dirname(path) == os.path.dirname(ckpt) else None
+        if want is not None and sha256_of(path) != want:
+            raise UsageError(f"{path} is not the file {ckpt} was saved with (a train run into {run_dir} was stopped "
+                             f"while saving, or the file was replaced): train again ({retrain})")
+        return value
+
     cfg = predictor.config
     directions = args.direction or predictor.directions
     for d in directions:
@@ -243,16 +309,17 @@ def run_retrieve(args: argparse.Namespace) -> dict:
             raise UsageError(f"--direction {d!r} is not one of the checkpoint's {predictor.directions}")
     if args.gallery is not None and len(directions) != 1:
         raise UsageError("--gallery searches one target modality: give exactly one --direction with it")
-    queries_path = args.queries or os.path.join(args.run, "test_pairs.pt")
-    queries = torch.load(queries_path, map_location="cpu", weights_only=True)
+    queries_path = args.queries or os.path.join(run_dir, "test_pairs.pt")
+    queries = run_file(queries_path, "--queries",
+                       lambda: torch.load(queries_path, map_location="cpu", weights_only=True))
     if not isinstance(queries, dict) and len(directions) != 1:
         raise UsageError("--queries holds one tensor, which has one source modality: give exactly one --direction")
 
     results = {}
     for d in directions:
         src, tgt = cfg.directions[predictor.directions.index(d)]
-        gallery_path = args.gallery or os.path.join(args.run, f"gallery_{tgt}.pt")
-        gallery = VectorStore.load(gallery_path, map_location=device)
+        gallery_path = args.gallery or os.path.join(run_dir, f"gallery_{tgt}.pt")
+        gallery = run_file(gallery_path, "--gallery", lambda: VectorStore.load(gallery_path, map_location=device))
         q = queries[src] if isinstance(queries, dict) else queries
         if not isinstance(q, torch.Tensor):
             raise UsageError(f"--queries {queries_path} must hold a tensor or a dict of tensors by modality")
@@ -274,7 +341,7 @@ def run_retrieve(args: argparse.Namespace) -> dict:
         _print(line)
         for h in entry["top_hits"]:
             _print(f"  query {h['query']}: ids {h['ids'][:5]} scores {h['scores'][:5]}")
-    out = args.json or os.path.join(args.run, "retrieve.json")
+    out = args.json or os.path.join(run_dir, "retrieve.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump({"job": "altmoe retrieve", "device": str(device), "results": results}, f, indent=2)
@@ -283,6 +350,8 @@ def run_retrieve(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.altmoe_command is None:
+        raise UsageError("choose train or retrieve (`python -m unimoe_kernels altmoe --help` says what each does)")
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:

@@ -37,8 +37,20 @@ import torch
 
 from .. import timing
 from ..models.unimoe import PRESETS
-from . import float_above, int_at_least, pick_device
-from .train import FRESH_HELP, add_common, announce, clear_stage, reusable_stage, set_threads, stage_dir, stage_settings
+from . import float_above, int_at_least, pick_device, run_directory
+from .train import (  # noqa: F401 (ON_INTERRUPT: read by __main__)
+    FRESH_HELP,
+    ON_INTERRUPT,
+    add_common,
+    announce,
+    checkpoint_meta,
+    load_checkpoint_model,
+    redo_damaged,
+    reusable_stage,
+    set_threads,
+    stage_dir,
+    stage_settings,
+)
 
 SPEED_NOTE = "N.NNx faster = baseline time / our time (above 1.00x: SparseMoE is faster)"
 
@@ -248,15 +260,20 @@ def _plots(report: dict, out: str) -> list:
     plt.close(fig)
 
     thr = report["throughput"]
-    panels = [(thr["train_tokens_per_s"], "model: training tokens/s"),
-              (thr["generate_tokens_per_s"], "model: generation tokens/s")]
+    panels = [(thr["train_tokens_per_s"], thr["train_speedup_vs_naive"], "model: training tokens/s"),
+              (thr["generate_tokens_per_s"], thr["generate_speedup_vs_naive"], "model: generation tokens/s")]
     if report.get("layer_stack"):
         st = report["layer_stack"]
-        panels.append((st["train_tokens_per_s"], f"{st['shape']} MoE stack ({st['device']}):\nfwd+bwd tokens/s"))
+        panels.append((st["train_tokens_per_s"], st["speedup_vs_naive"],
+                       f"{st['shape']} MoE stack ({st['device']}):\nfwd+bwd tokens/s"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
-    for ax, (vals, title) in zip(axes, panels):
-        ax.bar(["SparseMoE", "naive loop"], [vals["fused"], vals["naive"]], color=["tab:blue", "tab:gray"])
-        ax.set_title(title, fontsize=9)
+    for ax, (vals, ratio, title) in zip(axes, panels):
+        bars = ax.bar(["SparseMoE", "naive loop"], [vals["fused"], vals["naive"]], color=["tab:blue", "tab:gray"])
+        # The numbers themselves, as the summary prints them: bar heights alone hide a 3% difference.
+        ax.bar_label(bars, labels=[f"{vals['fused']:.0f}", f"{vals['naive']:.0f}"], fontsize=8, padding=2)
+        ax.margins(y=0.15)
+        ax.set_ylabel("tokens/s", fontsize=8)
+        ax.set_title(f"{title}\nSparseMoE {ratio:.2f}x faster", fontsize=9)
     fig.suptitle(f"this package's layers vs the naive loop over experts (model on {report['device']})", fontsize=10)
     fig.tight_layout()
     files.append(os.path.join(out, "throughput.png"))
@@ -281,17 +298,44 @@ def _plots(report: dict, out: str) -> list:
     return files
 
 
-def run(args: argparse.Namespace) -> dict:
-    from ..models.training import DEFAULT_LR, DEFAULT_STEPS, eval_batches, load_model, read_trainer_state, train_stage
-    from ..models.unimoe import UniMoE, answer_accuracy, preset_config
+def summary_lines(report: dict) -> list:
+    """The report's numbers as the demo prints them: accuracy, then every speed as "SparseMoE <ours>
+    vs naive loop <theirs> (SparseMoE <ratio>x faster)" in the package's convention, then expert load."""
+    final, thr, stack, load = report["stages"][-1]["eval"], report["throughput"], report["layer_stack"], \
+        report["expert_load"]
+    lines = [f"final answer accuracy {final['accuracy']:.3f} = {report['accuracy_over_chance']:.1f}x chance "
+             f"({final['chance']:.3f})", f"speed, {SPEED_NOTE}:"]
 
+    def versus(rates: dict, ratio: float) -> str:
+        return (f"SparseMoE {rates['fused']:.0f} vs naive loop {rates['naive']:.0f} "
+                f"(SparseMoE {ratio:.2f}x faster)")
+
+    lines.append(f"training tokens/s: {versus(thr['train_tokens_per_s'], thr['train_speedup_vs_naive'])}")
+    lines.append(f"generation tokens/s: {versus(thr['generate_tokens_per_s'], thr['generate_speedup_vs_naive'])}")
+    if stack is not None:
+        lines.append(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} "
+                     f"F={stack['ffn']} E={stack['experts']} k={stack['top_k']} r={stack['lora_rank']}, "
+                     f"{stack['dtype']} on {stack['device']}) fwd+bwd tokens/s: "
+                     f"{versus(stack['train_tokens_per_s'], stack['speedup_vs_naive'])}")
+    lines.append(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; "
+                 f"cols: {', '.join(load['experts'])}):")
+    lines += [f"  {m:>5}: " + " ".join(f"{v:.2f}" for v in row)
+              for m, row in zip(load["token_modalities"], load["fraction"])]
+    return lines
+
+
+def run(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     stack_device = pick_device(args.stack_device, "--stack-device") if args.stack != "none" else None
+    with run_directory(args.out):
+        return _demo(args, stack_device)
+
+
+def _demo(args: argparse.Namespace, stack_device) -> dict:
+    from ..models.training import DEFAULT_LR, DEFAULT_STEPS, eval_batches, train_stage
+    from ..models.unimoe import UniMoE, answer_accuracy, preset_config
+
     t_start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    if args.fresh:
-        for stage in range(4):
-            clear_stage(stage_dir(args.out, stage))
     torch.manual_seed(args.seed)
     model = UniMoE(preset_config(args.preset))
     eval_set = eval_batches(model.cfg, args.eval_examples)
@@ -303,23 +347,26 @@ def run(args: argparse.Namespace) -> dict:
 
     # Every stage directory checked before any training, so a later stage holding another run stops
     # the demo now, not after the stages before it trained (the link to the stage it started from,
-    # init, is checked in the loop, once that stage's run is known).
-    for stage in range(4):
-        meta = read_trainer_state(stage_dir(args.out, stage))
+    # init, is checked in the loop, once that stage's run is known). --fresh reads none of them: each
+    # is replaced at its stage's first save.
+    for stage in range(4 if not args.fresh else 0):
+        here = stage_dir(args.out, stage)
+        meta = checkpoint_meta(here, redo_damaged(stage))
         if meta is not None:
-            reusable_stage(stage_dir(args.out, stage), settings_of(stage, (meta.get("settings") or {}).get("init")))
+            reusable_stage(here, settings_of(stage, (meta.get("settings") or {}).get("init")))
     stages, init = [], None  # init: run_id of the checkpoint the next stage starts from
     for stage in range(4):
         here = stage_dir(args.out, stage)
         settings = settings_of(stage, init)
         steps = settings["steps"]
-        meta = reusable_stage(here, settings)  # stops the demo when `here` holds another run
+        meta = None if args.fresh else reusable_stage(here, settings)  # stops the demo when `here` holds another run
         if meta is not None:
             print(announce(stage, here, meta))
-            model = load_model(here)
+            model = load_checkpoint_model(here, redo_damaged(stage))
         t0 = time.perf_counter()
         rec = train_stage(model, stage, steps, batch_size=args.batch_size, seed=args.seed, out_dir=here,
-                          save_every=max(steps // 3, 1), progress=not args.no_progress, settings=settings)
+                          save_every=max(steps // 3, 1), resume=not args.fresh, progress=not args.no_progress,
+                          settings=settings)
         init = rec["run_id"]
         acc = answer_accuracy(model, eval_set)
         stages.append({"stage": stage, "steps": steps, "seconds": time.perf_counter() - t0,
@@ -359,23 +406,7 @@ def run(args: argparse.Namespace) -> dict:
     report["plots"] = [] if args.no_plots else _plots(report, args.out)
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
-    thr = throughput
-    print(f"final answer accuracy {final['accuracy']:.3f} = {report['accuracy_over_chance']:.1f}x chance "
-          f"({final['chance']:.3f})")
-    print(f"speed, {SPEED_NOTE}:")
-    print(f"training tokens/s: SparseMoE {thr['train_tokens_per_s']['fused']:.0f} vs naive loop "
-          f"{thr['train_tokens_per_s']['naive']:.0f} (SparseMoE {thr['train_speedup_vs_naive']:.2f}x faster)")
-    print(f"generation tokens/s: SparseMoE {thr['generate_tokens_per_s']['fused']:.0f} vs naive loop "
-          f"{thr['generate_tokens_per_s']['naive']:.0f} (SparseMoE {thr['generate_speedup_vs_naive']:.2f}x faster)")
-    if stack is not None:
-        print(f"{stack['shape']} layer stack ({stack['layers']} layers, T={stack['tokens']} H={stack['hidden']} "
-              f"F={stack['ffn']} "
-              f"E={stack['experts']} k={stack['top_k']} r={stack['lora_rank']}, {stack['dtype']} on {stack['device']}) "
-              f"fwd+bwd tokens/s: SparseMoE {stack['train_tokens_per_s']['fused']:.0f} vs naive loop "
-              f"{stack['train_tokens_per_s']['naive']:.0f} (SparseMoE {stack['speedup_vs_naive']:.2f}x faster)")
-    print(f"expert load per token modality (rows: {', '.join(load['token_modalities'])}; "
-          f"cols: {', '.join(load['experts'])}):")
-    for m, row in zip(load["token_modalities"], load["fraction"]):
-        print(f"  {m:>5}: " + " ".join(f"{v:.2f}" for v in row))
+    for line in summary_lines(report):
+        print(line)
     print(f"demo took {report['seconds']['total']:.0f} s; report in {os.path.join(args.out, 'report.json')}")
     return report

@@ -3,7 +3,9 @@
     load_model(--ckpt, default OUT/stage3) -> fresh synthetic questions per --modality (seeded)
     -> model.generate (KV cache unless --no-cache; naive loop MoE with --naive)
     -> one line per example: modality, question (<image> etc. marks where the media embeddings go),
-       truth, answer; then accuracy and generated tokens/s (positions decoded, after a warm-up call)
+       truth, answer; then accuracy and generated tokens/s (positions decoded, after a warm-up call),
+       labelled with what the FFNs are (SparseMoE, naive loop MoE, or no MoE before stage 3)
+    a missing or damaged checkpoint: one `error:` line naming the file and what to pass
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from .. import timing
 from ..models.synthetic_data import MODALITIES
 from . import UsageError, int_at_least
-from .train import add_common, set_threads
+from .train import add_common, checkpoint_meta, load_checkpoint_model, no_checkpoint, set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,17 +31,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--naive", action="store_true", help="run every SparseMoE through the naive loop over experts")
 
 
+def ffn_label(ffn_mode: str, naive: bool) -> str:
+    """What the timed model's FFN layers are: only a stage-3 checkpoint has SparseMoE layers."""
+    if ffn_mode == "moe":
+        return "naive loop MoE" if naive else "SparseMoE"
+    return {"dense": "dense FFN, no MoE", "modality": "modality FFNs, no MoE"}.get(ffn_mode, ffn_mode)
+
+
 def run(args: argparse.Namespace) -> dict:
     from ..models import synthetic_data as sd
-    from ..models.training import load_model, read_trainer_state
 
     set_threads(args.threads)
     mods = sd.MODALITIES if args.modality == "all" else (args.modality,)
     ckpt = args.ckpt or os.path.join(args.out, "stage3")
-    if read_trainer_state(ckpt) is None:
+    if args.ckpt:
+        fix = "pass --ckpt a complete checkpoint, or train that stage again with --fresh"
+    else:
+        fix = f"train it again (`python -m unimoe_kernels demo --out {args.out} --fresh`) or pass --ckpt"
+    if checkpoint_meta(ckpt, fix) is None:
+        if args.ckpt:
+            raise no_checkpoint("--ckpt", ckpt, 3, os.path.join("runs", "demo", "stage3"))
         raise UsageError(f"{ckpt!r} holds no checkpoint: train one (`python -m unimoe_kernels demo --out {args.out}`) "
                          "or pass --ckpt")
-    model = load_model(ckpt).eval()
+    model = load_checkpoint_model(ckpt, fix).eval()
     if args.naive:
         if model.ffn_mode != "moe":
             raise UsageError(f"--naive needs a stage-3 (MoE) checkpoint; {ckpt!r} is {model.ffn_mode!r}")
@@ -68,5 +82,5 @@ def run(args: argparse.Namespace) -> dict:
                   f"{'ok' if ok else 'WRONG'}")
     result = {"accuracy": hits / total, "tokens_per_s": new_tokens / seconds if seconds > 0 else None, "rows": rows}
     print(f"accuracy {hits}/{total}, {result['tokens_per_s']:.0f} generated tokens/s "
-          f"({'naive loop' if args.naive else 'SparseMoE'}, {'no cache' if args.no_cache else 'KV cache'})")
+          f"({ffn_label(model.ffn_mode, args.naive)}, {'no cache' if args.no_cache else 'KV cache'})")
     return result

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .altmoe_model import AltMoEPredictor
+from .checkpoint import replacing
 
 STORE_FORMAT = "unimoe_kernels.altmoe.VectorStore/1"
 DEFAULT_KS = (1, 5, 10)
@@ -82,8 +83,12 @@ class VectorStore:
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """By suffix: .npz (numpy), .safetensors (when installed), anything else torch.save."""
-        path = os.fspath(path)
+        """By suffix: .npz (numpy), .safetensors (when installed), anything else torch.save; written
+        beside `path` and renamed over it, so a kill leaves the old file or the new one."""
+        with replacing(path) as tmp:
+            self._save(tmp)
+
+    def _save(self, path: str) -> None:
         emb, ids = self.embeddings.cpu().contiguous(), self.ids.cpu().contiguous()
         if path.endswith(".npz"):
             import numpy as np

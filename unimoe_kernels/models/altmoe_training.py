@@ -13,6 +13,7 @@ Data flow of train_alternating(predictor, train, val, steps=...):
     every eval_every steps and at the end:
                  altmoe_retrieval.evaluate_directions(predictor, val) -> Recall@1/5/10 per direction
                  -> sampler.update, mean losses since the last eval -> TrainHistory.evals
+                 (a mean loss that is not finite: TrainingDiverged)
 
 Loss = InfoNCE(tau=0.03, symmetric, L2-normalised) + smooth-L1, 1:1.
 """
@@ -30,6 +31,7 @@ import torch
 from .altmoe_losses import altmoe_loss
 from .altmoe_model import AltMoEConfig, AltMoEPredictor
 from .altmoe_retrieval import evaluate_directions
+from .errors import TrainingDiverged
 
 
 class DirectionSampler:
@@ -191,15 +193,21 @@ def train_alternating(
     history = TrainHistory(steps_per_direction={d: 0 for d in directions}, schedule=schedule)
 
     def evaluate(step: int) -> None:
-        recall = evaluate_directions(predictor, val)
-        sampler.update({d: recall[d]["R@1"] for d in directions})
         losses = {}
         for d in directions:
             if loss_counts[d]:
                 tot, con, pre = (loss_sums[d] / loss_counts[d]).tolist()
+                if not math.isfinite(tot):
+                    # Checked here, where the losses reach the host anyway: no sync per step.
+                    raise TrainingDiverged(
+                        f"altmoe {d}: the mean loss of steps {history.evals[-1]['step'] + 1}-{step} of {steps} is "
+                        f"{tot} (peak learning rate {settings[d].lr:g}); training stopped before anything was saved: "
+                        "train again with a lower learning rate")
                 losses[d] = {"total": tot, "contrastive": con, "prediction": pre}
             loss_sums[d].zero_()
             loss_counts[d] = 0
+        recall = evaluate_directions(predictor, val)
+        sampler.update({d: recall[d]["R@1"] for d in directions})
         record = {
             "step": step, "recall": recall, "loss": losses,
             "probs": dict(zip(directions, sampler.probs)),
@@ -215,33 +223,35 @@ def train_alternating(
         bar = tqdm(total=steps, desc=f"altmoe train ({schedule})", unit="step")
     predictor.train()
     evaluate(0)
-    for step in range(1, steps + 1):
-        d = sampler.next()
-        src, tgt = predictor.config.directions[directions.index(d)]
-        if cursor[d] + batch_size > n_train:
-            perms[d] = torch.randperm(n_train, generator=gen).to(device)
-            cursor[d] = 0
-        idx = perms[d][cursor[d]:cursor[d] + batch_size]
-        cursor[d] += batch_size
+    try:  # the bar is closed on a TrainingDiverged too, so the error line is not glued to it
+        for step in range(1, steps + 1):
+            d = sampler.next()
+            src, tgt = predictor.config.directions[directions.index(d)]
+            if cursor[d] + batch_size > n_train:
+                perms[d] = torch.randperm(n_train, generator=gen).to(device)
+                cursor[d] = 0
+            idx = perms[d][cursor[d]:cursor[d] + batch_size]
+            cursor[d] += batch_size
 
-        set_lrs(step - 1)
-        predictor.zero_grad(set_to_none=True)
-        out = predictor(train[src].index_select(0, idx), d)
-        loss = altmoe_loss(out, train[tgt].index_select(0, idx), cfg)
-        loss.total.backward()
-        optimizers[d].step()
-        loss_sums[d] += torch.stack([loss.total, loss.contrastive, loss.prediction]).detach()
-        loss_counts[d] += 1
-        history.steps_per_direction[d] += 1
-        if bar is not None:
-            bar.update(1)
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
-            predictor.train()
+            set_lrs(step - 1)
+            predictor.zero_grad(set_to_none=True)
+            out = predictor(train[src].index_select(0, idx), d)
+            loss = altmoe_loss(out, train[tgt].index_select(0, idx), cfg)
+            loss.total.backward()
+            optimizers[d].step()
+            loss_sums[d] += torch.stack([loss.total, loss.contrastive, loss.prediction]).detach()
+            loss_counts[d] += 1
+            history.steps_per_direction[d] += 1
             if bar is not None:
-                bar.set_postfix({f"R@1 {k}": f"{v['R@1']:.2f}" for k, v in history.evals[-1]["recall"].items()})
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+            if step % eval_every == 0 or step == steps:
+                evaluate(step)
+                predictor.train()
+                if bar is not None:
+                    bar.set_postfix({f"R@1 {k}": f"{v['R@1']:.2f}" for k, v in history.evals[-1]["recall"].items()})
+    finally:
+        if bar is not None:
+            bar.close()
     predictor.eval()
     return history
 

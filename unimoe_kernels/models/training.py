@@ -6,11 +6,14 @@
             steps and settings (settings_difference); any other checkpoint there is an error, so a
             finished stage is never rewritten to fewer steps nor continued under another schedule
         for step: batches = stage_batches(stage, step)  (seeded by (seed, stage, step): replayable)
-                  loss = model.loss(batches); backward; clip; AdamW with warmup + cosine lr
-                  checkpoint every `save_every` steps and at the end
+                  loss = model.loss(batches)  (not finite: TrainingDiverged, nothing of it saved)
+                  backward; clip; AdamW with warmup + cosine lr
+                  checkpoint every `save_every` steps and at the end (weights not finite:
+                  TrainingDiverged instead of a save)
     checkpoint dir: model.safetensors (weights), optimizer.safetensors (AdamW moments, flattened
         as "<param index>.<key>"), trainer.json (config, ffn_mode, stage, step, loss history,
-        settings, run_id: a random id of this stage's run, which the next stage records as its init)
+        settings, run_id: a random id of this stage's run, which the next stage records as its init;
+        the files' sizes and sha256), replaced as one unit at each save (models/checkpoint.py)
 
 Data per stage: 0 text QA + "describe"; 1 "describe" on image + video + audio (one mixed batch);
 2 one modality's QA per step, round-robin (that modality's FFN copies learn); 3 QA of every
@@ -19,17 +22,21 @@ modality mixed in each batch.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import uuid
+import warnings
 from typing import Callable, List, Optional
 
 import torch
 
 from . import synthetic_data as sd
+from .checkpoint import read_checkpoint, read_meta, write_checkpoint
+from .errors import CheckpointError, TrainingDiverged
 from .unimoe import UniMoE, UniMoEConfig
+
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
 
 MEDIA = ("image", "video", "audio")
 # Per-stage defaults for the tiny model (measured on 2 CPU cores; see jobs/demo.py).
@@ -105,29 +112,34 @@ def _unflat_optimizer(tensors: dict, groups: list) -> dict:
 def save_checkpoint(
     path: str, model: UniMoE, optimizer: Optional[torch.optim.Optimizer] = None, **trainer_state
 ) -> None:
-    """Write model (+ optimizer) safetensors and trainer.json into directory `path`."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, os.path.join(path, "model.safetensors"))
+    """Replace checkpoint directory `path` by model (+ optimizer) safetensors and trainer.json, as
+    one unit (models/checkpoint.py): a kill at any moment leaves the old checkpoint or this one."""
     meta = {"config": model.cfg.to_dict(), "ffn_mode": model.ffn_mode, **trainer_state}
+    tensors = {MODEL_FILE: model.state_dict()}
     if optimizer is not None:
-        tensors, groups = _flat_optimizer(optimizer)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, "optimizer.safetensors"))
-        meta["optimizer_param_groups"] = groups
-    tmp = os.path.join(path, "trainer.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(meta, fh)
-    os.replace(tmp, os.path.join(path, "trainer.json"))  # trainer.json last and atomic: it marks a complete checkpoint
+        tensors[OPTIMIZER_FILE], meta["optimizer_param_groups"] = _flat_optimizer(optimizer)
+    write_checkpoint(path, tensors, meta)
 
 
 def read_trainer_state(path: str) -> Optional[dict]:
+    """trainer.json of checkpoint directory `path` (None: no checkpoint there); a CheckpointError
+    naming the file when it is damaged."""
+    return read_meta(path)
+
+
+def _model_from(path: str, meta: dict, weights: dict) -> UniMoE:
     f = os.path.join(path, "trainer.json")
-    if not os.path.exists(f):
-        return None
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        model = UniMoE(UniMoEConfig(**meta["config"]))
+        model.set_ffn_mode(meta["ffn_mode"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is damaged or of another package version (config: {e})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{os.path.join(path, MODEL_FILE)} does not fit the model {f} describes "
+                              f"({str(e).splitlines()[0]})") from None
+    return model
 
 
 def load_model(path: str, device=None) -> UniMoE:
@@ -135,15 +147,12 @@ def load_model(path: str, device=None) -> UniMoE:
 
     It is rebuilt with the stand-in encoders; a model made with custom encoders is rebuilt by its
     owner (UniMoE(cfg, image_encoder=...), set_ffn_mode) and given model.safetensors directly.
+    A missing or damaged checkpoint raises CheckpointError naming the file.
     """
-    from safetensors.torch import load_file
-
-    meta = read_trainer_state(path)
+    meta, tensors = read_checkpoint(path, [MODEL_FILE])
     if meta is None:
-        raise FileNotFoundError(f"no checkpoint in {path!r} (trainer.json missing)")
-    model = UniMoE(UniMoEConfig(**meta["config"]))
-    model.set_ffn_mode(meta["ffn_mode"])
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        raise CheckpointError(f"{path} holds no checkpoint (no trainer.json there)")
+    model = _model_from(path, meta, tensors[MODEL_FILE])
     return model.to(device) if device is not None else model
 
 
@@ -172,12 +181,29 @@ def _check_resumable(out_dir: str, meta: dict, stage: int, steps: int, settings:
                          "pass resume=False to train it again from step 0")
 
 
-def _load_optimizer(path: str, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    from safetensors.torch import load_file
+def _load_optimizer(path: str, optimizer: torch.optim.Optimizer, meta: dict, tensors: Optional[dict]) -> None:
+    if tensors is None:
+        # Deleted by hand (a save writes it with the weights): say so, the continued run differs.
+        warnings.warn(f"{os.path.join(path, OPTIMIZER_FILE)} is missing: resuming with fresh AdamW moments, so the "
+                      "run will differ from an uninterrupted one", stacklevel=3)
+        return
+    try:
+        optimizer.load_state_dict(_unflat_optimizer(tensors, meta["optimizer_param_groups"]))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, OPTIMIZER_FILE)} does not fit this stage's optimizer "
+                              f"({' '.join(str(e).split())})") from None
 
-    f = os.path.join(path, "optimizer.safetensors")
-    if os.path.exists(f):
-        optimizer.load_state_dict(_unflat_optimizer(load_file(f), meta["optimizer_param_groups"]))
+
+def _non_finite(model: UniMoE) -> list:
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
+def _kept(out_dir: Optional[str], saved: Optional[int]) -> str:
+    if not out_dir:
+        return "nothing was saved"
+    if saved is None:
+        return f"nothing was saved in {out_dir}"
+    return f"the checkpoint in {out_dir} (step {saved}) is kept"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +242,8 @@ def train_stage(
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     # Seeded so a stage's fresh parameters (stage 3's routers and LoRA A) depend on `seed` only.
     torch.manual_seed(_seed(seed, stage, -1))
     params = model.setup_stage(stage)
@@ -225,22 +253,37 @@ def train_stage(
     start, history, run_id = 0, [], uuid.uuid4().hex[:12]
     meta = read_trainer_state(out_dir) if (out_dir and resume) else None
     if meta is not None:
-        from safetensors.torch import load_file
-
         _check_resumable(out_dir, meta, stage, steps, settings)
-        model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")))
-        _load_optimizer(out_dir, opt, meta)
+        # Weights and moments from the directory whose trainer.json was checked, both verified
+        # against the sizes and hashes it records: never one save's weights with another's state.
+        meta, tensors = read_checkpoint(out_dir, [MODEL_FILE], optional=[OPTIMIZER_FILE])
+        _check_resumable(out_dir, meta, stage, steps, settings)
+        try:
+            model.load_state_dict(tensors[MODEL_FILE])
+        except RuntimeError as e:
+            raise CheckpointError(f"{os.path.join(out_dir, MODEL_FILE)} does not fit this stage's model "
+                                  f"({str(e).splitlines()[0]})") from None
+        _load_optimizer(out_dir, opt, meta, tensors.get(OPTIMIZER_FILE))
         start, history, run_id = meta["step"], list(meta["history"]), meta.get("run_id", run_id)
+    saved = start if meta is not None else None  # the step of the checkpoint out_dir holds for this run
 
     def save(step: int) -> None:
-        if out_dir:
-            save_checkpoint(out_dir, model, opt, stage=stage, step=step, steps=steps, history=history,
-                            batch_size=batch_size, lr=lr, seed=seed, settings=settings, run_id=run_id)
+        nonlocal saved
+        if not out_dir:
+            return
+        bad = _non_finite(model)
+        if bad:
+            raise TrainingDiverged(f"stage {stage}: {bad[0]} (and {len(bad) - 1} more) is no longer finite after step "
+                                   f"{step} of {steps} at peak learning rate {lr:g}; {_kept(out_dir, saved)}; "
+                                   "train again with a lower learning rate")
+        save_checkpoint(out_dir, model, opt, stage=stage, step=step, steps=steps, history=history,
+                        batch_size=batch_size, lr=lr, seed=seed, settings=settings, run_id=run_id)
+        saved = step
 
     model.train()
     it = range(start, steps)
     bar = None
-    if progress:
+    if progress and start < steps:  # a finished stage trains nothing: no bar to draw
         try:
             from tqdm import tqdm
 
@@ -257,11 +300,16 @@ def train_stage(
         embeds, labels, groups, mod, _ = model.build_inputs(batches)
         logits = model(embeds, groups, mod)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        value = loss.item()  # the trainer logs every step; not part of the layers' forward/backward
+        if not math.isfinite(value):
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(f"stage {stage}: the loss is {value} at step {step + 1} of {steps} (peak learning "
+                                   f"rate {lr:g}); {_kept(out_dir, saved)}; train again with a lower learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # 1.0: the LLaMA / Uni-MoE recipes' clip
         opt.step()
-        value = loss.item()  # the trainer logs every step; not part of the layers' forward/backward
         history.append(value)
         tokens += embeds.shape[0] * embeds.shape[1]
         if bar is not None:
@@ -281,5 +329,5 @@ def train_stage(
 
 __all__ = [
     "stage_batches", "eval_batches", "lr_at", "train_stage", "save_checkpoint", "load_model",
-    "read_trainer_state", "settings_difference", "DEFAULT_STEPS", "DEFAULT_LR",
+    "read_trainer_state", "settings_difference", "DEFAULT_STEPS", "DEFAULT_LR", "CheckpointError", "TrainingDiverged",
 ]
