@@ -8,10 +8,13 @@ tile, with s the LoRA scale:
     side = X'[rows] @ A[e]                  [BLOCK_M, r]    LoRA side product in the same K loop
     acc += s * (side * gate) @ B[e]                         the LoRA term: r more K steps
     epilogue 0: out = acc                                   (y, dx)
-    epilogue 1: z = acc (optional), out = h = act(z)        GLU: two accumulators, gate columns n
-                                                            and up columns F + n of W and B
+    epilogue 1: z = acc (optional), out = h = act(z)        GLU: one accumulator of BLOCK_N
+                                                            columns, gate columns n0 .. n0+BLOCK_N/2
+                                                            of W and B beside the same up columns
+                                                            (F + n), split in registers at the end
     epilogue 2: acc is dh; with z loaded: dz = dh * act'(z) (gate and up halves), h = act(z)
-                recomputed, so h is never saved between forward and backward
+                recomputed, so h is never saved between forward and backward; done a quarter of
+                the tile's columns at a time, so few z values are live beside the accumulator
 
 With ROW_SCALE (the backward of the MLP fused with the weighted combine), X is d(out) [T, H]
 gathered per token and dy of sorted row r is w_r d(out)[token(r)]: the kernel computes the
@@ -34,7 +37,10 @@ GROUP_M-swizzled order; the grid may be smaller than the tile count, and then ea
 tiles num_programs apart (persistent: no tail of short-lived programs, tile setup amortised).
 Operand tiles: the weights, and X when its rows are not gathered, come through TMA tensor
 descriptors (W_DESC, X_DESC: the copy engine fills shared memory, zero past the tensor's edges, and
-no 64-bit pointer tiles sit in registers beside the accumulators); otherwise pointer loads,
+no 64-bit pointer tiles sit in registers beside the accumulators). The GLU up-projection's weight
+descriptor views W as [E, 2, F, K]: one box of [2, BLOCK_N/2, BLOCK_K] brings a tile's gate rows
+and up rows together, so one n = BLOCK_N warp-group MMA covers both halves (two n = BLOCK_N/2
+MMAs would read each X tile from shared memory twice). Otherwise pointer loads,
 unmasked unless K is not a multiple of BLOCK_K, with row indices past a tile's end clamped onto
 its last row and column indices past NOUT onto the last column (valid memory, never stored). Row
 and expert arithmetic is int64 (row * stride passes 2^31 for large N*K).
@@ -47,12 +53,53 @@ from .gemm_common import _act, _act_and_grad, _dropout_keep, _expert_tiles, _loc
 
 
 @triton.jit
-def _load_w(w_desc, expert, n0, k0, W_KMAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] tile of expert's W at (k0, n0) through its TMA descriptor."""
-    if W_KMAJOR:
-        return w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+def _load_w(w_desc, expert, n0, k0, W_KMAJOR: tl.constexpr, GLU_PACK: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] tile of expert's W (or LoRA A) at (k0, n0) through its TMA descriptor; GLU_PACK: the
+    descriptor is over [E, 2, F, K] (or [E, K, 2, F]) and the tile is BLOCK_N/2 gate columns from
+    n0 followed by the same up columns."""
+    if GLU_PACK:
+        if W_KMAJOR:
+            tile = w_desc.load([expert, 0, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            tile = w_desc.load([expert, k0, 0, n0]).reshape(BLOCK_K, BLOCK_N)
+    elif W_KMAJOR:
+        tile = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
     else:
-        return w_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+        tile = w_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    return tile
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(columns 0 .. BLOCK_N/2 - 1, the rest) of a [BLOCK_M, BLOCK_N] tile. Each thread of a
+    warp-group MMA holds the same column positions in both halves, so this moves no data."""
+    return t.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+
+
+@triton.jit
+def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, ACT: tl.constexpr,
+               GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """Epilogue 2 on a block of columns: dh -> dz (gate and up halves of z), h recomputed; returns the
+    block's row sums of dh * h (d routing weight, ROW_SCALE) before dh and h are scaled by wrow."""
+    zg = tl.load(zg_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(zg, ACT)
+    if GLU:
+        zu = tl.load(zu_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h = a * zu
+    else:
+        h = a
+    rowdot = tl.sum(dh * h, 1)
+    if ROW_SCALE:
+        dh = dh * wrow
+        h = h * wrow
+    if GLU:
+        tl.store(out_ptrs, (dh * zu * da).to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + out_up_off, (dh * a).to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, (dh * da).to(out_ptrs.dtype.element_ty), mask=mask)
+    tl.store(h_ptrs, h.to(h_ptrs.dtype.element_ty), mask=mask)
+    return rowdot
 
 
 @triton.jit
@@ -62,6 +109,7 @@ def grouped_mm_kernel(
     w_ptr, stride_we, stride_wk, stride_wn,  # [E, K, NOUT] view of the weight (strides may be transposed)
     w_desc,  # W_DESC: descriptor of W's storage, [E, NOUT, K] (W_KMAJOR) or [E, K, NOUT]
     a_ptr, stride_ae, stride_ak, stride_ar,  # [E, K, R] view of the LoRA factor applied to X
+    a_desc,  # A_DESC: descriptor of A's storage, [E, R, K] (A_KMAJOR) or [E, K, R]
     b_ptr, stride_be, stride_br, stride_bn,  # [E, R, NOUT] view of the LoRA factor applied to the side product
     side_ptr, stride_sm, stride_sr,  # [N, R] out: side product X' A (ungated), X's dtype
     gate_ptr, stride_gm, stride_gr,  # [N, R] fp32 rank gate of the side product (HAS_GATE)
@@ -72,11 +120,12 @@ def grouped_mm_kernel(
     rowdot_ptr, stride_dm,  # [N, column tiles] fp32 out (ROW_SCALE): per-tile sums of dh_unscaled * h
     offsets_ptr,  # [E+1] int32|int64 expert row offsets
     num_experts,
-    K, NOUT, R,  # reduction length, output columns (F for GLU), LoRA rank
-    # GLU: element distance from a gate column to its up column (F columns on): in W and B
-    # (EPILOGUE 1) and in z and dz (EPILOGUE 1 and 2); precomputed on the host so that a product
-    # past 2^31 arrives as an int64 argument.
-    w_up_off, b_up_off, z_up_off, out_up_off,
+    K, NOUT,  # reduction length, output columns (F for GLU)
+    R: tl.constexpr,  # LoRA rank: a constant, so a rank under BLOCK_R masks whole vectors of A's rows
+    # GLU: element distance from a gate column to its up column (F columns on) in z (EPILOGUE 1
+    # and 2) and dz (EPILOGUE 2); precomputed on the host so that a product past 2^31 arrives as
+    # an int64 argument.
+    z_up_off, out_up_off,
     scale,  # LoRA scale (fp32)
     gather_ptr,  # [N] int32|int64 source row of X for each sorted row (read only when GATHER)
     seed_ptr,  # [1] int64 dropout seed (read only when DROPOUT > 0)
@@ -89,6 +138,7 @@ def grouped_mm_kernel(
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
+    GLU_PACK: tl.constexpr,  # GLU and EPILOGUE 1: the accumulator holds BLOCK_N/2 gate columns, then the same up ones
     STORE_Z: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # EPILOGUE 2 with X = d(out) gathered per token: see the module docstring
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 when torch disallows TF32, else "tf32"
@@ -96,20 +146,31 @@ def grouped_mm_kernel(
     X_DESC: tl.constexpr,  # X's tiles come through its TMA descriptor (sorted, aligned X)
     W_DESC: tl.constexpr,  # W's tiles come through its TMA descriptor (aligned storage)
     W_KMAJOR: tl.constexpr,  # W's storage is [E, NOUT, K] ("x W^T"), else [E, K, NOUT] ("dy W")
+    A_DESC: tl.constexpr,  # A's tiles come through its TMA descriptor (zero past the rank)
+    A_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # accumulator columns; GLU epilogue 1: BLOCK_N/2 output columns (gate + up)
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,  # row tiles that sweep the column tiles together (L2 reuse)
     E_PAD: tl.constexpr,  # num_experts rounded up to a power of two
 ):
     dtype = x_ptr.dtype.element_ty
+    BLOCK_O: tl.constexpr = BLOCK_N // 2 if GLU_PACK else BLOCK_N  # output columns per tile
     e_start, e_end, e_tiles, e_cum = _expert_tiles(offsets_ptr, num_experts, BLOCK_M, E_PAD)
     num_m = tl.sum(e_tiles, 0).to(tl.int32)  # tile counts fit int32 (TMA coordinates are int32)
-    num_n = tl.cdiv(NOUT, BLOCK_N)
+    num_n = tl.cdiv(NOUT, BLOCK_O)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    # Accumulator column j reads weight column (j mod BLOCK_O) of its half; the up half is F on.
+    acc_cols = tl.arange(0, BLOCK_N)
+    if GLU_PACK:
+        col_in_half = acc_cols % BLOCK_O
+        up_half = (acc_cols >= BLOCK_O).to(tl.int64)
+    else:
+        col_in_half = acc_cols
+        up_half = tl.zeros((BLOCK_N,), dtype=tl.int64)
     for t in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         pid_m, pid_n = _swizzle(t, num_m, num_n, GROUP_M)
         expert, row_start, expert_end = _locate_tile(pid_m, e_start, e_end, e_tiles, e_cum, E_PAD, BLOCK_M)
@@ -122,16 +183,14 @@ def grouped_mm_kernel(
             x_rows = tl.load(gather_ptr + rows_in).to(tl.int64)
         else:
             x_rows = rows_in
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NOUT
-        offs_n_in = tl.minimum(offs_n, NOUT - 1)
+        n0 = pid_n * BLOCK_O
+        # Weight columns of the accumulator, clamped onto the last valid one (never stored).
+        w_cols = tl.minimum(n0 + col_in_half, NOUT - 1).to(tl.int64) + up_half * NOUT
 
         x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + e64 * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + offs_n_in[None, :] * stride_wn
+        w_ptrs = w_ptr + e64 * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + w_cols[None, :] * stride_wn
         a_ptrs = a_ptr + e64 * stride_ae + offs_k[:, None].to(tl.int64) * stride_ak + offs_r[None, :] * stride_ar
-        n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         side = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             in_k = offs_k < K - k0
@@ -145,23 +204,19 @@ def grouped_mm_kernel(
             if W_DESC:
                 # Out-of-range rows and columns of the storage are zero-filled by the copy engine;
                 # columns past NOUT inside it (the next expert's or the up half's) are never stored.
-                wt = _load_w(w_desc, expert, n0, k0, W_KMAJOR, BLOCK_N, BLOCK_K)
+                wt = _load_w(w_desc, expert, n0, k0, W_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_K)
             elif EVEN_K:
                 wt = tl.load(w_ptrs)
             else:
                 wt = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
-            if GLU and EPILOGUE == 1:
-                if W_DESC:
-                    # The up half of W starts NOUT (= F) rows after the gate half.
-                    wu = _load_w(w_desc, expert, n0 + NOUT, k0, W_KMAJOR, BLOCK_N, BLOCK_K)
-                elif EVEN_K:
-                    wu = tl.load(w_ptrs + w_up_off)
-                else:
-                    wu = tl.load(w_ptrs + w_up_off, mask=in_k[:, None], other=0.0)
-                acc_up = tl.dot(xt, wu, acc_up, input_precision=DOT_PRECISION)
             if HAS_LORA:
-                at = tl.load(a_ptrs, mask=in_k[:, None] & mask_r[None, :], other=0.0)
+                if A_DESC:
+                    at = _load_w(a_desc, expert, 0, k0, A_KMAJOR, False, BLOCK_R, BLOCK_K)
+                elif EVEN_K:
+                    at = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
+                else:
+                    at = tl.load(a_ptrs, mask=in_k[:, None] & mask_r[None, :], other=0.0)
                 if DROPOUT == 1:
                     keep = _dropout_keep(tl.load(seed_ptr), rows, k0 + offs_k, K, drop_p)
                     xs = tl.where(keep, xt * drop_scale, 0.0).to(dtype)
@@ -176,62 +231,71 @@ def grouped_mm_kernel(
         # so the epilogue holds 32-bit offset tiles instead of 64-bit pointer tiles.
         loc_m = tl.arange(0, BLOCK_M)
         if HAS_LORA:
-            # Rounded to X's dtype first, as a stored side product read back would be.
+            # Rounded to X's dtype first, as the stored side product that backward reads is.
             side_x = side.to(dtype)
             mask_mr = mask_m[:, None] & mask_r[None, :]
             if pid_n == 0:
                 tl.store(side_ptr + row_start * stride_sm + loc_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                          side_x, mask=mask_mr)
+            factor = side_x.to(tl.float32)
             if HAS_GATE:
-                g = tl.load(gate_ptr + row_start * stride_gm + loc_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                            mask=mask_mr, other=0.0)
-                side_x = (side_x.to(tl.float32) * g).to(dtype)
-            b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + offs_n_in[None, :].to(tl.int64) * stride_bn
+                factor *= tl.load(gate_ptr + row_start * stride_gm + loc_m[:, None] * stride_gm
+                                  + offs_r[None, :] * stride_gr, mask=mask_mr, other=0.0)
+            b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + w_cols[None, :] * stride_bn
             bt = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
-            lora_acc = tl.dot(side_x, bt, input_precision=DOT_PRECISION)
             if DROPOUT == 2:
-                keep = _dropout_keep(tl.load(seed_ptr), rows, offs_n, NOUT, drop_p)
-                lora_acc = tl.where(keep, lora_acc * drop_scale, 0.0)
-            acc += scale * lora_acc
-            if GLU and EPILOGUE == 1:
-                bu = tl.load(b_ptrs + b_up_off, mask=mask_r[:, None], other=0.0)
-                acc_up += scale * tl.dot(side_x, bu, input_precision=DOT_PRECISION)
-
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        out_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_n[None, :] * stride_on)
-        if EPILOGUE == 0:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
-        elif EPILOGUE == 1:
-            z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_n[None, :] * stride_zn)
-            if STORE_Z:
-                tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_mn)
-                if GLU:
-                    tl.store(z_ptrs + z_up_off, acc_up.to(z_ptr.dtype.element_ty), mask=mask_mn)
-            h = _act(acc, ACT)
-            if GLU:
-                h = h * acc_up
-            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_mn)
-        else:
-            # acc is dh; z columns n (gate) and F + n (up) give dz for both halves.
-            z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_n[None, :] * stride_zn)
-            zg = tl.load(z_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
-            a, da = _act_and_grad(zg, ACT)
-            if GLU:
-                zu = tl.load(z_ptrs + z_up_off, mask=mask_mn, other=0.0).to(tl.float32)
-                h = a * zu
+                # The mask falls on the LoRA term's columns: it needs a tile of its own.
+                lora_acc = tl.dot(factor.to(dtype), bt, input_precision=DOT_PRECISION)
+                keep = _dropout_keep(tl.load(seed_ptr), rows, n0 + acc_cols, NOUT, drop_p)
+                acc += scale * tl.where(keep, lora_acc * drop_scale, 0.0)
             else:
-                h = a
+                # The scale joins the gate in the side product's one rounding to X's dtype (exact for
+                # a power-of-two scale), so the LoRA term accumulates into acc: a second fp32
+                # [BLOCK_M, BLOCK_N] tile would cost as many registers as the accumulator.
+                acc = tl.dot((factor * scale).to(dtype), bt, acc, input_precision=DOT_PRECISION)
+
+        offs_o = n0 + tl.arange(0, BLOCK_O)
+        mask_mo = mask_m[:, None] & (offs_o < NOUT)[None, :]
+        tile_o = loc_m[:, None] * stride_om + offs_o[None, :] * stride_on
+        out_ptrs = out_ptr + row_start * stride_om + tile_o
+        if EPILOGUE == 0:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mo)
+        elif EPILOGUE == 1:
+            z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_o[None, :] * stride_zn)
+            if GLU:
+                gate, up = _halves(acc, BLOCK_M, BLOCK_N)
+                if STORE_Z:
+                    tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=mask_mo)
+                    tl.store(z_ptrs + z_up_off, up.to(z_ptr.dtype.element_ty), mask=mask_mo)
+                h = _act(gate, ACT) * up
+            else:
+                if STORE_Z:
+                    tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_mo)
+                h = _act(acc, ACT)
+            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_mo)
+        else:
+            # acc is dh; z columns n (gate) and F + n (up) give dz for both halves. A quarter of the
+            # tile's columns at a time keeps a quarter of the z tiles live beside the accumulator.
+            QUARTER: tl.constexpr = BLOCK_N // 4
+            if ROW_SCALE:
+                wrow = tl.load(rowscale_ptr + rows, mask=mask_m, other=0.0)[:, None]
+            else:
+                wrow = 1.0
+            dh_lo, dh_hi = _halves(acc, BLOCK_M, BLOCK_N)
+            dh0, dh1 = _halves(dh_lo, BLOCK_M, BLOCK_N // 2)
+            dh2, dh3 = _halves(dh_hi, BLOCK_M, BLOCK_N // 2)
+            cols = tl.arange(0, QUARTER)
+            rowdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for q in tl.static_range(4):
+                offs_c = n0 + q * QUARTER + cols
+                mask_c = mask_m[:, None] & (offs_c < NOUT)[None, :]
+                zg_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
+                dz_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_c[None, :] * stride_on)
+                h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_c[None, :] * stride_hn)
+                dh = dh0 if q == 0 else (dh1 if q == 1 else (dh2 if q == 2 else dh3))
+                rowdot += _dact_cols(dh, zg_ptrs, zg_ptrs + z_up_off, dz_ptrs, out_up_off, h_ptrs, wrow, mask_c,
+                                     ACT, GLU, ROW_SCALE)
             if ROW_SCALE:
                 # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
                 # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).
-                tl.store(rowdot_ptr + rows * stride_dm + pid_n, tl.sum(acc * h, 1), mask=mask_m)
-                wrow = tl.load(rowscale_ptr + rows, mask=mask_m, other=0.0)[:, None]
-                acc = acc * wrow
-                h = h * wrow
-            if GLU:
-                tl.store(out_ptrs, (acc * zu * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
-                tl.store(out_ptrs + out_up_off, (acc * a).to(out_ptr.dtype.element_ty), mask=mask_mn)
-            else:
-                tl.store(out_ptrs, (acc * da).to(out_ptr.dtype.element_ty), mask=mask_mn)
-            h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_n[None, :] * stride_hn)
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_mn)
+                tl.store(rowdot_ptr + rows * stride_dm + pid_n, rowdot, mask=mask_m)

@@ -92,12 +92,13 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     Tiles are 128 rows when experts average at least 96 rows (one tile then wastes under 1/4 of
     its rows), else 64: the M of one warpgroup's wgmma. 128-row tiles take 8 warps (two
     warpgroups). Column widths are the widest that compile without register spills for sm_90
-    (python -m unimoe_kernels.ops.sm90_check): 256 for the plain GEMMs (a 128x256 fp32
-    accumulator is 128 registers a thread), 128 with a LoRA side product beside it, 64 for the
-    GLU forward (two accumulators, so a 128x128 tile of z) and for the activation backward (its
-    epilogue holds two z tiles and row sums: a 64-row tile on 8 warps). 16-bit operands take
-    BLOCK_K 64 (128-byte rows, the widest swizzle), fp32 ones BLOCK_K 32 and narrower tiles, within
-    shared memory at their stage count.
+    (python -m unimoe_kernels.ops.sm90_check): 256 for the plain GEMMs and the weight gradients
+    (a 128x256 fp32 accumulator is 128 registers a thread), 128 with a LoRA side product beside
+    it, 128 accumulator columns (64 gate + 64 up) for the GLU forward, whose epilogue holds the
+    split halves and h, and 128 for the activation backward, whose epilogue loads two z tiles a
+    quarter at a time. Every one of them issues n128 or wider warp-group MMAs. 16-bit operands
+    take BLOCK_K 64 (128-byte rows, the widest swizzle), fp32 ones BLOCK_K 32 and narrower tiles,
+    within shared memory at their stage count.
     """
     wide = dtype != torch.float32
     per_expert = cdiv(rows, max(1, num_experts))
@@ -106,52 +107,56 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
             # One side is the rank: one small tile there; a bandwidth-bound pass over the rows.
             return dict(BLOCK_P=128 if k > 64 else rank_block(k), BLOCK_Q=128 if nout > 64 else rank_block(nout),
                         BLOCK_K=64, GROUP_P=8, num_warps=4, num_stages=3)
-        return dict(BLOCK_P=128, BLOCK_Q=128 if wide else 64, BLOCK_K=64 if wide else 32, GROUP_P=8,
-                    num_warps=8, num_stages=4 if wide else 3)
+        return dict(BLOCK_P=128, BLOCK_Q=256 if wide else 64, BLOCK_K=64 if wide else 32, GROUP_P=8,
+                    num_warps=8, num_stages=3)
     if per_expert < 32 and wide:
         # Decode-sized batches (a few rows per expert): the cost is reading each touched expert's
         # weights once, so 16-row tiles (the smallest MMA) keep the wasted rows off the tensor
-        # cores and out of registers, and narrow, deep tiles keep many weight loads in flight.
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, PERSISTENT=False)
+        # cores and out of registers, and narrow, deep tiles keep many weight loads in flight. The
+        # GLU forward's 128 accumulator columns are 64 output columns, as wide as the others.
+        return dict(BLOCK_M=16, BLOCK_N=128 if role == "up_glu" else 64, BLOCK_K=128, GROUP_M=1, num_warps=4,
+                    num_stages=4, PERSISTENT=False)
     block_m = 128 if per_expert >= 96 else 64
     warps = 8 if block_m == 128 else 4
     if not wide:
         block_n = 64
     elif role in ("up_glu", "dact"):
-        block_n = 64
+        block_n = 128
     elif block_m == 128 and nout >= 256 and not rank:
         block_n = 256
     else:
         block_n = 128
     stages = 4 if role == "up_glu" and wide else 3
-    if role == "dact" and wide:
-        # Its epilogue (two z tiles, the recomputed h, the routing-weight row sums) spills at
-        # 128x64 on 8 warps; two warpgroups on 64 rows halve each thread's share of it.
-        block_m, warps = 64, 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=warps,
                 num_stages=stages, PERSISTENT=False)
 
 
 def candidates(role: str, dtype: torch.dtype) -> list[dict]:
-    """What tuning tries for a role: the heuristic's neighbourhood (tile sizes, stages, persistence)."""
+    """What tuning tries for a role after the heuristic, most promising first (`tune` times the first
+    few): persistence, a wider or narrower output tile, a stage more or less. Every 16-bit entry
+    compiles for sm_90 without spills (python -m unimoe_kernels.ops.sm90_check)."""
     wide = dtype != torch.float32
     bk = 64 if wide else 32
     if role in ROLES_XTY:
         if role == "lora_wgrad":
             return [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=kk, GROUP_P=8, num_warps=w, num_stages=s)
                     for p, q, kk, w, s in ((128, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 128, 8, 3))]
-        return [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=kk, GROUP_P=8, num_warps=w, num_stages=s)
-                for p, q, kk, w, s in ((128, 128, bk, 8, 3), (128, 256 if wide else 64, bk, 8, 3),
-                                       (128, 128, bk, 8, 4), (64, 128, bk, 4, 4))]
-    out = []
-    glu = role in ("up_glu", "dact")
-    for bm, warps in ((128, 8), (64, 4)):
-        for bn in ((64, 128) if glu else (128, 256)) if wide else (64, 128):
-            for stages in (3, 4):
-                for persistent in (False, True):
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                                    num_stages=stages, PERSISTENT=persistent))
-    return out
+        # 128 x 256 on 8 warps: 128 accumulator registers a thread, the widest the K loop holds.
+        return [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_K=bk, GROUP_P=8, num_warps=w, num_stages=s)
+                for p, q, w, s in ((128, 256 if wide else 64, 8, 3), (128, 128, 8, 4), (128, 128, 8, 3),
+                                   (64, 128, 4, 4))]
+    if not wide:
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=3, PERSISTENT=p)
+                for bm, bn, w, p in ((128, 64, 8, False), (64, 128, 4, False), (128, 64, 8, True),
+                                     (64, 64, 4, False))]
+    # (BLOCK_M, BLOCK_N, warps, stages, persistent); GLU forward: BLOCK_N accumulator columns = BLOCK_N/2
+    # gate + BLOCK_N/2 up; 128 x 256 spills there and in the activation backward.
+    if role in ("up_glu", "dact"):
+        grid = ((128, 128, 8, 4, True), (64, 128, 4, 4, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False))
+    else:
+        grid = ((128, 256, 8, 3, True), (64, 128, 4, 4, False), (128, 128, 8, 4, False), (128, 256, 8, 4, False))
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, PERSISTENT=p)
+            for bm, bn, w, s, p in grid]
 
 
 def smem_estimate(role: str, dtype: torch.dtype, cfg: dict, rank: int = 0) -> int:
@@ -161,8 +166,7 @@ def smem_estimate(role: str, dtype: torch.dtype, cfg: dict, rank: int = 0) -> in
     if role in ROLES_XTY:
         per_stage = (cfg["BLOCK_P"] + cfg["BLOCK_Q"]) * cfg["BLOCK_K"]
     else:
-        w_tiles = 2 if role == "up_glu" else 1
-        per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + w_tiles * cfg["BLOCK_K"] * cfg["BLOCK_N"]
+        per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
         if rank:
             per_stage += cfg["BLOCK_K"] * rank_block(rank)
     return per_stage * size * cfg["num_stages"]

@@ -40,10 +40,19 @@ class LoRASide(NamedTuple):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's own matmul setting, so the Triton path is as exact as the torch path."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """fp32 follows torch's own CUDA matmul setting, so the Triton path is as exact as the torch path.
+
+    torch.backends.cuda.matmul.fp32_precision is "tf32" when TF32 is allowed by any of torch's
+    switches (itself, torch.backends.fp32_precision, the legacy allow_tf32 or
+    set_float32_matmul_precision); reading allow_tf32 instead raises once the new API has been used.
+    """
+    if dtype != torch.float32:
+        return "tf32"  # unused: 16-bit dots are exact products with fp32 accumulation
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,15 +81,28 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
-def _w_descriptor(w: torch.Tensor, block_n: int, block_k: int):
+def _w_descriptor(w: torch.Tensor, block_n: int, block_k: int, glu_pack: bool = False):
     """(descriptor of W's storage or None, k-major) for a weight view w [E, K, NOUT]: the storage is
-    [E, NOUT, K] when K is the contiguous axis ("x W^T"), else [E, K, NOUT] ("dy W")."""
+    [E, NOUT, K] when K is the contiguous axis ("x W^T"), else [E, K, NOUT] ("dy W"). glu_pack: the
+    NOUT axis is gate | up (2F) and is split into [2, F], so that one box holds block_n / 2 gate
+    columns and the same up columns."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     kmajor = w.stride(1) == 1 and w.shape[1] > 1
-    storage, block = (w.transpose(1, 2), [1, block_n, block_k]) if kmajor else (w, [1, block_k, block_n])
+    storage = w.transpose(1, 2) if kmajor else w
     if not _aligned(storage):
         return None, kmajor
+    e, k, nout = w.shape
+    if glu_pack:
+        half = block_n // 2
+        if kmajor:
+            storage, block = storage.view(e, 2, nout // 2, k), [1, 2, half, block_k]
+        else:
+            storage, block = storage.view(e, k, 2, nout // 2), [1, block_k, 2, half]
+        if not _aligned(storage):
+            return None, kmajor
+        return TensorDescriptor.from_tensor(storage, block), kmajor
+    block = [1, block_n, block_k] if kmajor else [1, block_k, block_n]
     return TensorDescriptor.from_tensor(storage, block), kmajor
 
 
@@ -116,7 +138,7 @@ def grouped_mm(
     z: Optional[torch.Tensor] = None,
     h: Optional[torch.Tensor] = None,
     store_z: bool = False,
-    up_offsets: tuple = (0, 0, 0, 0),
+    up_offsets: tuple = (0, 0),  # GLU: element distance from a gate column to its up column in z, dz
     dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: side product's X tiles | 2: LoRA term)
     gather: Optional[torch.Tensor] = None,  # [N] source row of x for each sorted row
     row_scale: Optional[torch.Tensor] = None,  # [N] fp32 routing weight per sorted row (dact with gathered d(out))
@@ -135,12 +157,12 @@ def grouped_mm(
     z_ = z if z is not None else out
     h_ = h if h is not None else out
 
-    def kernel_args(x_desc, w_desc, rowdot: torch.Tensor) -> tuple:
+    def kernel_args(x_desc, w_desc, a_desc, rowdot: torch.Tensor) -> tuple:
         """The kernel's arguments in its order (the descriptors and row sums depend on the config)."""
         return (
             x, x.stride(0), x.stride(1), x_desc,
             w, w.stride(0), w.stride(1), w.stride(2), w_desc,
-            a, a.stride(0), a.stride(1), a.stride(2),
+            a, a.stride(0), a.stride(1), a.stride(2), a_desc,
             b, b.stride(0), b.stride(1), b.stride(2),
             side, side.stride(0), side.stride(1),
             gate, gate.stride(0), gate.stride(1),
@@ -155,26 +177,33 @@ def grouped_mm(
     meta = dict(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
-        ACT=act, GLU=glu, STORE_Z=store_z, ROW_SCALE=row_scale is not None, DOT_PRECISION=dot_precision(x.dtype),
+        ACT=act, GLU=glu, GLU_PACK=glu and epilogue == 1, STORE_Z=store_z, ROW_SCALE=row_scale is not None,
+        DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, next_pow2(e)),
     )
 
     tma = _use_tma(x.device)
 
+    glu_pack = meta["GLU_PACK"]
+
     def launch(c: dict) -> torch.Tensor:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-        tiles = max_tiles(n, e, bm) * cdiv(nout, bn)
+        # The GLU forward's BLOCK_N accumulator columns are bn / 2 output columns (gate and up).
+        tiles = max_tiles(n, e, bm) * cdiv(nout, bn // 2 if glu_pack else bn)
         cap = _persistent_programs(x.device) if c.get("PERSISTENT") else None
         if cap:
             tiles = min(tiles, cap)
-        w_desc, kmajor = _w_descriptor(w, bn, bk) if tma and c.get("TMA", True) else (None, False)
-        x_desc = _x_descriptor(x, bm, bk) if tma and c.get("TMA", True) and gather is None else None
+        use_tma = tma and c.get("TMA", True)
+        w_desc, kmajor = _w_descriptor(w, bn, bk, glu_pack) if use_tma else (None, False)
+        a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk) if use_tma and lora is not None else (None, False)
+        x_desc = _x_descriptor(x, bm, bk) if use_tma and gather is None else None
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
         rowdot = (torch.empty((n, cdiv(nout, bn)), dtype=torch.float32, device=x.device) if row_scale is not None
                   else offsets)
         grouped_mm_kernel[(max(1, tiles),)](
-            *kernel_args(x_desc, w_desc, rowdot), **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
-            W_DESC=w_desc is not None, W_KMAJOR=kmajor, **gemm_configs.kernel_meta(c))
+            *kernel_args(x_desc, w_desc, a_desc, rowdot), **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
+            W_DESC=w_desc is not None, W_KMAJOR=kmajor, A_DESC=a_desc is not None, A_KMAJOR=a_kmajor,
+            **gemm_configs.kernel_meta(c))
         return rowdot
 
     if cfg is None:
@@ -224,7 +253,8 @@ def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: to
         y_desc = _x_descriptor(y, bk, bq) if use and gather_y is None else None
         grid = (e * cdiv(p, bp) * cdiv(q, bq),)
         grouped_xty_kernel[grid](*kernel_args(x_desc, y_desc), **meta, X_DESC=x_desc is not None,
-                                 Y_DESC=y_desc is not None, SWAP=bp < 64 <= bq, **gemm_configs.kernel_meta(c))
+                                 Y_DESC=y_desc is not None, EVEN_P=p % bp == 0, EVEN_Q=q % bq == 0,
+                                 SWAP=bp < 64 <= bq, **gemm_configs.kernel_meta(c))
 
     if cfg is None:
         role = "lora_wgrad" if min(p, q) <= 64 else "wgrad"

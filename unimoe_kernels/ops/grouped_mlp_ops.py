@@ -68,15 +68,13 @@ def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, ga
     # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
     w1 = w_gu.transpose(1, 2)
     lora = None
-    b_up = 0
     if a_gu is not None:
-        b1 = b_gu.transpose(1, 2)  # [E, R, 2F|F]
-        lora = LoRASide(a_gu.transpose(1, 2), b1, xa, scale, g_gu)  # A_gu [E, r, H] read as [E, K=H, R]
-        b_up = fdim * b1.stride(2)
+        # A_gu [E, r, H] read as [E, K=H, R]; B_gu [E, 2F|F, r] as [E, R, 2F|F].
+        lora = LoRASide(a_gu.transpose(1, 2), b_gu.transpose(1, 2), xa, scale, g_gu)
     z_ = z if z is not None else hid
     grouped_mm(
         x, w1, hid, offsets, role="up_glu" if glu else "up", nout=fdim, lora=lora, epilogue=1, act=act, glu=glu,
-        z=z_, store_z=z is not None, up_offsets=(fdim * w1.stride(2), b_up, fdim * z_.stride(1), 0),
+        z=z_, store_z=z is not None, up_offsets=(fdim * z_.stride(1), 0),
         dropout=_with_mode(drop_x, 1) if lora is not None else None, gather=gather,
     )
 
@@ -159,7 +157,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     # routing weight of its row and dyb = d(out) B_d unscaled.
     ds = grouped_mm(
         dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, glu=glu, z=z, h=hid,
-        up_offsets=(0, 0, fdim * z.stride(1), fdim * dz.stride(1)),
+        up_offsets=(fdim * z.stride(1), fdim * dz.stride(1)),
         dropout=_with_mode(drop_h, 2) if has_lora else None,
         gather=gather if w_sorted is not None else None, row_scale=w_sorted,
     )

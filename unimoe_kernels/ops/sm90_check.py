@@ -208,10 +208,14 @@ def specialisation(launch: Launch) -> Specialisation:
     """The kernel Triton's JIT would compile for these arguments: integers equal to 1 and None
     become constants, integers divisible by 16 are marked so, tensors are 16-byte aligned."""
     fn = launch.kernel
+    # Parameters annotated tl.constexpr (read from the Python function: the interpreter's wrapper
+    # has no list of them) are constants even when passed by position.
+    constexpr = {n for n, a in getattr(fn, "fn", fn).__annotations__.items() if "constexpr" in str(a)}
     consts = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
     sig, attrs = {}, {}
     for i, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        if name in constexpr or value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                                  and value == 1):
             consts[name] = value
             continue
         typ, div16 = _arg_type(value)
@@ -295,16 +299,18 @@ def _load_kind(line: str):
 
 
 def _site(loc_comment: str, sources: dict) -> str:
-    """'grouped_xty.py:83 (yt)': the outermost call site of a PTX .loc comment, with the name the
-    source line assigns to (the operand), when it assigns."""
-    sites = _LOC_SITE.findall(loc_comment)
+    """'grouped_xty.py:83 (yt)': where a PTX .loc comment's instruction comes from in the package,
+    named by the variable its source line assigns (the operand): the innermost call site whose
+    line is an assignment, else the innermost site in the package."""
+    sites = [(name, int(line)) for name, line in _LOC_SITE.findall(loc_comment) if name in sources]
     if not sites:
         return "?"
-    name, line = sites[-1]
-    text = sources.get(name, [])
-    src = text[int(line) - 1].strip() if 0 < int(line) <= len(text) else ""
-    m = re.match(r"(\w+)\s*=(?!=)", src)
-    return f"{name}:{line}" + (f" ({m.group(1)})" if m else "")
+    for name, line in sites:
+        text = sources[name]
+        m = re.match(r"(\w+)\s*=(?!=)", text[line - 1].strip()) if line <= len(text) else None
+        if m:
+            return f"{name}:{line} ({m.group(1)})"
+    return f"{sites[0][0]}:{sites[0][1]}"
 
 
 def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int]:
@@ -312,9 +318,10 @@ def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int]:
     innermost loops that issue MMAs (a persistent kernel's tile loop contains its K loop)."""
     lines = ptx.splitlines()
     sources = {}
+    package = Path(__file__).resolve().parents[1]
     for line in lines:
         m = _FILE.match(line)
-        if m and Path(m.group(1)).is_file():
+        if m and Path(m.group(1)).is_file() and package in Path(m.group(1)).resolve().parents:
             sources[Path(m.group(1)).name] = Path(m.group(1)).read_text().splitlines()
     with_mma = [(a, b) for a, b in _loops(lines) if any(_MMA.search(ln) for ln in lines[a:b + 1])]
     inner = [(a, b) for a, b in with_mma if not any(a < c and d <= b and (c, d) != (a, b) for c, d in with_mma)]
