@@ -418,6 +418,36 @@ def test_cli_train_then_retrieve(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "error: --direction 'img_to_img'" in err[0]
 
+    # The run's files are the ones its checkpoint was saved with: another gallery (as a train run
+    # stopped between its galleries and its checkpoint leaves) is named, not searched.
+    import shutil
+
+    from job_errors import error_line
+
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    VectorStore(torch.randn(100, 16), modality="txt").save(other / "gallery_txt.pt")
+    line = error_line(capsys, ["altmoe", "retrieve", "--run", str(other), "--device", "cpu"])
+    assert f"{other / 'gallery_txt.pt'} is not the file {other / 'checkpoint.pt'} was saved with" in line
+    # A truncated checkpoint: one line naming it and the fix, no traceback.
+    ckpt = other / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    line = error_line(capsys, ["altmoe", "retrieve", "--run", str(other), "--device", "cpu"])
+    assert f"{ckpt} cannot be read" in line and f"altmoe train --out {other}" in line
+    # No checkpoint: --run is suggested only to whoever did not pass it.
+    line = error_line(capsys, ["altmoe", "retrieve", "--run", str(tmp_path / "none")])
+    assert "does not exist: run `python -m unimoe_kernels altmoe train" in line and "pass --run" not in line
+
+
+def test_training_that_diverges_stops_with_an_error(data):
+    from unimoe_kernels.models.errors import TrainingDiverged
+
+    train, val = data
+    p = AltMoEPredictor(_small_config())
+    with pytest.raises(TrainingDiverged, match="is nan .*lower learning rate"):
+        train_alternating(p, train, val, steps=10, batch_size=32, eval_every=5,
+                          optim={d: DirectionOptim(lr=1e30) for d in p.directions})
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
