@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .amp import autocast_operands, check_layer_dtype, router_fp32
 from .backend import check_backend
-from .ops.dispatch import combine, dispatch, group_size_and_rank
+from .ops.dispatch import abandon_exchange_quietly, combine, dispatch, group_size_and_rank
 from .ops.gating import check_gating_args, router_logits, router_losses, topk_gating
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.lora_gates import lora_rank_gates
@@ -601,17 +601,17 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, *, return_aux: bool = False, token_groups: Optional[torch.Tensor] = None,
                 rank_gate_bias: Optional[torch.Tensor] = None):
-        _check_input(x, self.hidden_size, self.router.weight)
-        self.experts.check_input_dtype(x, type(self).__name__, "moe")
-        if rank_gate_bias is not None:
-            if not self.experts.lora_rank_gate:
-                raise ValueError("rank_gate_bias needs lora_rank_gate=True")
+        try:
+            rank_gate_bias = self._check_forward_args(x, rank_gate_bias)
+        except (TypeError, ValueError) as err:
             if self.ep_group is not None:
-                raise ValueError("rank_gate_bias is not supported with ep_group (the bias would have to travel "
-                                 "with the tokens through the all-to-all)")
-            # [..., r] per token (or per sample) -> [T, r] rows of the flattened tokens.
-            rank_gate_bias = _check_rank_gate_bias(rank_gate_bias, x.shape[:-1], self.experts.lora_rank,
-                                                   self.router.weight)
+                # The other ranks are heading into the exchange: tell them, so they raise too
+                # instead of waiting for the process-group timeout.
+                mode = ("capacity_factor" if self.capacity_factor is not None
+                        else "ep_capacity" if self.ep_capacity is not None else "dropless")
+                abandon_exchange_quietly(self.ep_group, self.num_experts, err, device=self.router.weight.device,
+                                         mode=mode)
+            raise
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         # The losses are made only when returned or trained through (in inference, and in training
@@ -657,6 +657,21 @@ class SparseMoE(nn.Module):
             load_balancing_loss=lbl, z_loss=zl, tokens_per_expert=plan.tokens_per_expert,
             router_logits=gating.logits, dropped_slots=dropped,
         )
+
+    def _check_forward_args(self, x: torch.Tensor, rank_gate_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """forward's argument checks (TypeError / ValueError naming the argument); returns the rank
+        gate bias as [T, r] rows of the flattened tokens (or None)."""
+        _check_input(x, self.hidden_size, self.router.weight)
+        self.experts.check_input_dtype(x, type(self).__name__, "moe")
+        if rank_gate_bias is None:
+            return None
+        if not self.experts.lora_rank_gate:
+            raise ValueError("rank_gate_bias needs lora_rank_gate=True")
+        if self.ep_group is not None:
+            raise ValueError("rank_gate_bias is not supported with ep_group (the bias would have to travel "
+                             "with the tokens through the all-to-all)")
+        # [..., r] per token (or per sample) -> [T, r] rows of the flattened tokens.
+        return _check_rank_gate_bias(rank_gate_bias, x.shape[:-1], self.experts.lora_rank, self.router.weight)
 
     @torch.no_grad()
     def _count_groups(self, token_groups: torch.Tensor, ids: torch.Tensor, token_shape: torch.Size) -> None:

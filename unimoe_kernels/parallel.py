@@ -97,14 +97,22 @@ def merge_state_dicts(
     return out
 
 
+def _layout(t: Optional[torch.Tensor]) -> Optional[str]:
+    """'4x8x16:float32' for a tensor, None for a missing entry: what the shards must agree on."""
+    if t is None:
+        return None
+    return "x".join(str(d) for d in t.shape) + ":" + str(t.dtype).replace("torch.", "")
+
+
 def gather_state_dict(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The full (single-process) state dict of `module`, on every rank.
 
     `module` is a SparseMoE or any model containing SparseMoE layers; for each layer with an
     ep_group, its experts.* tensors are all-gathered over that group (rank order = expert order).
-    A collective: every rank of every ep_group must call it. Every rank receives the whole dict
-    (it costs the full expert memory per rank, transiently); save it from one rank, or shard it
-    again with shard_state_dict for another group size.
+    A collective: every rank of every ep_group must call it; shards whose shapes or dtypes differ
+    between ranks are the same ValueError on every rank, naming the tensor. Every rank receives
+    the whole dict (it costs the full expert memory per rank, transiently); save it from one rank,
+    or shard it again with shard_state_dict for another group size.
     """
     from .modules import SparseMoE
 
@@ -117,7 +125,14 @@ def gather_state_dict(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
             continue
         import torch.distributed as dist
 
+        from .ops.dispatch import check_group_config
+
         base = f"{name}.experts." if name else "experts."
+        # Shards of different shapes or dtypes would make the all_gathers below exchange different
+        # byte counts (gloo aborts the process): compare them first, the same error on every rank.
+        layout = {pname: _layout(state.get(base + pname)) for pname in EXPERT_PARAMS}
+        check_group_config(sub.ep_group, layout, device=sub.router.weight.device,
+                           what=f"gather_state_dict({name or 'module'!r})")
         for pname in EXPERT_PARAMS:
             key = base + pname
             if key not in state:

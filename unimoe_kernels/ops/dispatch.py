@@ -37,15 +37,28 @@ run backward through the layer whenever one does, as with DDP.
 Host sync of variable splits: all_to_all_single takes its split sizes as Python ints, so the dropless
 path reads the [2P] row sums of the exchanged counts once per forward (one device->host copy after the
 count exchange). The padded path needs none but computes and moves padding, and drops overflow.
+
+Handshake: ranks that disagree on the hidden size, E, the dtype or the capacity would send row blocks
+of different sizes, which aborts gloo ("Received data size doesn't match") or hangs NCCL. So the
+first dispatch on a group in a process runs check_group_config: an all_gather of a fixed-size int64
+payload of the settings (the same bytes on every rank whatever the settings, one host read), after
+which every rank raises the same ValueError naming each setting the ranks disagree on. A rank that
+fails before the exchange can tell the others through the collective they are about to enter
+(abandon_exchange: the handshake, or a status column of the dropless count exchange, or a status of
+the capacity check), so they raise too instead of waiting for the process-group timeout.
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+import struct
+import weakref
+import zlib
+from typing import List, Mapping, NamedTuple, Optional
 
 import torch
 
 from .. import reference
+from ..backend import values_readable
 from ..types import RoutingPlan
 from .permute import permute, unpermute
 from .routing import build_routing
@@ -99,6 +112,167 @@ def group_size_and_rank(group, argument: str = "group") -> tuple[int, int]:
     if rank < 0:  # get_rank returns -1 on processes outside the group
         raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
     return dist.get_world_size(group), rank
+
+
+# ----------------------------------------------------------------------------------------------
+# Handshake: settings checked on the group before the first exchange
+# ----------------------------------------------------------------------------------------------
+
+# The payload has one size on every rank, whatever the settings, so the all_gather itself cannot
+# mismatch: a header (magic, settings count, failed flag, 40 bytes of the failure's text) and
+# _HS_SLOTS slots of (crc32 of the name, kind, 3 words of value).
+_HS_MAGIC = 0x756E696D6F65  # "unimoe"
+_HS_TEXT_WORDS = 5
+_HS_HEADER = 3 + _HS_TEXT_WORDS
+_HS_SLOTS = 16
+_HS_WORDS = 5
+_NONE, _INT, _FLOAT, _STR, _LONG_STR = range(5)
+# Groups whose handshake passed in this process; weak, so a destroyed group is forgotten with it.
+_GREETED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _text_words(text: str, words: int) -> list:
+    raw = text.encode("utf-8")[: 8 * words].ljust(8 * words, b"\0")
+    return [int.from_bytes(raw[8 * i: 8 * i + 8], "little", signed=True) for i in range(words)]
+
+
+def _words_text(words) -> str:
+    raw = b"".join(int(w).to_bytes(8, "little", signed=True) for w in words)
+    return raw.rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def _encode_setting(value) -> list:
+    """[kind, w0, w1, w2] of a setting value: None, bool, int, float, str or torch.dtype."""
+    if value is None:
+        return [_NONE, 0, 0, 0]
+    if isinstance(value, (bool, int)):
+        return [_INT, int(value), 0, 0]
+    if isinstance(value, float):
+        return [_FLOAT, struct.unpack("<q", struct.pack("<d", value))[0], 0, 0]
+    text = str(value)
+    if len(text.encode("utf-8")) <= 24:
+        return [_STR, *_text_words(text, 3)]
+    # A longer text is compared by its first 16 bytes and its crc32.
+    return [_LONG_STR, *_text_words(text, 2), zlib.crc32(text.encode("utf-8"))]
+
+
+def _decode_setting(kind: int, words) -> str:
+    if kind == _NONE:
+        return "None"
+    if kind == _INT:
+        return str(words[0])
+    if kind == _FLOAT:
+        return repr(struct.unpack("<d", struct.pack("<q", words[0]))[0])
+    if kind == _STR:
+        return _words_text(words)
+    return _words_text(words[:2]) + "..."
+
+
+def check_group_config(group, settings: Mapping[str, object], *, device: Optional[torch.device] = None,
+                       what: str = "expert parallelism", failure: Optional[BaseException] = None) -> None:
+    """Collective: check that every rank of `group` has the same settings, before an exchange.
+
+    settings: at most 16 named values (None, bool, int, float, str or torch.dtype; texts over 24
+    bytes are compared by their first 16 bytes and a checksum), the same names in the same order on
+    every rank. Every rank gathers every rank's settings (an all_gather of 88 int64 on `device`, one
+    host read) and raises the same ValueError naming each setting the ranks disagree on, with each
+    rank's value. failure: this rank's own error, when it failed before the exchange; the other
+    ranks then raise a RuntimeError naming it (this rank returns and re-raises its own).
+    """
+    dist = _dist()
+    names = list(settings)
+    if len(names) > _HS_SLOTS:
+        raise ValueError(f"check_group_config takes at most {_HS_SLOTS} settings, got {len(names)}")
+    size, rank = group_size_and_rank(group)
+    words = [_HS_MAGIC, len(names), int(failure is not None)]
+    words += _text_words(f"{type(failure).__name__}: {failure}" if failure is not None else "", _HS_TEXT_WORDS)
+    for name in names:
+        words += [zlib.crc32(name.encode("utf-8")), *_encode_setting(settings[name])]
+    words += [0] * (_HS_HEADER + _HS_SLOTS * _HS_WORDS - len(words))
+    mine = torch.tensor(words, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).tolist()  # the handshake's one host read
+
+    if any(row[0] != _HS_MAGIC for row in table):
+        raise RuntimeError(f"{what}: a rank of the group answered the settings handshake with another collective; "
+                           "every rank must run the same sequence of expert-parallel calls")
+    failed = [r for r, row in enumerate(table) if row[2]]
+    if failed:
+        if failure is not None:
+            return
+        why = "; ".join(f"rank {r}: {_words_text(table[r][3:_HS_HEADER])}" for r in failed)
+        raise RuntimeError(f"{what}: rank(s) {failed} of the expert-parallel group failed before the exchange "
+                           f"({why}); this rank stops too instead of waiting for them")
+    name_hashes = [row[_HS_HEADER::_HS_WORDS] for row in table]
+    if any(row[1] != len(names) or hashes != name_hashes[rank] for row, hashes in zip(table, name_hashes)):
+        raise ValueError(f"{what}: the ranks of the group compare different lists of settings; every rank must "
+                         "run the same version of unimoe_kernels")
+    wrong = []
+    for i, name in enumerate(names):
+        lo = _HS_HEADER + i * _HS_WORDS + 1
+        values = [tuple(row[lo: lo + 4]) for row in table]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {_decode_setting(v[0], v[1:])}" for r, v in enumerate(values))
+            wrong.append(f"{name} ({shown})")
+    if wrong:
+        raise ValueError(f"{what}: the ranks of the expert-parallel group disagree on {'; '.join(wrong)}. Every rank "
+                         "must build and call the layer with the same settings")
+
+
+def _exchange_settings(x: torch.Tensor, num_experts: int, top_k: int, capacity: Optional[int],
+                       check_capacity: bool) -> dict:
+    """The settings every rank's exchange must agree on, by the names SparseMoE users know them."""
+    mode = "dropless" if capacity is None else "capacity_factor" if check_capacity else "ep_capacity"
+    return {
+        "hidden_size": x.shape[1],
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "dtype of the exchanged rows": x.dtype,
+        "capacity mode": mode,
+        "ep_capacity": capacity if mode == "ep_capacity" else None,
+    }
+
+
+def _handshake_once(group, settings: dict, device: torch.device) -> None:
+    """check_group_config on the first dispatch of this process on `group` (the same call on every
+    rank, so every rank takes part or none does)."""
+    if group in _GREETED:
+        return
+    check_group_config(group, settings, device=device, what="dispatch")
+    _GREETED[group] = True
+
+
+def abandon_exchange(group, num_experts: int, error: BaseException, *, device: torch.device,
+                     mode: str = "dropless") -> None:
+    """Tell the other ranks of `group` that this rank failed before dispatch, through the collective
+    they are about to enter, so they raise too instead of waiting for the process-group timeout.
+
+    Call it where a rank gives up before dispatch (SparseMoE does for its argument checks), then
+    re-raise. mode: the dispatch the others run, "dropless" (capacity=None), "capacity_factor"
+    (check_capacity=True) or "ep_capacity" (a fixed capacity). Covered: the first dispatch on the
+    group (the handshake), dropless dispatch (a status column of the count exchange) and
+    capacity_factor's capacity check. A fixed capacity has no collective before its row exchange:
+    the others then wait for the process-group timeout (docs/expert_parallel.md says how to set it).
+    """
+    size, _ = group_size_and_rank(group)
+    if group not in _GREETED:
+        check_group_config(group, {}, device=device, what="dispatch", failure=error)
+    elif mode == "dropless":
+        status = torch.zeros((size, num_experts // size + 1), dtype=torch.int64, device=device)
+        status[:, -1] = 1
+        _a2a(status, None, None, group)
+    elif mode == "capacity_factor":
+        _a2a(torch.tensor([[-1, 1]] * size, dtype=torch.int64, device=device), None, None, group)
+
+
+def abandon_exchange_quietly(group, num_experts: int, error: BaseException, **kwargs) -> None:
+    """abandon_exchange on a best-effort basis: a failure to reach the others (a broken group, a
+    device error) must not hide `error`, which the caller re-raises."""
+    try:
+        abandon_exchange(group, num_experts, error, **kwargs)
+    except Exception:  # noqa: BLE001 - the caller's error is the one to report
+        pass
 
 
 def _a2a(x: torch.Tensor, out_splits: Optional[List[int]], in_splits: Optional[List[int]], group) -> torch.Tensor:
@@ -186,23 +360,33 @@ def dispatch(
     dropless (one host sync for the split sizes); capacity=C moves exactly C rows per (source rank,
     expert) pair with no host sync (module docstring); every rank must pass the same C, which
     check_capacity=True verifies on the device with one tiny extra all-to-all (a mismatch would
-    otherwise abort gloo or hang NCCL in the row exchange). Differentiable in x.
+    otherwise abort gloo or hang NCCL in the row exchange). The first dispatch on a group in this
+    process runs the settings handshake (check_group_config: hidden size, E, top_k, dtype, capacity
+    mode and fixed capacity; the same ValueError on every rank when they differ). A rank that fails
+    before calling dispatch should call abandon_exchange so the others raise too. Differentiable in x.
     """
     world_size, _ = group_size_and_rank(group)
     e_local = _check_plan_args(x, plan, top_k, world_size)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise ValueError(f"capacity must be a positive int (rows per rank and expert) or None, got {capacity!r}")
+    _handshake_once(group, _exchange_settings(x, world_size * e_local, top_k, capacity, check_capacity), x.device)
     anchor = _anchor(x.device)
     if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int (rows per rank and expert) or None, got {capacity!r}")
         if check_capacity:
             _check_same_capacity(capacity, world_size, group, x.device)
         return _dispatch_padded(x, plan, top_k, group, world_size, e_local, capacity, anchor)
 
-    counts = plan.tokens_per_expert.view(world_size, e_local)
-    recv_counts = _a2a(counts, None, None, group)  # [P, E_l]: rank p's slots for my experts
-    # The one host sync: split sizes of all_to_all_single are Python ints.
-    sizes = torch.cat([counts.sum(1), recv_counts.sum(1)]).tolist()
-    send_splits, recv_splits = sizes[:world_size], sizes[world_size:]
+    # [P, E_l + 1]: row p = my slots for rank p's experts, then my status (1: abandon_exchange).
+    counts = plan.tokens_per_expert.view(world_size, e_local).to(torch.int64)
+    recv = _a2a(torch.cat([counts, counts.new_zeros((world_size, 1))], dim=1), None, None, group)
+    recv_counts = recv[:, :e_local]  # rank p's slots for my experts
+    # The one host sync: split sizes of all_to_all_single are Python ints (the statuses come along).
+    sizes = torch.cat([counts.sum(1), recv_counts.sum(1), recv[:, e_local]]).tolist()
+    send_splits, recv_splits = sizes[:world_size], sizes[world_size:2 * world_size]
+    failed = [r for r, status in enumerate(sizes[2 * world_size:]) if status]
+    if failed:
+        raise RuntimeError(f"dispatch: rank(s) {failed} of the expert-parallel group failed before the exchange "
+                           "(their own errors say why); this rank stops too instead of waiting for them")
     n_recv = sum(recv_splits)
 
     x_sorted = permute(x, plan, top_k, backend=backend)  # the send buffer (module docstring)
@@ -221,12 +405,19 @@ def dispatch(
 
 
 def _check_same_capacity(capacity: int, world_size: int, group, device: torch.device) -> None:
-    theirs = _a2a(torch.full((world_size,), capacity, dtype=torch.int64, device=device), None, None, group)
+    # [P, 2]: (capacity, status); status 1 comes from a rank that abandoned the exchange.
+    mine = torch.tensor([capacity, 0], dtype=torch.int64, device=device).expand(world_size, 2)
+    theirs = _a2a(mine, None, None, group)
+    if values_readable(theirs) and bool(theirs[:, 1].any()):
+        failed = theirs[:, 1].nonzero().flatten().tolist()
+        raise RuntimeError(f"dispatch: rank(s) {failed} of the expert-parallel group failed before the exchange "
+                           "(their own errors say why); this rank stops too instead of waiting for them")
     # Asynchronous on GPU (a device-side assert at the next sync), immediate on CPU; no host read.
     torch._assert_async(
-        (theirs == capacity).all(),
+        (theirs == mine).all(),
         "dispatch: the ranks of the group use different capacities (with capacity_factor, C comes from each "
-        "rank's token count: give every rank the same batch size, or a fixed ep_capacity)",
+        "rank's token count: give every rank the same batch size, or a fixed ep_capacity), or a rank failed "
+        "before the exchange",
     )
 
 
@@ -315,4 +506,5 @@ def _local_rows(state: DispatchState) -> int:
     return state.world_size * state.num_local_experts * state.capacity
 
 
-__all__ = ["dispatch", "combine", "DispatchState", "group_size_and_rank"]
+__all__ = ["dispatch", "combine", "DispatchState", "group_size_and_rank", "check_group_config", "abandon_exchange",
+           "abandon_exchange_quietly"]
