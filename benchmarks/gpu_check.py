@@ -1,35 +1,41 @@
-"""The GPU check: build, GPU tests, full-size benchmarks and one side-by-side table in one short slot.
+"""The GPU check: the headline shapes' expert GEMMs and layer first, then decode and the GPU tests, in one short slot.
 
-    bash benchmarks/gpu_check.sh [options]         from the repository root
+    bash benchmarks/gpu_check.sh [options]         from the repository root (one command in a GPU slot)
     python -m benchmarks.gpu_check [options]       the same without the shell's backstop timeout
+    python -m benchmarks.gpu_check --plan          the stages, their caps and the budget, without running
 
-Stages, in this order, each a subprocess under coreutils `timeout` that gets at most its cap and
-what is left of the overall budget (default 465 s, inside the 8 minutes of a GPU slot). At its limit
-a stage gets SIGINT, so pytest still writes its junit XML and its JSON, and SIGKILL GRACE_S later.
+Stages, in this order, each a process group of its own that gets at most its cap and what is left
+of the overall budget (default 420 s). At its limit a stage gets SIGINT (pytest still writes its
+junit XML and JSON) and SIGKILL GRACE_S later, and is reported TIMEOUT, whatever its exit status.
 A failed or timed-out stage is reported and the next one runs:
 
-    wheels     pip install --no-index --no-deps wheels/*.whl            anchors' wheels (no network there)
-    build      pip install --no-index --no-build-isolation --no-deps -e .   builds _C; then has_c, has_c_cuda
-    tests      pytest -m 'gpu or on_device' tests -n WORKERS                   -> junit-tests.xml
-    decode     benchmarks/test_decode.py, full sizes: T in {1, 8, 64, 256} at qwen3-30b-a3b and
-               mixtral (ours, torch._grouped_mm, Liger) against the weight-read floor, and the
-               SparseMoE forward eager vs CUDA-graph replay at T=4096 (the host overhead)
-    layer      benchmarks/test_layer.py, full sizes: ours, dense, torch._grouped_mm, Liger, moe-ops
-    gmlp       benchmarks/test_ops.py grouped_mlp, full sizes: ours, torch._grouped_mm, torch loop
-    sweep      python -m benchmarks.sweep_configs --out OUT/sweep       only with UNIMOE_SWEEP set (=1, or
-               the shapes: UNIMOE_SWEEP=qwen3-30b-a3b,mixtral); the tuned config table lands there
-    baselines  benchmarks/test_layer.py, full sizes: the other providers (naive loop, one-hot,
-               PEFT delta-W, the torch path); last, because the table does not need them
-    table      this run's JSON -> the tables (stdout, OUT/summary.txt), OUT/RESULTS.md: the layer
-               and grouped_mlp one, then decode (% of floor) and host overhead
+    wheels   pip install --no-index --no-deps wheels/*.whl        the anchors (no network on the GPU host)
+    build    `_C` in the background with --build (niced, 4 jobs), else skipped: the Triton routing
+             plan serves without it. Its status is read at the end, with the time it finished.
+    kernels  benchmarks/kernel_stage.py: the five GEMM roles at qwen3-30b-a3b and mixtral, shipped
+             config and alternatives, one process per case (a sticky CUDA fault stays in its case),
+             CUDA-event times beside sm90_check's compiled facts     -> kernels.json, kernels/*.json
+    layer    benchmarks/test_layer.py at the headline shapes, fwd and fwd+bwd, ours first, then
+             torch._grouped_mm, the dense chain, Liger                -> the layer table
+    profile  benchmarks/layer_profile.py: CUDA time per kernel name of one layer fwd+bwd at
+             qwen3-30b-a3b, so a slow row names its slow kernel       -> profile.json
+    decode   benchmarks/test_decode.py: T in {1, 8, 64, 256} at both shapes against the weight-read
+             floor, and the host overhead (eager vs CUDA-graph replay)
+    tests    pytest -m 'gpu or on_device' tests -n WORKERS, CUDA_LAUNCH_BLOCKING=1, faulthandler
+             (a test stuck past FAULT_S dumps every thread's stack)   -> junit-tests.xml
+    then, only when named in --extra and time is left: gmlp (test_ops.py grouped_mlp), more (the
+    other shapes of test_layer.py), sweep (benchmarks/sweep_configs.py), baselines (the other
+    providers of test_layer.py).
 
-Every benchmark stage saves its JSON to OUT itself (benchmarks/results.py, UNIMOE_BENCH_SAVE=OUT:
-device, versions, commit, one record per provider), so a stage cut short keeps what it measured.
-The table reads only the JSON written during this run. Logs of every stage: OUT/logs/.
+Output ($OUT, else benchmarks/results/gpu_check): logs/<stage>.log, the JSON every benchmark stage
+saves itself (benchmarks/results.py: device, versions, commit), summary.txt and summary.json. The
+first lines printed, and the head of summary.txt and summary.json, say where the numbers come from
+(device, commit, torch / triton / CUDA / Python versions) and each stage's status and why.
 
-Dry mode (no CUDA, or UNIMOE_GPU_CHECK_DRY=1): nothing is installed or built, the benchmarks run
-their tiny sizes on the CPU (the GPU tests skip themselves) and the JSON is saved all the same, so
-the whole path to the table runs anywhere (benchmarks/test_gpu_check.py).
+Dry mode (no CUDA, or UNIMOE_GPU_CHECK_DRY=1): nothing is installed or built, the kernel stage runs
+Triton's interpreter at small sizes, the benchmarks their tiny sizes on the CPU, and the tests
+stage selects `-m gpu` (which skips without CUDA): the whole path to the tables runs anywhere.
+--plant puts a failing or hanging stage or kernel case in the run (benchmarks/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -38,14 +44,16 @@ import argparse
 import glob
 import json
 import os
+import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,36 +61,59 @@ ROOT = Path(__file__).resolve().parent.parent
 DRY_ENV = "UNIMOE_GPU_CHECK_DRY"
 SWEEP_ENV = "UNIMOE_SWEEP"
 
-BUDGET_S = 465  # 8 minutes less 15 s for the driver's start, the table and the shell's backstop
+# Seconds for all stages: a 10-minute slot less the machine's start, the transfer of the tree and
+# its results, and the shell's backstop (benchmarks/README.md has the arithmetic).
+BUDGET_S = 420
 GRACE_S = 20  # SIGINT -> SIGKILL: pytest writes its junit XML and JSON after KeyboardInterrupt
-RESERVE_S = 5  # kept back for the table; reading a few JSON files takes well under a second
-MIN_STAGE_S = 15  # a stage with less time than this left is not started (startup alone is ~5 s)
-# Caps per stage. tests: the GPU tests' target is 3 minutes. decode: 2 shapes x 4 T x 3 providers
-# and one graph capture, milliseconds per call, so the first calls' compilation (ours' decode tiles,
-# Liger's kernels at two shapes: ~5-10 s each) and pytest's start make most of it; it runs before
-# the layer, short and bounded, so a run whose build and tests take their caps still measures the
-# small batches. layer: 6 shapes x 2 modes x 5 providers, each 30 calls plus the first call's
-# compilation; gmlp: 3 providers. build: CMake and nvcc for one architecture. The baselines get
-# whatever is left.
-CAPS_S = {"wheels": 60, "build": 150, "tests": 180, "decode": 120, "layer": 240, "gmlp": 90, "sweep": 180,
-          "baselines": BUDGET_S}
-STAGES = tuple(CAPS_S)
+RESERVE_S = 5  # kept back for the tables; reading a few JSON files takes well under a second
+MIN_STAGE_S = 15  # a stage with less of the budget than this left is not started (startup alone is ~5 s)
+# Caps (benchmarks/README.md has the arithmetic). wheels: two pure-Python wheels, a few seconds.
+# kernels: 40 cases, 6 at a time, ~8 s each (start, compile, check, 20 timed calls) plus the
+# lock-serialised timing: ~70 s expected. layer: 2 shapes x 2 modes x 4 providers, each a first
+# call (compiles), a check against the fp32 oracle and 23 calls: ~100 s. profile: one layer build,
+# 2 warm-up and 3 profiled calls. decode: 2 shapes x 4 T x 3 providers and a graph capture, mostly
+# first-call compiles. tests: whatever is left.
+CAPS_S = {"wheels": 15, "build": 0, "kernels": 90, "layer": 110, "profile": 40, "decode": 90, "tests": 180,
+          "gmlp": 90, "more": 240, "sweep": 180, "baselines": BUDGET_S}
+STARTUP_S = 5  # the driver's own start before the first stage: Python, torch, the provenance probe
+HEADLINE_BY_S = 240  # the kernel stage and the layer rows end by then, even at their caps
+# The dry run's kernel stage: 20 cases in the interpreter on 2 cores, ~10 s each two at a time.
+DRY_CAPS_S = {"kernels": 150}
+STAGES = ("wheels", "build", "kernels", "layer", "profile", "decode", "tests")
+EXTRA = ("gmlp", "more", "sweep", "baselines")  # after the tests, only when named in --extra
 # xdist workers of the GPU tests: Triton compiles on the CPU, one kernel per worker at a time, and
 # the GPU machines have 16 cores; 8 leaves the rest to ptxas and the GPU's own work.
 WORKERS = 8
+FAULT_S = 60  # a GPU test running this long is stuck: faulthandler dumps the stacks (pytest's own timer)
+BUILD_JOBS = 4  # the background build's compile jobs: the kernel stage's Triton compiles keep the other cores
+HEADLINE = ("qwen3-30b-a3b", "mixtral")
+# The layer stage's providers, in the order they run: ours first, so a stage cut short has it.
+HEADLINE_PROVIDERS = ("ours", "grouped_mm", "dense", "liger_kernel")
+MODES = ("fwd", "fwd+bwd")
 
-TABLE_PROVIDERS = ("dense", "grouped_mm", "liger_kernel", "moe_ops", "ours")  # the layer stage's
+TABLE_PROVIDERS = ("dense", "grouped_mm", "liger_kernel", "moe_ops", "ours")  # the "more" stage's
 BASELINES = ("gmm", "liger", "moe-ops", "dense")  # table columns, for grouped_mm, liger_kernel, moe_ops, dense
 COLUMN_OF = {"grouped_mm": "gmm", "liger_kernel": "liger", "moe_ops": "moe-ops", "dense": "dense"}
+
+# What a planted stage runs instead of its commands (--plant stage:NAME=KIND): a hang ignores
+# SIGINT, so only the SIGKILL after the grace stops it.
+PLANTED = {
+    "ok": "print('planted: ok')",
+    "fail": "import sys; print('planted: failure'); sys.exit(3)",
+    "hang": "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('planted: hang', flush=True); "
+            "time.sleep(3600)",
+}
 
 
 @dataclass
 class Stage:
     name: str
-    status: str = "skipped"  # ok | FAILED | TIMEOUT | skipped | interrupted
+    status: str = "skipped"  # ok | FAILED rc=N | TIMEOUT | partial | skipped | interrupted | running
     seconds: float = 0.0
     note: str = ""
-    output: str = ""  # the last command's output (the build probe reads it)
+    start_s: Optional[float] = None  # seconds after the check's start
+    cap_s: Optional[float] = None
+    output: str = field(default="", repr=False)  # the last command's output (the build probe reads it)
 
 
 @dataclass
@@ -90,43 +121,64 @@ class Check:
     out: Path
     dry: bool
     budget: float
+    grace: float = GRACE_S
+    caps: dict = field(default_factory=lambda: dict(CAPS_S))
+    plants: dict = field(default_factory=dict)  # stage name -> ok | fail | hang
     t0: float = field(default_factory=time.monotonic)
+    # The same start as a file time, less 1 s (file times have 1 s resolution on some filesystems):
+    # only files written after it belong to this run.
+    t0_wall: float = field(default_factory=lambda: time.time() - 1)
     stages: list = field(default_factory=list)
     current: Optional[subprocess.Popen] = None
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
-    def run(self, stage: Stage, cmds: list, env: Optional[dict] = None) -> Stage:
-        """Run cmds one after another in stage's log, stopping at the first failure."""
+    def skip(self, name: str, why: str) -> Stage:
+        stage = Stage(name, note=why)
         self.stages.append(stage)
+        return stage
+
+    def run(self, stage: Stage, cmds: list, env: Optional[dict] = None) -> Stage:
+        """Run cmds one after another in stage's log, stopping at the first failure. Each runs in a
+        process group of its own; past the stage's limit the group gets SIGINT, then SIGKILL after
+        the grace, and the stage is TIMEOUT (its exit status, -9 or 124 or any, is not a failure)."""
+        self.stages.append(stage)
+        if stage.name in self.plants:
+            cmds = [[sys.executable, "-c", PLANTED[self.plants[stage.name]]]]
         log = self.out / "logs" / f"{stage.name}.log"
         start = time.monotonic()
+        stage.start_s, stage.cap_s = round(start - self.t0, 1), self.caps[stage.name]
         for cmd in cmds:
-            limit = min(CAPS_S[stage.name] - (time.monotonic() - start), self.left() - GRACE_S - RESERVE_S)
-            if limit < MIN_STAGE_S:
+            left = self.left() - self.grace - RESERVE_S
+            limit = min(self.caps[stage.name] - (time.monotonic() - start), left)
+            if left < MIN_STAGE_S or limit <= 0:
                 stage.status, stage.note = "skipped", f"no time left ({self.left():.0f} s of the budget)"
                 break
-            print(f"[gpu_check] {stage.name}: {' '.join(cmd)}  (limit {limit:.0f} s)", flush=True)
+            print(f"[gpu_check] {stage.name}: {shlex.join(cmd)}  (limit {limit:.0f} s)", flush=True)
             with open(log, "ab") as f:
                 offset = f.tell()
-                f.write(f"$ {' '.join(cmd)}\n".encode())
+                f.write(f"$ {shlex.join(cmd)}\n".encode())
                 f.flush()
-                # timeout runs cmd in a process group of its own and signals all of it (xdist workers too).
-                self.current = subprocess.Popen(
-                    ["timeout", "-s", "INT", "-k", str(GRACE_S), f"{limit:.0f}", *cmd], cwd=ROOT,
-                    stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                )
+                self.current = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f,
+                                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                                start_new_session=True)
                 try:
-                    rc = self.current.wait()
+                    rc, timed_out = self._wait(self.current, limit)
                 except KeyboardInterrupt:  # the driver itself was stopped (see interrupt())
                     stage.status, stage.seconds = "interrupted", time.monotonic() - start
                     raise
                 finally:
                     self.current = None
             stage.output = log.read_bytes()[offset:].decode(errors="replace").split("\n", 1)[-1]
-            stage.status = "ok" if rc == 0 else "TIMEOUT" if rc in (124, 137) else f"FAILED rc={rc}"
-            if rc:
+            if timed_out:
+                stage.status = "TIMEOUT"
+                cap_hit = limit >= self.caps[stage.name] - (time.monotonic() - start) - self.grace - 1
+                stage.note = (f"stopped at its cap of {self.caps[stage.name]:.0f} s" if cap_hit
+                              else f"stopped when the budget ran out ({limit:.0f} s left for it)")
+            else:
+                stage.status = "ok" if rc == 0 else f"FAILED rc={rc}"
+            if rc or timed_out:
                 tail = stage.output.rstrip().splitlines()[-15:]
                 print("\n".join(f"[gpu_check] {stage.name} | {line}" for line in tail), flush=True)
                 break
@@ -134,14 +186,76 @@ class Check:
         print(f"[gpu_check] {stage.name}: {stage.status} in {stage.seconds:.1f} s", flush=True)
         return stage
 
+    def _wait(self, proc: subprocess.Popen, limit: float) -> tuple[Optional[int], bool]:
+        """(exit status, timed out): SIGINT to the group at the limit, SIGKILL after the grace."""
+        try:
+            return proc.wait(timeout=limit), False
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc, signal.SIGINT)
+        try:
+            return proc.wait(timeout=self.grace), True
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            return proc.wait(), True
+
     def interrupt(self, signum, frame):
-        """SIGTERM/SIGINT of the driver (the shell's backstop): stop the stage, still print the table."""
+        """SIGTERM/SIGINT of the driver (the shell's backstop): stop the stage, still print the tables."""
         if self.current is not None:
-            try:
-                os.killpg(self.current.pid, signal.SIGKILL)  # timeout's pid is its process group
-            except ProcessLookupError:
-                pass
+            _signal_group(self.current, signal.SIGKILL)
         raise KeyboardInterrupt
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the stage's process is its group's leader (start_new_session)
+    except ProcessLookupError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------
+
+
+def provenance(dry: bool) -> dict:
+    """Where this run's numbers come from: device, its compute capability and SMs, commit, versions."""
+    import torch
+
+    from .results import _version, source_commit
+
+    prov = {"device": "cpu", "dry": dry, "commit": source_commit(), "torch": torch.__version__,
+            "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "host_cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        prov.update(device=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    try:
+        from unimoe_kernels import _ext
+
+        prov["has_c"] = bool(_ext.has_c())
+    except Exception as err:  # the probe reports; the check goes on (the Triton plan needs no _C)
+        prov["has_c"] = f"probe failed: {type(err).__name__}"
+    return prov
+
+
+def provenance_line(prov: dict) -> str:
+    dev = prov["device"] + (f" ({prov['capability']}, {prov['sms']} SMs)" if prov.get("capability") else "")
+    return (f"{dev}, commit {_short(prov.get('commit'))}, torch {prov['torch']}, triton {prov['triton']}, "
+            f"CUDA {prov['cuda']}, Python {prov['python']}, _C {'yes' if prov.get('has_c') is True else 'no'}"
+            + (" (DRY: no GPU work; small sizes on the CPU)" if prov["dry"] else ""))
+
+
+def plan_lines(check: Check, stages: list, extra: list, build: bool) -> list:
+    """The stages this run will try, each with its cap, and the budget."""
+    parts = []
+    for name in [*stages, *extra]:
+        if name == "build":
+            parts.append("build " + ("in the background" if build else "skipped"))
+        else:
+            parts.append(f"{name} {check.caps[name]:.0f} s")
+    return [f"[gpu_check] plan, budget {check.budget:.0f} s: " + " | ".join(parts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,10 +270,12 @@ def _pytest(*args: str) -> list:
 def stage_wheels(check: Check) -> None:
     wheels = sorted(glob.glob(str(ROOT / "wheels" / "*.whl")))
     names = ", ".join(Path(w).name.split("-py")[0] for w in wheels)
-    if not wheels:
-        check.stages.append(Stage("wheels", note="no wheels/*.whl: anchors only where already installed"))
+    if "wheels" in check.plants:
+        check.run(Stage("wheels"), [])
+    elif not wheels:
+        check.skip("wheels", "no wheels/*.whl: anchors only where already installed")
     elif check.dry:
-        check.stages.append(Stage("wheels", note=f"dry: not installed: {names}"))
+        check.skip("wheels", f"dry: not installed: {names}")
     else:
         pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", *wheels]
         stage = check.run(Stage("wheels"), [pip])
@@ -171,21 +287,67 @@ _PROBE = ("import torch, unimoe_kernels._ext as e; "
           "'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())")
 
 
-def stage_build(check: Check) -> None:
-    probe = [sys.executable, "-W", "ignore", "-c", _PROBE]
+@dataclass
+class Background:
+    """The background build of _C: started first, read at the end."""
+
+    stage: Stage
+    proc: Optional[subprocess.Popen] = None
+    log: Optional[object] = None
+    finished_s: Optional[float] = None
+
+
+def start_build(check: Check, wanted: bool) -> Optional[Background]:
+    """Start `pip install -e .` (builds _C for sm_90) in the background, niced, with BUILD_JOBS jobs;
+    or record why it is skipped. The stages that start after it finishes load _C."""
+    if not wanted:
+        check.skip("build", "skipped: the Triton routing plan serves without _C (--build builds it in the "
+                            "background)")
+        return None
     if check.dry:
-        stage = check.run(Stage("build"), [probe])
-        note = "dry: not built"
+        check.skip("build", "dry: not built")
+        return None
+    stage = Stage("build", status="running", start_s=round(time.monotonic() - check.t0, 1))
+    check.stages.append(stage)
+    env = {**os.environ, "UNIMOE_CUDA_ARCHS": os.environ.get("UNIMOE_CUDA_ARCHS", "90"),
+           "UNIMOE_BUILD_JOBS": os.environ.get("UNIMOE_BUILD_JOBS", str(BUILD_JOBS))}
+    # --no-index: nothing is fetched, so pip cannot wait on a network the GPU machine does not have.
+    install = ("nice -n 10 {py} -m pip install --no-index --no-build-isolation --no-deps -e . && {py} -W ignore -c "
+               "{probe}").format(py=shlex.quote(sys.executable), probe=shlex.quote(_PROBE))
+    log = open(check.out / "logs" / "build.log", "ab")
+    proc = subprocess.Popen(["bash", "-c", install], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    print(f"[gpu_check] build: started in the background (pid {proc.pid}, {BUILD_JOBS} jobs, niced)", flush=True)
+    return Background(stage, proc, log)
+
+
+def finish_build(check: Check, bg: Optional[Background]) -> None:
+    """Read the background build's result; one still running when the stages end is stopped."""
+    if bg is None:
+        return
+    rc = bg.proc.poll()
+    if rc is None:
+        _signal_group(bg.proc, signal.SIGKILL)
+        bg.proc.wait()
+        bg.stage.status, bg.stage.note = "TIMEOUT", "still building when the stages ended: stopped"
     else:
-        # H100 and H200 are both sm_90: one architecture halves nvcc's work; jobs: one per core.
-        env = {"UNIMOE_CUDA_ARCHS": os.environ.get("UNIMOE_CUDA_ARCHS", "90"),
-               "UNIMOE_BUILD_JOBS": os.environ.get("UNIMOE_BUILD_JOBS", str(os.cpu_count() or 2))}
-        # --no-index: nothing is fetched, so pip cannot wait on a network the GPU machine does not have.
-        install = [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-e", "."]
-        stage = check.run(Stage("build"), [install, probe], env=env)
-        note = ""
-    lines = [line for line in stage.output.splitlines() if line.startswith("has_c ")]
-    stage.note = "; ".join(filter(None, [note, lines[-1] if lines else "probe printed nothing"]))
+        bg.stage.status = "ok" if rc == 0 else f"FAILED rc={rc}"
+    bg.log.close()
+    text = (check.out / "logs" / "build.log").read_text(errors="replace")
+    probe = [line for line in text.splitlines() if line.startswith("has_c ")]
+    done = bg.finished_s if bg.finished_s is not None else time.monotonic() - check.t0
+    bg.stage.seconds = done - (bg.stage.start_s or 0)
+    if rc is not None:
+        later = [s.name for s in check.stages if s.start_s is not None and s.start_s >= done and s is not bg.stage]
+        bg.stage.note = "; ".join(filter(None, [probe[-1] if probe else "probe printed nothing",
+                                                f"stages started after it: {', '.join(later) or 'none'}"]))
+
+
+def poll_build(check: Check, bg: Optional[Background]) -> None:
+    """Note when the background build finished (between stages)."""
+    if bg is not None and bg.finished_s is None and bg.proc.poll() is not None:
+        bg.finished_s = round(time.monotonic() - check.t0, 1)
+        print(f"[gpu_check] build: finished at {bg.finished_s:.0f} s (exit {bg.proc.returncode})", flush=True)
 
 
 def junit_counts(path: Path) -> Optional[dict]:
@@ -221,9 +383,31 @@ def _count_note(counts: Optional[dict]) -> str:
             f"{counts['skipped']} skipped")
 
 
+def _join_notes(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def stage_kernels(check: Check, shapes: list, extra_args: list) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.kernel_stage", "--out", str(check.out), "--shapes", ",".join(shapes),
+           # No case starts in the cap's last 30 s: one started then would be killed mid-way.
+           "--deadline", str(max(1, check.caps["kernels"] - 30)), *(["--dry"] if check.dry else []), *extra_args]
+    stage = check.run(Stage("kernels"), [cmd])
+    if stage.status == "FAILED rc=2":  # kernel_stage's "every case that ran passed; some never started"
+        stage.status = "partial"
+    path = check.out / "kernels.json"
+    if path.exists() and path.stat().st_mtime >= check.t0_wall:
+        from .kernel_stage import STATUS_ORDER
+
+        counts = json.loads(path.read_text()).get("counts", {})
+        told = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if s in counts)
+        stage.note = _join_notes(stage.note, f"cases: {told}")
+    elif stage.status != "skipped":
+        stage.note = _join_notes(stage.note, "no kernels.json (the stage ended before writing it)")
+
+
 def stage_tests(check: Check, paths: list, marker: str, workers: int) -> Optional[dict]:
     xml = check.out / "junit-tests.xml"
-    args = [*paths, f"--junitxml={xml}"]
+    args = [*paths, f"--junitxml={xml}", "-o", f"faulthandler_timeout={FAULT_S}"]
     if marker:
         args[:0] = ["-m", marker]
     note = ""
@@ -231,13 +415,15 @@ def stage_tests(check: Check, paths: list, marker: str, workers: int) -> Optiona
         import importlib.util
 
         if importlib.util.find_spec("xdist") is None:
-            note = "; pytest-xdist is not installed: serial"
+            note = "pytest-xdist is not installed: serial"
         else:
             args += ["-n", str(workers), "-p", "xdist"]
-    stage = check.run(Stage("tests"), [_pytest(*args)])
+    # Launches wait for their kernel: a fault names the launch that made it, not a later one.
+    env = {"CUDA_LAUNCH_BLOCKING": "1", "PYTHONFAULTHANDLER": "1"}
+    stage = check.run(Stage("tests"), [_pytest(*args)], env=env)
     counts = junit_counts(xml)
     if stage.status != "skipped":
-        stage.note = _count_note(counts) + note
+        stage.note = _join_notes(stage.note, _count_note(counts), note)
     return counts
 
 
@@ -247,17 +433,30 @@ def _k(size: str, config_names: list, providers: tuple, negate: bool = False) ->
     return expr + (f" and ({' or '.join(config_names)})" if config_names else "")
 
 
-def stage_bench(check: Check, name: str, test: str, expr: str) -> Optional[dict]:
+def stage_bench(check: Check, name: str, test_args: list) -> Optional[dict]:
     xml = check.out / f"junit-{name}.xml"
     env = {"UNIMOE_BENCH_SAVE": str(check.out)}
     if check.dry:
         env["UNIMOE_BENCH_SAVE_CPU"] = "1"
     # --bench-tables: the log keeps the harness's own side-by-side summary (peak memory, every provider).
-    stage = check.run(Stage(name), [_pytest(test, "-k", expr, "--bench-tables", f"--junitxml={xml}")], env=env)
+    stage = check.run(Stage(name), [_pytest(*test_args, "--bench-tables", f"--junitxml={xml}")], env=env)
     counts = junit_counts(xml)
     if stage.status != "skipped":
-        stage.note = _count_note(counts)
+        stage.note = _join_notes(stage.note, _count_note(counts))
     return counts
+
+
+def headline_ids(size: str, shapes: list) -> list:
+    """test_layer.py's node ids of the headline rows, in the order they should run: per shape and
+    mode, ours first, then torch._grouped_mm, the dense chain and Liger."""
+    return [f"benchmarks/test_layer.py::test_layer[{size}-{name}-{mode}-{provider}]"
+            for name in shapes for mode in MODES for provider in HEADLINE_PROVIDERS]
+
+
+def stage_profile(check: Check, size: str) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.layer_profile", "--shape", HEADLINE[0], "--size", size,
+           "--out", str(check.out)]
+    check.run(Stage("profile"), [cmd])
 
 
 def stage_decode(check: Check, size: str, config_names: list) -> set:
@@ -266,19 +465,17 @@ def stage_decode(check: Check, size: str, config_names: list) -> set:
 
     chosen = [c for c in config_names if c in DECODE_BASES]
     if config_names and not chosen:
-        check.stages.append(Stage("decode", note=f"--configs names none of {', '.join(DECODE_BASES)}"))
+        check.skip("decode", f"--configs names none of {', '.join(DECODE_BASES)}")
         return set()
     # Their ids carry the base shape's name (qwen3-30b-a3b-T8, mixtral-T1, qwen3-30b-a3b-T4096).
     expr = size + (f" and ({' or '.join(chosen)})" if chosen else "")
-    counts = stage_bench(check, "decode", "benchmarks/test_decode.py", expr)
+    counts = stage_bench(check, "decode", ["benchmarks/test_decode.py", "-k", expr])
     return failed_cells(counts["failures"] if counts else [])
 
 
 def stage_sweep(check: Check) -> None:
     if not os.environ.get(SWEEP_ENV):
-        check.stages.append(Stage("sweep", note=f"{SWEEP_ENV} not set"))
-    elif not (ROOT / "benchmarks" / "sweep_configs.py").exists():
-        check.stages.append(Stage("sweep", note="benchmarks/sweep_configs.py does not exist"))
+        check.skip("sweep", f"{SWEEP_ENV} not set")
     else:
         sweep_out = check.out / "sweep"
         sweep_out.mkdir(exist_ok=True)
@@ -287,7 +484,7 @@ def stage_sweep(check: Check) -> None:
         if shapes:  # UNIMOE_SWEEP=qwen3-30b-a3b,mixtral names the shapes; =1 leaves the module's default
             cmd += ["--shapes", *shapes]
         stage = check.run(Stage("sweep"), [cmd])
-        stage.note = f"tuned table in {sweep_out}"
+        stage.note = _join_notes(stage.note, f"tuned table in {sweep_out}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,26 +730,60 @@ def _short(commit: Optional[str]) -> Optional[str]:
     return commit and re.sub(r"^([0-9a-f]{12})[0-9a-f]{28}", r"\1", commit)
 
 
-def summary(check: Check, records: list, meta: dict, failed: set, interrupted: bool) -> list:
-    import torch
+def kernel_lines(out: Path, since: float) -> list:
+    """The kernel stage's table, from this run's kernels.json (none when the stage did not write it)."""
+    from .kernel_stage import render
 
-    from .results import source_commit
+    path = out / "kernels.json"
+    if not path.exists() or path.stat().st_mtime < since:
+        return []
+    return render(json.loads(path.read_text()).get("cases", []))
 
-    device = meta.get("device") or ("cpu" if check.dry else "?")
-    meta = {"torch": torch.__version__, "commit": source_commit(), **{k: v for k, v in meta.items() if v}}
-    title = (f" GPU check{' (DRY: tiny shapes on CPU, nothing built)' if check.dry else ''}: {device}, "
-             f"torch {meta['torch']}, triton {meta.get('triton', '?')}, commit {_short(meta['commit'])} ")
-    lines = ["", f"{title:=^110}", f"{'stage':<10} {'status':<13} {'time':>7}  note"]
+
+def profile_lines(out: Path, since: float) -> list:
+    """The per-kernel breakdown of one layer call, from this run's profile.json."""
+    from .layer_profile import render
+
+    path = out / "profile.json"
+    if not path.exists() or path.stat().st_mtime < since:
+        return []
+    return render(json.loads(path.read_text()))
+
+
+def summary(check: Check, prov: dict, records: list, failed: set, interrupted: bool, since: float) -> list:
+    """Stages and provenance first, then the kernel table, the layer table, the per-kernel profile,
+    decode and host overhead."""
+    title = f" GPU check: {provenance_line(prov)} "
+    lines = ["", f"{title:=^110}", f"{'stage':<10} {'status':<13} {'time':>7} {'start':>6}  note"]
     for s in check.stages:
-        lines.append(f"{s.name:<10} {s.status:<13} {s.seconds:>6.1f}s  {s.note}")
+        start = f"{s.start_s:.0f}" if s.start_s is not None else "-"
+        lines.append(f"{s.name:<10} {s.status:<13} {s.seconds:>6.1f}s {start:>6}  {s.note}")
     total = time.monotonic() - check.t0
-    lines.append(f"{'total':<10} {'interrupted' if interrupted else '':<13} {total:>6.1f}s  "
-                 f"budget {check.budget:.0f} s; logs, junit XML and JSON in {check.out}")
+    lines.append(f"{'total':<10} {'interrupted' if interrupted else '':<13} {total:>6.1f}s {'':>6}  "
+                 f"budget {check.budget:.0f} s; logs, JSON and summary.json in {check.out}")
     lines += anchor_lines(records)
+    lines += kernel_lines(check.out, since)
     lines.append("")
     lines += render_table(records, failed)
+    lines += profile_lines(check.out, since)
     lines += render_decode_table(records, failed) + render_host_table(records, failed)
     return lines
+
+
+def write_summary_json(check: Check, prov: dict, records: list, interrupted: bool) -> Path:
+    """summary.json: provenance, each stage's status, time, start, cap and note, and what the run wrote."""
+    data = {
+        "provenance": prov,
+        "budget_s": check.budget,
+        "total_s": round(time.monotonic() - check.t0, 1),
+        "interrupted": interrupted,
+        "stages": [{k: v for k, v in asdict(s).items() if k != "output"} for s in check.stages],
+        "records": len(records),
+        "files": sorted(p.name for p in check.out.iterdir() if p.is_file() and p.stat().st_mtime >= check.t0_wall),
+    }
+    path = check.out / "summary.json"
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,79 +795,142 @@ def _default_out() -> Path:
     return Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results" / "gpu_check")
 
 
+def parse_plants(spec: str) -> tuple[dict, list]:
+    """--plant items: stage:NAME=ok|fail|hang (the stage runs that instead) and case:KIND=CASE
+    (passed to the kernel stage as --plant KIND:CASE). Returns ({stage: kind}, kernel_stage args)."""
+    stages, cases = {}, []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        what, _, rest = item.partition(":")
+        name, _, kind = rest.partition("=")
+        if what == "stage" and kind in PLANTED and name in (*STAGES, *EXTRA):
+            stages[name] = kind
+        elif what == "case" and name and kind:
+            cases.append(f"{name}:{kind}")
+        else:
+            raise ValueError(f"--plant {item!r}: want stage:NAME=ok|fail|hang or case:fail|hang|wrong=CASE")
+    return stages, (["--plant", ",".join(cases)] if cases else [])
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: $OUT, else benchmarks/results/gpu_check)")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all stages (default {BUDGET_S})")
     parser.add_argument("--dry", action="store_true", help=f"dry mode even with a GPU (also {DRY_ENV}=1)")
+    parser.add_argument("--plan", action="store_true", help="print the stages, caps and budget; run nothing")
     parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out, of {','.join(STAGES)}")
-    parser.add_argument("--configs", default="", help="comma-separated shape names to benchmark (default: all)")
+    parser.add_argument("--extra", default="", help=f"comma-separated stages to run after the tests: {','.join(EXTRA)}")
+    parser.add_argument("--build", action="store_true", default=os.environ.get("UNIMOE_GPU_CHECK_BUILD") == "1",
+                        help="build _C in the background (also UNIMOE_GPU_CHECK_BUILD=1)")
+    parser.add_argument("--configs", default=",".join(HEADLINE),
+                        help="comma-separated shapes of the kernel, layer and decode stages (default: the headline)")
+    parser.add_argument("--kernel-args", default="", help="more arguments of benchmarks.kernel_stage (quoted)")
     parser.add_argument("--tests", default="tests", help="comma-separated test paths of the tests stage")
     # on_device: every kernel test taking the `device` fixture runs on the GPU too (fp32/fp16 edge
-    # cases, LoRA, dropout, gradients), not only the GPU-only ones.
-    parser.add_argument("--marker", default="gpu or on_device",
-                        help="pytest -m expression of the tests stage ('' for none)")
+    # cases, LoRA, dropout, gradients), not only the GPU-only ones. Dry: `gpu` only (they skip).
+    parser.add_argument("--marker", default=None,
+                        help="pytest -m expression of the tests stage ('' for none; default 'gpu or on_device', "
+                             "dry 'gpu')")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("UNIMOE_GPU_CHECK_WORKERS", WORKERS)),
                         help=f"xdist workers of the tests stage (default {WORKERS})")
+    parser.add_argument("--cap", action="append", default=[], metavar="STAGE=S", help="override a stage's cap")
+    parser.add_argument("--grace", type=float, default=GRACE_S, help="seconds from SIGINT to SIGKILL at a limit")
+    parser.add_argument("--plant", action="append", default=[],
+                        help="stage:NAME=ok|fail|hang or case:fail|hang|wrong=CASE (comma-separated, repeatable): a "
+                             "planted failure or hang, to see it isolated")
     parser.add_argument("--table", type=Path, default=None, metavar="DIR",
-                        help="only print the table of the JSON files in DIR")
+                        help="only print the tables of the JSON files in DIR")
     args = parser.parse_args(argv)
 
     if args.table is not None:
         records, _ = load_records(args.table)
-        print("\n".join(anchor_lines(records) + render_table(records) + render_decode_table(records)
-                        + render_host_table(records)))
+        print("\n".join(anchor_lines(records) + kernel_lines(args.table, 0) + render_table(records)
+                        + profile_lines(args.table, 0) + render_decode_table(records) + render_host_table(records)))
         return 0
     skip = {s for s in args.skip.split(",") if s}
-    if skip - set(STAGES):
-        parser.error(f"--skip: unknown stages {sorted(skip - set(STAGES))}; stages are {STAGES}")
+    extra = [s for s in args.extra.split(",") if s]
+    if skip - set(STAGES) or set(extra) - set(EXTRA):
+        parser.error(f"--skip / --extra: unknown stages {sorted((skip - set(STAGES)) | (set(extra) - set(EXTRA)))}; "
+                     f"stages are {STAGES}, extras {EXTRA}")
     import torch  # after argument parsing: --help and --table need no torch
 
     dry = args.dry or os.environ.get(DRY_ENV, "0") not in ("", "0") or not torch.cuda.is_available()
+    caps = {**CAPS_S, **(DRY_CAPS_S if dry else {})}
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        if name not in caps:
+            parser.error(f"--cap {item}: unknown stage")
+        caps[name] = float(seconds)
+    try:
+        stage_plants, case_plants = parse_plants(",".join(args.plant))
+    except ValueError as err:
+        parser.error(str(err))
     out = (args.out or _default_out()).resolve()
+    check = Check(out=out, dry=dry, budget=args.budget, grace=args.grace, caps=caps, plants=stage_plants)
+    stages = [s for s in STAGES if s not in skip]
+    if args.plan:
+        print("\n".join(plan_lines(check, stages, extra, args.build)))
+        return 0
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    check = Check(out=out, dry=dry, budget=args.budget)
-    since = time.time() - 1  # file times have 1 s resolution on some filesystems
+    prov = provenance(dry)
+    print(f"[gpu_check] {provenance_line(prov)}", flush=True)
+    print("\n".join(plan_lines(check, stages, extra, args.build)), flush=True)
     signal.signal(signal.SIGTERM, check.interrupt)
     signal.signal(signal.SIGINT, check.interrupt)
     size = "tiny" if dry else "full"
     configs = [c for c in args.configs.split(",") if c]
+    marker = args.marker if args.marker is not None else ("gpu" if dry else "gpu or on_device")
     failed: set = set()
     interrupted = False
+    bg = None
     try:
-        for name in STAGES:
+        for name in [*STAGES, *extra]:
+            poll_build(check, bg)
             if name in skip:
-                check.stages.append(Stage(name, note="--skip"))
+                check.skip(name, "--skip")
             elif name == "wheels":
                 stage_wheels(check)
             elif name == "build":
-                stage_build(check)
-            elif name == "tests":
-                stage_tests(check, [p for p in args.tests.split(",") if p], args.marker, args.workers)
-            elif name == "sweep":
-                stage_sweep(check)
+                bg = start_build(check, args.build)
+            elif name == "kernels":
+                stage_kernels(check, [c for c in configs if c in HEADLINE] or list(HEADLINE),
+                              shlex.split(args.kernel_args) + case_plants)
+            elif name == "layer":
+                counts = stage_bench(check, "layer", headline_ids(size, [c for c in configs if c in HEADLINE]))
+                failed |= failed_cells(counts["failures"] if counts else [])
+            elif name == "profile":
+                stage_profile(check, size)
             elif name == "decode":
                 failed |= stage_decode(check, size, configs)
+            elif name == "tests":
+                stage_tests(check, [p for p in args.tests.split(",") if p], marker, args.workers)
+            elif name == "sweep":
+                stage_sweep(check)
             else:
-                test, expr = {
-                    "layer": ("benchmarks/test_layer.py", _k(size, configs, TABLE_PROVIDERS)),
-                    "gmlp": ("benchmarks/test_ops.py", _k(size, configs, ("test_grouped_mlp",))),
-                    "baselines": ("benchmarks/test_layer.py", _k(size, configs, TABLE_PROVIDERS, negate=True)),
+                from .configs import NAMES
+
+                others = [c for c in NAMES if c not in HEADLINE]
+                test_args = {
+                    "gmlp": ["benchmarks/test_ops.py", "-k", _k(size, configs, ("test_grouped_mlp",))],
+                    "more": ["benchmarks/test_layer.py", "-k", _k(size, others, TABLE_PROVIDERS)],
+                    "baselines": ["benchmarks/test_layer.py", "-k", _k(size, [], TABLE_PROVIDERS, negate=True)],
                 }[name]
-                counts = stage_bench(check, name, test, expr)
+                counts = stage_bench(check, name, test_args)
                 failed |= failed_cells(counts["failures"] if counts else [])
+        poll_build(check, bg)
     except KeyboardInterrupt:
         interrupted = True
-    records, meta = load_records(out, since)
+    finish_build(check, bg)
+    records, meta = load_records(out, check.t0_wall)
     try:
         from .render_results import render_markdown
 
         (out / "RESULTS.md").write_text(render_markdown([{**meta, "file": "(this run)", "records": records}]))
-    except Exception as err:  # the table below matters more than the markdown copy
+    except Exception as err:  # the tables below matter more than the markdown copy
         print(f"[gpu_check] RESULTS.md not written: {type(err).__name__}: {err}")
-    lines = summary(check, records, meta, failed, interrupted)
+    lines = summary(check, prov, records, failed, interrupted, check.t0_wall)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    write_summary_json(check, prov, records, interrupted)
     print("\n".join(lines), flush=True)
     bad = [s for s in check.stages if s.status not in ("ok", "skipped")]
     return 1 if bad or interrupted else 0

@@ -13,11 +13,9 @@ wider N, other stage count; those that fit in shared memory and differ from the 
 Flow of a case, in a process of its own (a sticky CUDA fault, an illegal address, ends that
 process and nothing else; a hang is killed at --case-timeout and reported TIMEOUT):
 
-    inputs at the shape (full on a GPU, benchmarks.configs' tiny size in the dry run), routing with
-    expert 0 empty and expert 1 ragged (a row count that no tile size divides); outputs pre-filled
-    with NaN, so any row the kernel forgets to write shows up
-    compiled facts: sm90_check.compile_launch of the same launch at the full shape (registers,
-    spills, shared memory, warp-group MMA: whatever its report holds)
+    inputs at the shape (full on a GPU, small in the dry run), routing with expert 0 empty and
+    expert 1 ragged (a row count that no tile size divides); outputs pre-filled with NaN, so any
+    row the kernel forgets to write shows up
     first launch (Triton compiles here) through the public launcher with cfg=
     check: every output finite; on experts {empty, ragged, middle, last} against a bf16 torch
     reference (fp32 elementwise epilogue), the weight gradient of the empty expert exactly zero
@@ -25,7 +23,10 @@ process and nothing else; a hang is killed at --case-timeout and reported TIMEOU
     The timed part holds a file lock, so no two cases time at once while others compile and check.
 
 The driver runs --jobs cases at a time (Triton's compile is CPU work: the GPU host's cores run
-several at once), writes DIR/kernels/<case>.json per case and DIR/kernels.json, and prints a table.
+several at once) and, while they run, compiles each case's launch at the full shape for sm_90 with
+sm90_check.compile_launch: the compiled facts (registers, spills, shared memory, warp-group MMA:
+whatever its report holds) beside the times. It writes DIR/kernels/<case>.json per case and
+DIR/kernels.json, and prints a table.
 Without CUDA (or with --dry) the cases run Triton's interpreter at the tiny sizes in fp32: a test
 of the plumbing, not a measurement.
 
@@ -53,16 +54,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = ("qwen3-30b-a3b", "mixtral")
 ROLES = ("up_glu", "down", "dact", "dgrad", "wgrad")
 ALTERNATIVES = 3  # beyond the shipped config: persistent, wider N, stages (the issue's 2-3)
+# The dry run: one alternative. A case there is a Python start (~3 s on 2 cores) and two
+# interpreter launches (~1-2 s each): 20 cases two at a time take ~1.5 minutes, 40 twice that.
+DRY_ALTERNATIVES = 1
 # Cases at once on a GPU host: it has 16 cores and each case compiles on one; 6 leaves cores for
 # ptxas's own threads and the parent, and keeps six full-size mixtral case inputs (~5 GB each)
 # well inside 80 GB.
 GPU_JOBS = 6
 CPU_JOBS = 2  # the dry run: one per core of a 2-core CI machine
-# A case on the GPU: interpreter start and imports ~5 s, compile ~1-2 s per kernel (x2 with the
-# sm90_check facts), inputs and the bf16 check a second or two, the timing well under one. 60 s
-# is several times that; a case past it is hung, not slow.
+# A case on the GPU: interpreter start and imports ~5 s, Triton's compile 0.5-4 s (measured for
+# sm_90 on a 2-core CPU, benchmarks/NOTES.md), inputs and the bf16 check a second or two, the
+# timing well under one. 60 s is several times that; a case past it is hung, not slow.
 GPU_CASE_TIMEOUT_S = 60
-CPU_CASE_TIMEOUT_S = 180  # the interpreter at the tiny sizes plus a nested facts process on 2 cores
+CPU_CASE_TIMEOUT_S = 120  # the interpreter at the small sizes on 2 busy cores: ~10 s a case
 WARMUP, REPS = 3, 20  # as benchmarks/harness.py: the median of 20 is stable to ~1% on a quiet GPU
 DRY_WARMUP, DRY_REPS = 0, 1  # the interpreter: the timing path runs, its numbers mean nothing
 # bf16 output against a bf16 reference: each rounds to 8 significant bits (2^-8 relative), the
@@ -78,6 +82,7 @@ DRY_MAX_E, DRY_MAX_T = 16, 128
 RAGGED_SHORT = 37  # expert 1 gets this many rows fewer than its even share: no tile size divides it
 LOCK_NAME = "gpu-timing.lock"
 PLANT_KINDS = ("fail", "hang", "wrong")
+STATUS_ORDER = ("ok", "FAILED", "TIMEOUT", "not run")  # a case's statuses, in the order counts are told
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +142,10 @@ def _width(cfg: dict) -> int:
 
 def alternatives(role: str, shipped: dict, count: int = ALTERNATIVES, rank: int = 0) -> list[tuple[str, dict]]:
     """Up to `count` (label, config) from gemm_configs.candidates(role) that fit in sm_90's shared
-    memory and differ from the shipped config: first the shipped tile made persistent, a wider
-    tile, the shipped tile at another stage count (each where the candidates have one), then the
-    remaining candidates in their own order."""
+    memory and differ from the shipped config: first the shipped tile with the other schedule
+    ("persistent", or "per-tile" when the shipped one is persistent), a wider tile, the shipped tile
+    at another stage count (each where the candidates have one), then the remaining candidates in
+    their own order ("cand<n>", n its place in the list)."""
     import torch
 
     from unimoe_kernels.ops import gemm_configs
@@ -149,10 +155,11 @@ def alternatives(role: str, shipped: dict, count: int = ALTERNATIVES, rank: int 
     pool = [c for c in pool if c != shipped and gemm_configs.smem_estimate(role, dtype, c, rank)
             <= gemm_configs.SMEM_LIMIT_SM90]
     pool = list({json.dumps(c, sort_keys=True): c for c in pool}.values())  # candidates may repeat
+    flip = "per-tile" if shipped.get("PERSISTENT") else "persistent"
     wanted = [
-        ("persistent", lambda c: c.get("PERSISTENT") and not shipped.get("PERSISTENT") and _same_tile(c, shipped)
-         and c["num_stages"] == shipped["num_stages"]),
-        ("persistent", lambda c: c.get("PERSISTENT") and not shipped.get("PERSISTENT")),
+        (flip, lambda c: "PERSISTENT" in c and c["PERSISTENT"] != shipped.get("PERSISTENT")
+         and _same_tile(c, shipped) and c["num_stages"] == shipped["num_stages"]),
+        (flip, lambda c: "PERSISTENT" in c and c["PERSISTENT"] != shipped.get("PERSISTENT")),
         ("wider-N", lambda c: _width(c) > _width(shipped) and c.get("PERSISTENT") == shipped.get("PERSISTENT")),
         ("wider-N", lambda c: _width(c) > _width(shipped)),
         ("stages", lambda c: _same_tile(c, shipped) and c["num_stages"] != shipped["num_stages"]
@@ -169,7 +176,7 @@ def alternatives(role: str, shipped: dict, count: int = ALTERNATIVES, rank: int 
         if len(picked) >= count:
             break
         if all(c != p for _, p in picked):
-            picked.append(("candidate", c))
+            picked.append((f"cand{len(picked) + 1}", c))  # numbered: a case id names one config
     return picked
 
 
@@ -195,7 +202,6 @@ def plan(shapes: tuple = HEADLINE, roles: tuple = ROLES, count: int = ALTERNATIV
             key = _role_key(role, shape)
             shipped = given[key]
             for label, cfg in [("shipped", shipped)] + alternatives(role, shipped, count, rank=shape[5]):
-                # Two labels may land on one candidate list position; ids stay unique by their label.
                 cases.append({"id": case_id(name, role, label), "shape": name, "role": role, "label": label,
                               "cfg": cfg, "device_name": device_name})
     return cases
@@ -247,17 +253,6 @@ def _as_dict(res) -> dict:
     if isinstance(res, dict):
         return dict(res)
     return {k: v for k, v in vars(res).items() if not k.startswith("_")}
-
-
-def _facts_subprocess(case: dict) -> dict:
-    """compiled_facts in a process without TRITON_INTERPRET (the interpreter compiles nothing)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_stage", "--facts", json.dumps(case)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=CPU_CASE_TIMEOUT_S)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(lines[-1])
 
 
 def routing(n: int, num_experts: int, tokens: int, top_k: int, device) -> tuple:
@@ -445,7 +440,7 @@ def _timing_lock(out_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_case(case: dict, out_dir: Path, dry: bool, plant: Optional[str] = None, facts: bool = True) -> dict:
+def run_case(case: dict, out_dir: Path, dry: bool, plant: Optional[str] = None) -> dict:
     """Run one case in this process (see the module docstring) and return its result dict; any
     exception propagates (the caller's process reports it)."""
     import torch
@@ -460,8 +455,6 @@ def run_case(case: dict, out_dir: Path, dry: bool, plant: Optional[str] = None, 
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
     res.update(size="tiny" if dry else "full", dims=dict(zip("THFEk", dims)), dtype=str(dtype).split(".")[-1])
-    if facts:
-        res["facts"] = _facts_subprocess(case) if dry else compiled_facts(case)
     b = build(case["role"], dims, case["cfg"], dtype, device)
     if plant == "fail":
         raise RuntimeError("planted failure (--plant fail)")
@@ -505,69 +498,113 @@ def parse_plants(spec: str) -> dict:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Kill a case's whole process group (its nested facts process too)."""
+    """Kill a case's whole process group."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
+class _Runner:
+    """run_all's state: cases waiting, running (id -> process, start, case, log), finished."""
+
+    def __init__(self, cases, out, dry, jobs, case_timeout, plants, deadline, facts):
+        self.pending = list(cases)
+        self.running: dict = {}
+        self.results: dict = {}
+        self.to_compile = [c for c in cases if facts == "all" or (facts == "shipped" and c["label"] == "shipped")]
+        self.facts_of: dict = {}
+        self.out, self.dry, self.jobs, self.case_timeout = out, dry, jobs, case_timeout
+        self.plants, self.deadline = plants, deadline
+        self.case_dir, self.log_dir = out / "kernels", out / "logs" / "kernels"
+        self.case_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        if dry:
+            self.env["TRITON_INTERPRET"] = "1"
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def start(self, case: dict) -> None:
+        if self.late():
+            self.results[case["id"]] = {**case, "status": "not run", "error": "the stage's time ran out first"}
+            return
+        (self.case_dir / f"{_file_name(case['id'])}.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "benchmarks.kernel_stage", "--case", json.dumps(case), "--out", str(self.out)]
+        if self.dry:
+            cmd.append("--dry")
+        if case["id"] in self.plants:
+            cmd += ["--plant", f"{self.plants[case['id']]}:{case['id']}"]
+        log = open(self.log_dir / f"{_file_name(case['id'])}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.running[case["id"]] = (proc, time.monotonic(), case, log)
+
+    def collect(self, cid: str) -> None:
+        """Read a case that exited or ran past its timeout (then killed)."""
+        proc, start, case, log = self.running.pop(cid)
+        elapsed = time.monotonic() - start
+        timed_out = proc.poll() is None
+        if timed_out:
+            _stop(proc)
+        log.close()
+        result_path = self.case_dir / f"{_file_name(cid)}.json"
+        if timed_out:
+            res = {**case, "status": "TIMEOUT", "error": f"killed after {self.case_timeout:.0f} s"}
+        elif result_path.exists():
+            res = json.loads(result_path.read_text())
+        else:
+            lines = Path(log.name).read_text(errors="replace").strip().splitlines()
+            res = {**case, "status": "FAILED",
+                   "error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}"[:300]}
+        res["seconds"] = round(elapsed, 1)
+        self.results[cid] = res
+        print(f"[kernels] {cid:36s} {res['status']:8s} {elapsed:5.1f} s  {res.get('error') or _brief(res)}",
+              flush=True)
+
+    def loop(self) -> None:
+        while self.pending or self.running:
+            while self.pending and len(self.running) < self.jobs:
+                self.start(self.pending.pop(0))
+            if self.to_compile and not self.late():
+                # A compile takes 0.5-4 s: the polls below wait that long at most, well inside a case's timeout.
+                case = self.to_compile.pop(0)
+                self.facts_of[case["id"]] = compiled_facts(case)
+            else:
+                time.sleep(0.1)
+            for cid, (proc, start, _, _) in list(self.running.items()):
+                if proc.poll() is not None or time.monotonic() - start > self.case_timeout:
+                    self.collect(cid)
+
+    def stop_all(self, why: str) -> None:
+        """The stage's cap: stop the running cases (TIMEOUT) and mark the waiting ones not run."""
+        for cid, (proc, start, case, log) in list(self.running.items()):
+            _stop(proc)
+            log.close()
+            self.results[cid] = {**case, "status": "TIMEOUT", "error": why,
+                                 "seconds": round(time.monotonic() - start, 1)}
+        self.running.clear()
+        for case in self.pending:
+            self.results[case["id"]] = {**case, "status": "not run", "error": why}
+
+
 def run_all(cases: list, out: Path, dry: bool, jobs: int, case_timeout: float, plants: dict,
-            deadline: Optional[float] = None, facts: bool = True) -> list:
+            deadline: Optional[float] = None, facts: str = "all") -> list:
     """Every case in its own process, `jobs` at a time; returns the result dicts in plan order.
     A case past case_timeout is TIMEOUT, one that exits nonzero FAILED (its last error line), one
-    not started before `deadline` (a time.monotonic()) "not run"."""
-    case_dir, log_dir = out / "kernels", out / "logs" / "kernels"
-    case_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    pending = list(cases)
-    running: dict = {}  # id -> (process, start, case, log file)
-    results: dict = {}
-    env = dict(os.environ)
-    if dry:
-        env["TRITON_INTERPRET"] = "1"
-    while pending or running:
-        while pending and len(running) < jobs:
-            case = pending.pop(0)
-            if deadline is not None and time.monotonic() > deadline:
-                results[case["id"]] = {**case, "status": "not run", "error": "the stage's time ran out first"}
-                continue
-            result_path = case_dir / f"{_file_name(case['id'])}.json"
-            result_path.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "benchmarks.kernel_stage", "--case", json.dumps(case), "--out", str(out)]
-            if dry:
-                cmd.append("--dry")
-            if not facts:
-                cmd.append("--no-facts")
-            if case["id"] in plants:
-                cmd += ["--plant", f"{plants[case['id']]}:{case['id']}"]
-            log = open(log_dir / f"{_file_name(case['id'])}.log", "w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            running[case["id"]] = (proc, time.monotonic(), case, log)
-        time.sleep(0.1)
-        for cid, (proc, start, case, log) in list(running.items()):
-            elapsed = time.monotonic() - start
-            if proc.poll() is None and elapsed <= case_timeout:
-                continue
-            timed_out = proc.poll() is None
-            if timed_out:
-                _stop(proc)
-            log.close()
-            del running[cid]
-            result_path = case_dir / f"{_file_name(cid)}.json"
-            if timed_out:
-                res = {**case, "status": "TIMEOUT", "error": f"killed after {case_timeout:.0f} s"}
-            elif result_path.exists():
-                res = json.loads(result_path.read_text())
-            else:
-                lines = Path(log.name).read_text(errors="replace").strip().splitlines()
-                res = {**case, "status": "FAILED", "error": f"exit {proc.returncode}: "
-                                                            f"{lines[-1] if lines else 'no output'}"[:300]}
-            res["seconds"] = round(elapsed, 1)
-            results[cid] = res
-            print(f"[kernels] {cid:36s} {res['status']:8s} {elapsed:5.1f} s  "
-                  f"{res.get('error') or _brief(res)}", flush=True)
-    return [results[c["id"]] for c in cases]
+    not started before `deadline` (a time.monotonic()) "not run". Between polls this process
+    compiles the launches of the cases `facts` names (all, shipped or none) for sm90_check's report
+    (a persistent twin is the same kernel on another grid: Triton's cache answers it at once).
+    SIGINT (the GPU check's stage cap) stops the running cases and still returns every result."""
+    runner = _Runner(cases, out, dry, jobs, case_timeout, plants, deadline, facts)
+    try:
+        runner.loop()
+    except KeyboardInterrupt:
+        runner.stop_all("stopped at the stage's cap")
+    for c in cases:
+        if c["id"] in runner.facts_of:
+            runner.results[c["id"]]["facts"] = runner.facts_of[c["id"]]
+    return [runner.results[c["id"]] for c in cases]
 
 
 def _brief(res: dict) -> str:
@@ -586,7 +623,7 @@ def render(results: list) -> list:
     """The kernel table: a row per case, its time, TFLOP/s, speed against the shipped config of the
     same role, the sm_90 facts (registers, spills, shared memory, warp-group MMA) and the check."""
     head = (f"{'shape':<14}{'role':<8}{'config':<11}{'tile':<25}{'ms':>9}{'TFLOP/s':>9}{'vs ship':>8} |"
-            f"{'regs':>5}{'spill':>6}{'smem KB':>8}{'wgmma':>6} | {'check (max rel err)':<22}status")
+            f"{'regs':>5}{'spill':>6}{'smem KB':>8}{'wgmma':>6} | {'check (max rel err)':<34}status")
     lines = ["", "kernels: the expert GEMMs one launch at a time (CUDA events), beside sm90_check's compile of "
                  "the same launch", head, "-" * len(head)]
     shipped = {(r["shape"], r["role"]): r.get("ms") for r in results if r.get("label") == "shipped"}
@@ -599,11 +636,11 @@ def render(results: list) -> list:
         facts = (f"{f.get('registers', '-'):>5}{f.get('spill_bytes', '-'):>6}"
                  f"{(f'{smem / 1024:.0f}' if smem is not None else '-'):>8}"
                  f"{('yes' if f.get('warp_group_dot') else 'no') if 'warp_group_dot' in f else '-':>6}")
-        chk = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("check") or {}).items())
+        chk = " ".join(f"{k} {v:.0e}" for k, v in (r.get("check") or {}).items())
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         ms_text, tf_text = (f"{ms:.3f}", f"{r['tflops']:.1f}") if ms else ("-", "-")
         lines.append(f"{r['shape']:<14}{r['role']:<8}{r['label']:<11}{_cfg_text(r['cfg']):<25}"
-                     f"{ms_text:>9}{tf_text:>9}{vs:>8} |{facts} | {chk:<22}{status}"[:220])
+                     f"{ms_text:>9}{tf_text:>9}{vs:>8} |{facts} | {chk:<34}{status}"[:260])
     lines.append("vs ship: the shipped config's time / this config's (above 1.00x this one is faster). check: max |out"
                  " - ref| / max |ref| on the empty, ragged, middle and last experts.")
     return lines
@@ -614,27 +651,25 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check")
     parser.add_argument("--shapes", default=",".join(HEADLINE), help="comma-separated named shapes")
     parser.add_argument("--roles", default=",".join(ROLES), help="comma-separated roles")
-    parser.add_argument("--alternatives", type=int, default=ALTERNATIVES, help="configs beyond the shipped one")
+    parser.add_argument("--alternatives", type=int, default=None,
+                        help=f"configs beyond the shipped one (default {ALTERNATIVES}, dry {DRY_ALTERNATIVES})")
     parser.add_argument("--jobs", type=int, default=0, help=f"cases at once (default {GPU_JOBS}, dry {CPU_JOBS})")
     parser.add_argument("--case-timeout", type=float, default=0, help="seconds per case (default: GPU "
                         f"{GPU_CASE_TIMEOUT_S}, dry {CPU_CASE_TIMEOUT_S})")
     parser.add_argument("--deadline", type=float, default=0, help="seconds after which no case starts (0: none)")
     parser.add_argument("--dry", action="store_true", help="the interpreter at the tiny sizes (also without CUDA)")
-    parser.add_argument("--no-facts", action="store_true", help="leave out sm90_check's compile of each launch")
+    parser.add_argument("--facts-for", choices=("all", "shipped", "none"), default="all",
+                        help="cases whose launch this process compiles for sm90_check's report")
     parser.add_argument("--plant", default="", help="KIND:CASE,...: fail, hang or wrong in the named cases")
     parser.add_argument("--compile-times", action="store_true",
                         help="compile each case for sm_90 twice (cold, then from the cache); print seconds")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (the driver's children)
-    parser.add_argument("--facts", help=argparse.SUPPRESS)  # compiled_facts of one case, JSON on stdout
     args = parser.parse_args(argv)
     plants = parse_plants(args.plant)
 
-    if args.facts:
-        print(json.dumps(compiled_facts(json.loads(args.facts))))
-        return 0
     if args.case:
         case = json.loads(args.case)
-        res = run_case(case, args.out, args.dry, plants.get(case["id"]), facts=not args.no_facts)
+        res = run_case(case, args.out, args.dry, plants.get(case["id"]))
         path = args.out / "kernels" / f"{_file_name(case['id'])}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
@@ -642,29 +677,36 @@ def main(argv: Optional[list] = None) -> int:
     shapes = tuple(s for s in args.shapes.split(",") if s)
     roles = tuple(r for r in args.roles.split(",") if r)
     if args.compile_times:
-        return compile_times(shapes, roles, args.alternatives, args.out)
+        return compile_times(shapes, roles, ALTERNATIVES if args.alternatives is None else args.alternatives, args.out)
 
+    # This process compiles for sm_90 (the facts): Triton must not be in interpreter mode here. The
+    # cases get TRITON_INTERPRET=1 back in the dry run (run_all).
+    os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
     dry = args.dry or not torch.cuda.is_available()
     t0 = time.monotonic()
-    cases = plan(shapes, roles, args.alternatives)
+    count = args.alternatives if args.alternatives is not None else DRY_ALTERNATIVES if dry else ALTERNATIVES
+    facts = args.facts_for
+    cases = plan(shapes, roles, count)
     unknown = set(plants) - {c["id"] for c in cases}
     if unknown:
         parser.error(f"--plant names no case of the plan: {sorted(unknown)}")
     jobs = args.jobs or (CPU_JOBS if dry else GPU_JOBS)
     timeout = args.case_timeout or (CPU_CASE_TIMEOUT_S if dry else GPU_CASE_TIMEOUT_S)
     print(f"[kernels] {len(cases)} cases ({', '.join(shapes)}; {', '.join(roles)}; shipped + up to "
-          f"{args.alternatives} alternatives), {jobs} at a time, {timeout:.0f} s each"
+          f"{count} alternatives), {jobs} at a time, {timeout:.0f} s each, sm_90 facts for {facts}"
           f"{' (DRY: interpreter, tiny sizes, fp32)' if dry else ''}", flush=True)
     results = run_all(cases, args.out, dry, jobs, timeout, plants,
-                      deadline=t0 + args.deadline if args.deadline else None, facts=not args.no_facts)
-    counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
+                      deadline=t0 + args.deadline if args.deadline else None, facts=facts)
+    counts = {s: n for s in STATUS_ORDER if (n := sum(r["status"] == s for r in results))}
     summary = {"dry": dry, "seconds": round(time.monotonic() - t0, 1), "counts": counts, "cases": results}
     (args.out / "kernels.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print("\n".join(render(results)), flush=True)
     print(f"[kernels] {', '.join(f'{n} {s}' for s, n in counts.items())} in {summary['seconds']} s", flush=True)
-    return 0 if counts.get("ok", 0) == len(results) else 1
+    if counts.get("FAILED") or counts.get("TIMEOUT"):
+        return 1
+    return 2 if counts.get("ok", 0) < len(results) else 0  # 2: some cases never started (the deadline)
 
 
 # ----------------------------------------------------------------------------------------------

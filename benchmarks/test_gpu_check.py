@@ -1,7 +1,11 @@
-"""The GPU check without a GPU: its dry run end to end, and the table's arithmetic on made-up records.
+"""The GPU check without a GPU: its plan and budget, each stage's isolation, a dry run with planted
+failures through benchmarks/gpu_check.sh, and the tables' arithmetic on made-up records.
 
-The dry run goes through benchmarks/gpu_check.sh like a GPU session does, at the tiny size of one
-shape, with one quick test standing in for the GPU tests, into pytest's tmp_path.
+The dry run here is cut down to stay a few tens of seconds on 2 cores: the kernel stage runs three
+cases of one role (one real, one planted failure, one planted hang), the other stages are planted
+stand-ins (a planted stage replaces its commands, so the layer and decode benchmarks are not rerun:
+their own tests in benchmarks/ cover them). The full dry run is `UNIMOE_GPU_CHECK_DRY=1 bash
+benchmarks/gpu_check.sh` (benchmarks/README.md).
 """
 
 import json
@@ -9,43 +13,98 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from . import gpu_check
+from . import gpu_check, kernel_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_end_to_end(tmp_path):
+def test_plan_order_and_budget(capsys):
+    assert gpu_check.main(["--plan", "--dry"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    names = [part.split()[0] for part in line.split(": ", 1)[1].split(" | ")]
+    assert names == ["wheels", "build", "kernels", "layer", "profile", "decode", "tests"]
+    assert names == list(gpu_check.STAGES)
+    caps = gpu_check.CAPS_S
+    # The headline (the kernel stage and the layer rows) ends within 240 s of the start even when
+    # each of its stages runs to its cap and pytest takes its whole grace to exit.
+    worst = gpu_check.STARTUP_S + caps["wheels"] + caps["kernels"] + caps["layer"] + gpu_check.GRACE_S
+    assert worst <= gpu_check.HEADLINE_BY_S == 240
+    assert gpu_check.BUDGET_S == 420
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert 'UNIMOE_GPU_CHECK_BUDGET:-420' in script
+
+
+def test_stage_isolation(tmp_path):
+    """A hang that ignores SIGINT is TIMEOUT (not FAILED rc=-9), a failure is FAILED with its exit
+    status, and each stage after them still runs."""
+    (tmp_path / "logs").mkdir()
+    check = gpu_check.Check(out=tmp_path, dry=True, budget=60, grace=1,
+                            caps={**gpu_check.CAPS_S, "kernels": 2, "layer": 30, "profile": 30},
+                            plants={"kernels": "hang", "layer": "fail", "profile": "ok"})
+    start = time.monotonic()
+    for name in ("kernels", "layer", "profile"):
+        check.run(gpu_check.Stage(name), [["false"]])  # the plants replace the command
+    took = time.monotonic() - start
+    assert [(s.name, s.status) for s in check.stages] == [
+        ("kernels", "TIMEOUT"), ("layer", "FAILED rc=3"), ("profile", "ok")]
+    assert "cap of 2 s" in check.stages[0].note
+    assert 2 <= check.stages[0].seconds < 10 and took < 20
+    assert "planted: hang" in (tmp_path / "logs" / "kernels.log").read_text()
+
+
+def test_dry_run_with_planted_failures(tmp_path):
+    cases = kernel_stage.plan(("mixtral",), ("down",), 2)
+    assert len(cases) == 3 and cases[0]["label"] == "shipped"
+    failing, hanging = cases[1]["id"], cases[2]["id"]
     env = {**os.environ, gpu_check.DRY_ENV: "1", "PYTHON": sys.executable}
     env.pop(gpu_check.SWEEP_ENV, None)
-    # The tests stage runs one test of this file: quick, and with a known count (1 passed).
-    junit_test = "benchmarks/test_gpu_check.py::test_junit_counts"
-    args = ["--out", str(tmp_path), "--configs", "mixtral", "--tests", junit_test, "--marker", ""]
-    # 120 s: the run takes about 30 s on 2 cores; the rest is room for a busy machine.
+    env.pop("TRITON_INTERPRET", None)  # as in a GPU slot: the check sets it for the dry cases itself
+    # All three cases start at once; the hang is killed at 25 s, the real case takes ~10 s on 2 cores.
+    kernel_args = "--shapes mixtral --roles down --alternatives 2 --jobs 3 --case-timeout 25 --facts-for shipped"
+    args = ["--out", str(tmp_path), "--grace", "1", "--cap", "profile=2", f"--kernel-args={kernel_args}",
+            "--plant", f"case:fail={failing},case:hang={hanging}",
+            "--plant", "stage:layer=ok,stage:profile=hang,stage:decode=fail,stage:tests=ok"]
+    # 150 s: the run takes ~40 s on 2 cores; the rest is room for a busy machine.
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=150)
     out = done.stdout
-    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 1, out[-3000:] + done.stderr[-3000:]  # stages failed: the exit says so
 
-    runs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert len(runs) == 4  # one per benchmark stage: decode, layer, gmlp, baselines
-    assert all(run["device"] == "cpu" and "commit" in run for run in runs)
-    provided = {(r["group"], r["provider"]) for run in runs for r in run["records"]}
-    assert {("layer", "ours"), ("layer", "grouped_mm"), ("layer", "dense"), ("layer", "naive_loop"),
-            ("grouped_mlp", "ours"), ("decode", "ours"), ("decode", "grouped_mm")} <= provided
+    # The first lines: where the numbers come from, then the plan in the new order.
+    first, second = out.splitlines()[:2]
+    assert re.match(r"\[gpu_check\] cpu, commit \S+, torch \S+, triton \S+, CUDA \S+, Python \S+", first), first
+    assert re.search(r"wheels .* \| build skipped \| kernels .* \| layer .* \| profile .* \| decode .* \| tests",
+                     second), second
 
-    table = out[out.index("ours N.NNx faster than"):]
-    assert re.search(r"^layer mixtral +fwd\+bwd .*\|.*\d\.\d\dx", table, re.M), table
-    assert re.search(r"^gmlp  mixtral +fwd ", table, re.M), table
-    for t in (1, 8, 64, 256):  # the decode table: floor, ours and its share of the floor, gmm and the ratio
-        row = rf"^mixtral-T{t} \(tiny\) +{t} +[\d.]+ +[\d.]+ \| +[\d.]+ +\d+% \| +[\d.]+ +skip \| +\d\.\d\dx"
-        assert re.search(row, table, re.M), table
-    assert re.search(r"^tests +ok .* 1 passed, 0 failed", out, re.M), out
-    for stage in gpu_check.STAGES:
-        assert re.search(rf"^{stage} ", out, re.M), f"stage {stage} missing from the summary"
-    assert (tmp_path / "summary.txt").read_text().strip().endswith(out.strip().splitlines()[-1])
-    assert (tmp_path / "logs" / "layer.log").stat().st_size > 0 and (tmp_path / "RESULTS.md").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"device", "commit", "torch", "triton", "cuda", "python", "dry"} <= set(summary["provenance"])
+    assert summary["provenance"]["dry"] is True and summary["budget_s"] == 420
+    statuses = [(s["name"], s["status"]) for s in summary["stages"]]
+    assert statuses == [("wheels", "skipped"), ("build", "skipped"), ("kernels", "FAILED rc=1"), ("layer", "ok"),
+                        ("profile", "TIMEOUT"), ("decode", "FAILED rc=3"), ("tests", "ok")], statuses
+    assert all(s["note"] for s in summary["stages"] if s["status"] != "ok"), summary["stages"]
+    starts = [s["start_s"] for s in summary["stages"] if s["start_s"] is not None]
+    assert starts == sorted(starts)
+
+    # The kernel stage: the planted failure and hang stopped only themselves.
+    kernels = {c["id"]: c for c in json.loads((tmp_path / "kernels.json").read_text())["cases"]}
+    shipped = kernels[cases[0]["id"]]
+    assert shipped["status"] == "ok" and shipped["ms"] > 0 and shipped["check"]["y"] < kernel_stage.FP32_TOL
+    assert shipped["facts"].get("registers", 0) > 0 or "error" in shipped["facts"]
+    assert kernels[failing]["status"] == "FAILED" and "planted failure" in kernels[failing]["error"]
+    assert kernels[hanging]["status"] == "TIMEOUT"
+    assert "cases: 1 ok, 1 FAILED, 1 TIMEOUT" in next(s["note"] for s in summary["stages"] if s["name"] == "kernels")
+
+    # summary.txt starts with the provenance and the stages; the kernel table follows them.
+    text = (tmp_path / "summary.txt").read_text()
+    head = text.strip().splitlines()
+    assert "GPU check: cpu, commit" in head[0] and head[1].startswith("stage ")
+    assert [line.split()[0] for line in head[2:9]] == list(gpu_check.STAGES)
+    assert re.search(r"^mixtral +down +shipped .* ok$", text, re.M), text
+    assert text.strip().endswith(out.strip().splitlines()[-1])
 
 
 def _rec(group, config, mode, provider, ms=None, **kw):
