@@ -29,16 +29,19 @@ def _shapes():
 
 
 def write_priors(device_name: str, out: Path) -> Path:
-    """The heuristic's config of every launch of every named shape, as a table for device_name."""
+    """The heuristic's config of every launch of every named shape, as a table for device_name, each
+    with what it compiles to for sm_90 as its reason."""
     from unimoe_kernels.ops import gemm_configs
-    from unimoe_kernels.ops.sm90_check import layer_launches
+    from unimoe_kernels.ops.sm90_check import NO_TABLE, layer_launches, prior_reason
 
     configs: dict = {}
     for shape in _shapes().values():
-        for la in layer_launches(shape, device_name=device_name):
+        # Recorded without a table, so each launch carries the heuristic's config that is written.
+        for la in layer_launches(shape, device_name=NO_TABLE):
             role, dtype, k, nout, e, rows, rank = la.call
             key = gemm_configs.table_key(dtype, role, k, nout, e, rank)
-            configs.setdefault(key, {})[str(gemm_configs.rows_bucket(rows, e))] = gemm_configs.heuristic(*la.call)
+            entry = dict(gemm_configs.heuristic(*la.call), reason=prior_reason(la))
+            configs.setdefault(key, {})[str(gemm_configs.rows_bucket(rows, e))] = entry
     data = {"device": device_name,
             "source": "compile-checked priors (heuristic; sm90_check: no spills, shared memory within the limit); "
                       "not timed: benchmarks/sweep_configs.py on the device replaces them with measured winners",

@@ -50,12 +50,14 @@ def ptx(tmp_path, monkeypatch):
 
 
 def test_reader_finds_the_inner_mma_loop_and_its_facts(ptx):
-    mma, waits, loads, stores = sc.k_loop_facts(ptx)
+    mma, waits, loads, stores, epilogue = sc.k_loop_facts(ptx)
     assert mma == ("m64n128k16", "m64n16k16")
     assert waits == (1,)  # the wait to 0 after the K loop belongs to the outer (tile) loop only
     assert set(loads) == {("kern.py:4 (wt)", "cp.async 16B", 1), ("kern.py:5 (yt)", "ld.global 2B", 1),
                           ("kern.py:5 (yt)", "ld.global 16B", 1)}  # the TMA load sits in the outer loop
-    assert stores == 1
+    assert stores == 1 and not epilogue  # no global store in the K loop: the epilogue runs after it
+    flattened = ptx.replace("\tst.shared.b16 [%r11], %rs1;", "\tst.global.b16 [ %rd9 + 0 ], { %rs1 };")
+    assert sc.k_loop_facts(flattened)[4]
 
 
 def test_load_kinds():

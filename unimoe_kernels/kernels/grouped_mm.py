@@ -34,7 +34,11 @@ sorted row r reads row gather[r], so the permuted copy of X is never written.
 
 Schedule: the tile of each program comes from the expert offsets (gemm_common._locate_tile), in
 GROUP_M-swizzled order; the grid may be smaller than the tile count, and then each program walks
-tiles num_programs apart (persistent: no tail of short-lived programs, tile setup amortised).
+tiles num_programs apart (persistent: no tail of short-lived programs, tile setup amortised). A
+persistent launch flattens the tile loop and the K loop into one software-pipelined loop
+(FLATTEN), so the first K steps of a program's next tile are loaded while the current tile's
+epilogue runs: at qwen3-30b-a3b a tile has only 12 K steps, and a pipeline drained and refilled
+per tile would leave the copy engine idle through every epilogue.
 Operand tiles: the weights, and X when its rows are not gathered, come through TMA tensor
 descriptors (W_DESC, X_DESC: the copy engine fills shared memory, zero past the tensor's edges, and
 no 64-bit pointer tiles sit in registers beside the accumulators). The GLU up-projection's weight
@@ -55,7 +59,7 @@ from .gemm_common import _act, _act_and_grad, _dropout_keep, _expert_tiles, _loc
 @triton.jit
 def _load_w(w_desc, expert, n0, k0, W_KMAJOR: tl.constexpr, GLU_PACK: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] tile of expert's W (or LoRA A) at (k0, n0) through its TMA descriptor; GLU_PACK: the
+    """[BLOCK_K, BLOCK_N] tile of expert's W (or LoRA A, B) at (k0, n0) through its TMA descriptor; GLU_PACK: the
     descriptor is over [E, 2, F, K] (or [E, K, 2, F]) and the tile is BLOCK_N/2 gate columns from
     n0 followed by the same up columns."""
     if GLU_PACK:
@@ -111,6 +115,7 @@ def grouped_mm_kernel(
     a_ptr, stride_ae, stride_ak, stride_ar,  # [E, K, R] view of the LoRA factor applied to X
     a_desc,  # A_DESC: descriptor of A's storage, [E, R, K] (A_KMAJOR) or [E, K, R]
     b_ptr, stride_be, stride_br, stride_bn,  # [E, R, NOUT] view of the LoRA factor applied to the side product
+    b_desc,  # B_DESC: descriptor of B's storage, [E, NOUT, R] (B_KMAJOR) or [E, R, NOUT]; GLU_PACK as W's
     side_ptr, stride_sm, stride_sr,  # [N, R] out: side product X' A (ungated), X's dtype
     gate_ptr, stride_gm, stride_gr,  # [N, R] fp32 rank gate of the side product (HAS_GATE)
     out_ptr, stride_om, stride_on,  # [N, NOUT] (EPILOGUE 0/1) or dz [N, 2F|F] (EPILOGUE 2)
@@ -148,10 +153,13 @@ def grouped_mm_kernel(
     W_KMAJOR: tl.constexpr,  # W's storage is [E, NOUT, K] ("x W^T"), else [E, K, NOUT] ("dy W")
     A_DESC: tl.constexpr,  # A's tiles come through its TMA descriptor (zero past the rank)
     A_KMAJOR: tl.constexpr,
+    B_DESC: tl.constexpr,  # B's tiles through its TMA descriptor (zero past the rank)
+    B_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # accumulator columns; GLU epilogue 1: BLOCK_N/2 output columns (gate + up)
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    FLATTEN: tl.constexpr,  # persistent launch: one software-pipelined loop over (tile, K step)
     GROUP_M: tl.constexpr,  # row tiles that sweep the column tiles together (L2 reuse)
     E_PAD: tl.constexpr,  # num_experts rounded up to a power of two
 ):
@@ -171,7 +179,7 @@ def grouped_mm_kernel(
     else:
         col_in_half = acc_cols
         up_half = tl.zeros((BLOCK_N,), dtype=tl.int64)
-    for t in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+    for t in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _swizzle(t, num_m, num_n, GROUP_M)
         expert, row_start, expert_end = _locate_tile(pid_m, e_start, e_end, e_tiles, e_cum, E_PAD, BLOCK_M)
         e64 = expert.to(tl.int64)
@@ -241,8 +249,11 @@ def grouped_mm_kernel(
             if HAS_GATE:
                 factor *= tl.load(gate_ptr + row_start * stride_gm + loc_m[:, None] * stride_gm
                                   + offs_r[None, :] * stride_gr, mask=mask_mr, other=0.0)
-            b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + w_cols[None, :] * stride_bn
-            bt = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
+            if B_DESC:
+                bt = _load_w(b_desc, expert, n0, 0, B_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_R)
+            else:
+                b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + w_cols[None, :] * stride_bn
+                bt = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
             if DROPOUT == 2:
                 # The mask falls on the LoRA term's columns: it needs a tile of its own.
                 lora_acc = tl.dot(factor.to(dtype), bt, input_precision=DOT_PRECISION)

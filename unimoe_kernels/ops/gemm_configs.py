@@ -127,8 +127,11 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     else:
         block_n = 128
     stages = 4 if role == "up_glu" and wide else 3
+    # Compute-bound 16-bit tiles run persistent: one program per SM, whose flattened loop loads the
+    # next tile while the current one's epilogue runs (kernels/grouped_mm.py, FLATTEN).
+    persistent = wide and block_m == 128
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=warps,
-                num_stages=stages, PERSISTENT=False)
+                num_stages=stages, PERSISTENT=persistent)
 
 
 def candidates(role: str, dtype: torch.dtype) -> list[dict]:
@@ -152,9 +155,9 @@ def candidates(role: str, dtype: torch.dtype) -> list[dict]:
     # (BLOCK_M, BLOCK_N, warps, stages, persistent); GLU forward: BLOCK_N accumulator columns = BLOCK_N/2
     # gate + BLOCK_N/2 up; 128 x 256 spills there and in the activation backward.
     if role in ("up_glu", "dact"):
-        grid = ((128, 128, 8, 4, True), (64, 128, 4, 4, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False))
+        grid = ((128, 128, 8, 4, False), (64, 128, 4, 4, False), (128, 128, 8, 3, True), (128, 64, 8, 4, True))
     else:
-        grid = ((128, 256, 8, 3, True), (64, 128, 4, 4, False), (128, 128, 8, 4, False), (128, 256, 8, 4, False))
+        grid = ((128, 256, 8, 3, False), (64, 128, 4, 4, False), (128, 128, 8, 4, True), (128, 256, 8, 4, True))
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, PERSISTENT=p)
             for bm, bn, w, s, p in grid]
 
@@ -305,9 +308,9 @@ def record(path: Path, device_name: str, key: str, bucket: int, cfg: dict, ms: f
 
 
 def kernel_meta(cfg: dict) -> dict:
-    """The kernel's launch keywords of a config (entries also carry ms, heuristic_ms, PERSISTENT and TMA: use the
-    copy engine for contiguous operands when the GPU has one, default on)."""
-    return {k: v for k, v in cfg.items() if k not in ("ms", "heuristic_ms", "PERSISTENT", "TMA")}
+    """The kernel's launch keywords of a config (entries also carry ms, heuristic_ms, reason, PERSISTENT and TMA:
+    use the copy engine for contiguous operands when the GPU has one, default on)."""
+    return {k: v for k, v in cfg.items() if k not in ("ms", "heuristic_ms", "reason", "PERSISTENT", "TMA")}
 
 
 __all__ = [

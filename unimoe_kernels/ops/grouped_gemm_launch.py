@@ -157,13 +157,13 @@ def grouped_mm(
     z_ = z if z is not None else out
     h_ = h if h is not None else out
 
-    def kernel_args(x_desc, w_desc, a_desc, rowdot: torch.Tensor) -> tuple:
+    def kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot: torch.Tensor) -> tuple:
         """The kernel's arguments in its order (the descriptors and row sums depend on the config)."""
         return (
             x, x.stride(0), x.stride(1), x_desc,
             w, w.stride(0), w.stride(1), w.stride(2), w_desc,
             a, a.stride(0), a.stride(1), a.stride(2), a_desc,
-            b, b.stride(0), b.stride(1), b.stride(2),
+            b, b.stride(0), b.stride(1), b.stride(2), b_desc,
             side, side.stride(0), side.stride(1),
             gate, gate.stride(0), gate.stride(1),
             out, out.stride(0), out.stride(1),
@@ -195,15 +195,20 @@ def grouped_mm(
             tiles = min(tiles, cap)
         use_tma = tma and c.get("TMA", True)
         w_desc, kmajor = _w_descriptor(w, bn, bk, glu_pack) if use_tma else (None, False)
-        a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk) if use_tma and lora is not None else (None, False)
+        a_desc, a_kmajor = b_desc, b_kmajor = None, False
+        if use_tma and lora is not None:
+            a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk)
+            # b [E, R, NOUT]: its K is the rank; packed like W in the GLU forward.
+            b_desc, b_kmajor = _w_descriptor(b, bn, meta["BLOCK_R"], glu_pack)
         x_desc = _x_descriptor(x, bm, bk) if use_tma and gather is None else None
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
         rowdot = (torch.empty((n, cdiv(nout, bn)), dtype=torch.float32, device=x.device) if row_scale is not None
                   else offsets)
         grouped_mm_kernel[(max(1, tiles),)](
-            *kernel_args(x_desc, w_desc, a_desc, rowdot), **meta, EVEN_K=k % bk == 0, X_DESC=x_desc is not None,
-            W_DESC=w_desc is not None, W_KMAJOR=kmajor, A_DESC=a_desc is not None, A_KMAJOR=a_kmajor,
-            **gemm_configs.kernel_meta(c))
+            *kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot), **meta, EVEN_K=k % bk == 0,
+            X_DESC=x_desc is not None, W_DESC=w_desc is not None, W_KMAJOR=kmajor, A_DESC=a_desc is not None,
+            A_KMAJOR=a_kmajor, B_DESC=b_desc is not None, B_KMAJOR=b_kmajor,
+            FLATTEN=bool(c.get("PERSISTENT")), **gemm_configs.kernel_meta(c))
         return rowdot
 
     if cfg is None:

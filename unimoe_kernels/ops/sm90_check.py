@@ -58,6 +58,8 @@ NAMED_SHAPES = {
 HEADLINE = ("qwen3-30b-a3b", "mixtral", "qwen3-30b-a3b-lora16", "mixtral-lora16")
 
 H100 = "NVIDIA H100 80GB HBM3"
+# A device name with no shipped table: its launches take the heuristic's configs.
+NO_TABLE = "no shipped table"
 
 # Shared memory a block may use on sm_90 and the register file's per-thread ceiling.
 SMEM_LIMIT = gemm_configs.SMEM_LIMIT_SM90
@@ -91,6 +93,9 @@ class Facts(NamedTuple):
     loads: tuple = ()  # (source site, how, instructions) per operand load in the K loop
     shared_stores: int = 0  # st.shared instructions in the K loop (operands staged through registers)
     stages: int = 0
+    # Global stores inside the MMA loop: a persistent kernel's flattened (tile, K) loop, whose
+    # next tile's loads are in flight while the epilogue stores.
+    epilogue_in_loop: bool = False
 
     def problems(self, small_mma: bool = False, strict: bool = False, rank_n: int = 0) -> list[str]:
         """What is wrong: resources always; with strict, the contracts of a compute-bound tile.
@@ -239,8 +244,9 @@ def compile_launch(launch: Launch) -> Facts:
                             target=GPUTarget("cuda", 90, 32), options=spec.options)
     ptx = kernel.asm["ptx"]
     regs, spills = _ptxas_resources(ptx)
-    return Facts(regs, spills, kernel.metadata.shared, "warp_group_dot" in kernel.asm["ttgir"], *k_loop_facts(ptx),
-                 stages=spec.options["num_stages"])
+    mma, waits, loads, stores, epilogue = k_loop_facts(ptx)
+    return Facts(regs, spills, kernel.metadata.shared, "warp_group_dot" in kernel.asm["ttgir"], mma, waits, loads,
+                 stores, spec.options["num_stages"], epilogue)
 
 
 def _ptxas_resources(ptx: str) -> tuple[int, int]:
@@ -313,9 +319,10 @@ def _site(loc_comment: str, sources: dict) -> str:
     return f"{sites[0][0]}:{sites[0][1]}"
 
 
-def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int]:
-    """(MMA shapes, wait_group depths, (site, how, count) loads, shared stores) of the K loops: the
-    innermost loops that issue MMAs (a persistent kernel's tile loop contains its K loop)."""
+def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int, bool]:
+    """(MMA shapes, wait_group depths, (site, how, count) loads, shared stores, global stores?) of
+    the K loops: the innermost loops that issue MMAs (a persistent kernel's tile loop contains its K
+    loop, unless the two are flattened into one)."""
     lines = ptx.splitlines()
     sources = {}
     package = Path(__file__).resolve().parents[1]
@@ -325,7 +332,7 @@ def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int]:
             sources[Path(m.group(1)).name] = Path(m.group(1)).read_text().splitlines()
     with_mma = [(a, b) for a, b in _loops(lines) if any(_MMA.search(ln) for ln in lines[a:b + 1])]
     inner = [(a, b) for a, b in with_mma if not any(a < c and d <= b and (c, d) != (a, b) for c, d in with_mma)]
-    mma, waits, loads, stores = set(), set(), Counter(), 0
+    mma, waits, loads, stores, global_stores = set(), set(), Counter(), 0, False
     for a, b in inner:
         loc = ""
         for line in lines[a:b + 1]:
@@ -338,8 +345,9 @@ def k_loop_facts(ptx: str) -> tuple[tuple, tuple, tuple, int]:
             if kind:
                 loads[(_site(loc, sources), kind)] += 1
             stores += bool(re.search(r"\bst\.shared\b", line))
+            global_stores |= bool(re.search(r"\bst\.global\b|cp\.async\.bulk\.tensor\.\w+\.global\.shared", line))
     return (tuple(sorted(mma)), tuple(sorted(waits)), tuple((s, k, n) for (s, k), n in sorted(loads.items())),
-            stores)
+            stores, global_stores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +369,8 @@ def format_facts(facts: Facts) -> str:
     loads = "; ".join(f"{site} {how} x{n}" for site, how, n in facts.loads) or "-"
     return (f"mma={','.join(facts.mma) or '-'} wait={','.join(map(str, facts.waits)) or '-'} "
             f"stages={facts.stages} regs={facts.registers} spill={facts.spill_bytes} smem={facts.shared_bytes} "
-            f"wgmma={facts.warp_group_dot} st.shared/loop={facts.shared_stores} loads: {loads}")
+            f"wgmma={facts.warp_group_dot} st.shared/loop={facts.shared_stores} "
+            f"epilogue-in-loop={facts.epilogue_in_loop} loads: {loads}")
 
 
 def small_tile(launch: Launch) -> bool:
@@ -393,6 +402,14 @@ def check(launch: Launch, strict: bool = False) -> tuple[Facts, list[str]]:
     problems = facts.problems(small_mma=small_tile(launch), strict=strict and compute_bound(launch),
                               rank_n=rank_width(launch))
     return facts, problems
+
+
+def prior_reason(launch: Launch) -> str:
+    """Why a compile-checked prior is in a table: what its launch compiles to (it is not timed)."""
+    f = compile_launch(launch)
+    return (f"compiled for sm_90, not timed: {','.join(f.mma) or 'no MMA'}, K-loop wait {max(f.waits, default='-')}, "
+            f"{f.registers} regs, {f.spill_bytes} B spilled, {f.shared_bytes} B shared"
+            + (", epilogue overlapped" if f.epilogue_in_loop else ""))
 
 
 def distinct(launches: list[Launch]) -> list[Launch]:
