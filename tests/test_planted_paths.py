@@ -50,30 +50,18 @@ COUNTS = [5, 0, 19]  # an empty expert, an expert across two row tiles
 NOUT, RANK = 40, 3
 
 
-class _KernelSpy:
-    """Stands in for grouped_mm_kernel: records each launch's keyword meta, then launches."""
-
-    def __init__(self, kernel, metas: list):
-        self.kernel, self.metas = kernel, metas
-
-    def __getitem__(self, grid):
-        run = self.kernel[grid]
-
-        def record(*args, **kwargs):
-            self.metas.append(kwargs)
-            return run(*args, **kwargs)
-
-        return record
-
-
 @pytest.mark.parametrize("k", [69, 64], ids=["ragged_last_k_step", "even_k_steps"])
 @pytest.mark.parametrize("kmajor", [True, False], ids=["x_WT_layout", "dy_W_layout"])
 @pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "lora"])
 def test_weight_pointer_loads_without_tma_over_several_k_steps(device, monkeypatch, k, kmajor, with_lora):
     from unimoe_kernels.kernels import grouped_mm as k_grouped_mm
 
+    # kernel[grid](...) calls kernel.run(...): an instance attribute records each launch's meta.
     metas: list = []
-    monkeypatch.setattr(k_grouped_mm, "grouped_mm_kernel", _KernelSpy(k_grouped_mm.grouped_mm_kernel, metas))
+    kernel = k_grouped_mm.grouped_mm_kernel
+    real_run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: metas.append(kwargs) or real_run(*args, **kwargs),
+                        raising=False)
     g = torch.Generator().manual_seed(11)
     e, n = len(COUNTS), sum(COUNTS)
     x = _rnd(g, n, k, device=device)
@@ -214,17 +202,13 @@ def test_autocast_with_lora_through_grouped_mlp_combine(backend):
 # ----------------------------------------------------------------------------------------------
 
 
-def _aria_pair():
-    """(PEFT model on transformers' eager experts, the same on "unimoe"): a tiny AriaTextForCausalLM,
-    whose AriaExperts store gate_up_proj [E, H, 2F] and down_proj [E, F, H] (is_transposed=True), with
-    target_parameters LoRA on both and every size distinct, so a layout mix-up cannot pass."""
+def _aria_base():
+    """A tiny AriaTextForCausalLM, whose AriaExperts store gate_up_proj [E, H, 2F] and down_proj
+    [E, F, H] (is_transposed=True); every size distinct, so a layout mix-up cannot pass."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     if not hasattr(transformers, "AriaTextForCausalLM"):
         pytest.skip("this transformers has no Aria")
-    from unimoe_kernels.integrations import transformers as hf
-
-    hf.register()
     cfg = transformers.AriaTextConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=100, moe_num_experts=5, moe_topk=2,
                                       moe_num_shared_experts=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -238,31 +222,21 @@ def _aria_pair():
                 p.normal_(0.0, 1.0)  # clear top-k margins
             elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 p.normal_(0.0, p.shape[1] ** -0.5)  # unit-scale expert outputs (fan_in is dim 1 here)
-    lora = peft.LoraConfig(r=3, lora_alpha=6, target_modules=[],
-                           target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    ref = peft.get_peft_model(copy.deepcopy(base), lora)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)  # B starts at zero, which would hide a wrong LoRA term
-    ours = copy.deepcopy(ref)
-    ref.base_model.model.set_experts_implementation("eager")
-    ours.base_model.model.set_experts_implementation("unimoe")
-    return ref, ours
-
-
-def _peft_step(m, ids):
-    m.zero_grad(set_to_none=True)
-    out = m(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    return base
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_peft_expert_lora_on_transposed_experts(monkeypatch, backend):
+    base = _aria_base()
+    # The PEFT pair (eager vs "unimoe", random B) and the training step of the experts-interface
+    # tests, on Aria's base model instead of a tiny_hf family.
+    import test_experts_implementation as hf_tests
+
     from unimoe_kernels.integrations import experts_interface
 
-    ref, ours = _aria_pair()
+    monkeypatch.setattr(hf_tests, "model", lambda family: copy.deepcopy(base))
+    ref, ours = hf_tests._peft_pair("aria", r=3, alpha=6)
+    _peft_step = hf_tests._peft_step
     calls = []
     real = experts_interface.grouped_mlp_combine
     monkeypatch.setattr(experts_interface, "grouped_mlp_combine",
