@@ -348,6 +348,9 @@ def topk_gating(
     always take the torch path, which keeps fp64 end to end (gradcheck); the kernels compute in fp32.
     return_stats=True returns (GatingOutput, RouterStats): what router_losses needs, made in the
     same pass by the Triton path (the torch path computes it from scores and logits).
+    A NaN selection score (from a NaN or inf logit, or a NaN expert_bias) ranks above every number,
+    lowest index first, as in torch.sort: on both paths the ids stay in [0, E) and the NaN stays in
+    that token's weights, where it shows in the loss.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
