@@ -93,10 +93,10 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
     its rows), else 64: the M of one warpgroup's wgmma. 128-row tiles take 8 warps (two
     warpgroups). Column widths are the widest that compile without register spills for sm_90
     (python -m unimoe_kernels.ops.sm90_check): 256 for the plain GEMMs and the weight gradients
-    (a 128x256 fp32 accumulator is 128 registers a thread), 128 with a LoRA side product beside
-    it, 128 accumulator columns (64 gate + 64 up) for the GLU forward, whose epilogue holds the
-    split halves and h, and 128 for the activation backward, whose epilogue loads two z tiles a
-    quarter at a time. Every one of them issues n128 or wider warp-group MMAs. 16-bit operands
+    (a 128x256 fp32 accumulator is 128 registers a thread; a LoRA term accumulates into it), 128
+    accumulator columns (64 gate + 64 up) for the GLU forward, whose epilogue holds the split
+    halves and h, and 128 for the activation backward, whose epilogue loads two z tiles a quarter
+    at a time. Every one of them issues n128 or wider warp-group MMAs. 16-bit operands
     take BLOCK_K 64 (128-byte rows, the widest swizzle), fp32 ones BLOCK_K 32 and narrower tiles,
     within shared memory at their stage count.
     """
@@ -122,7 +122,7 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
         block_n = 64
     elif role in ("up_glu", "dact"):
         block_n = 128
-    elif block_m == 128 and nout >= 256 and not rank:
+    elif block_m == 128 and nout >= 256:
         block_n = 256
     else:
         block_n = 128
