@@ -190,8 +190,12 @@ def test_persistent_programs_walk_every_tile(programs, device, mm_config, monkey
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-@pytest.mark.parametrize("activation,r", [("swiglu", 8), ("swiglu", 16), ("gelu", 8)])
-def test_operand_paths(tma, activation, r, device, monkeypatch):
+@pytest.mark.parametrize("activation,r,dtype,lora,train_base", [
+    ("swiglu", 8, torch.float32, True, True),  # every gradient, LoRA on a trainable base
+    ("swiglu", 16, torch.float16, True, False),  # frozen base: LoRA gradients only
+    ("gelu", 8, torch.float32, False, True),  # no LoRA, no GLU
+])
+def test_operand_paths(tma, activation, r, dtype, lora, train_base, device, monkeypatch):
     """Each grouped GEMM with its operand tiles through TMA descriptors or through pointer loads,
     with several K steps and several row and column tiles per expert: the GLU forward's packed
     gate|up weight tile (3 column tiles of 16 outputs for F=40, the last one ragged), the LoRA A
@@ -210,7 +214,7 @@ def test_operand_paths(tma, activation, r, device, monkeypatch):
         return cfg
 
     monkeypatch.setattr(gemm_configs, "config", patched)
-    case = make_case([40, 0, 17, 32], 48, 40, r, activation, torch.float32, device, train_base=True)
+    case = make_case([40, 0, 17, 32], 48, 40, r, activation, dtype, device, lora=lora, train_base=train_base)
     assert_matches(case, activation)
 
 
