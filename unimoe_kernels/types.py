@@ -8,6 +8,9 @@ its arguments against; they live here so no layer has to import another's implem
 
 from __future__ import annotations
 
+import functools
+import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -16,13 +19,64 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 GLU_ACTIVATIONS = ("swiglu", "geglu")
 SCORINGS = ("softmax", "sigmoid")
 
+# Every activation kind the expert MLP computes: kind -> (GLU, its constants). An activation is a
+# string, "kind" or "kind(name=value,...)" with every constant named (activation_name writes the
+# canonical form), so it passes through custom ops, compiled graphs and configs unchanged. With
+# gate g and up u (GLU), h =
+#   swiglu          silu(g) * u                  geglu, geglu_tanh   gelu(g) * u (erf; tanh form)
+#   swiglu_clamp    gc * sigmoid(alpha * gc) * (clamp(u, -limit, limit) + beta), gc = min(g, limit)
+#   swiglu_softcap  gate_cap tanh(g / gate_cap) * sigmoid(g) * up_cap tanh(u / up_cap)
+#   silu, gelu (erf), gelu_tanh, relu, relu2 = relu(g)^2   (no GLU: h = act(g))
+ACTIVATION_KINDS = {
+    "swiglu": (True, ()), "geglu": (True, ()), "geglu_tanh": (True, ()),
+    "swiglu_clamp": (True, ("alpha", "beta", "limit")), "swiglu_softcap": (True, ("gate_cap", "up_cap")),
+    "silu": (False, ()), "gelu": (False, ()), "gelu_tanh": (False, ()), "relu": (False, ()), "relu2": (False, ()),
+}
+# Constants that must be positive (they divide or bound).
+_POSITIVE = ("limit", "gate_cap", "up_cap")
+
+
+def activation_name(kind: str, **constants: float) -> str:
+    """The canonical activation string of a kind and its constants, e.g.
+    activation_name("swiglu_clamp", alpha=1.702, beta=1.0, limit=7.0); checked by parse_activation."""
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"activation kind must be one of {tuple(ACTIVATION_KINDS)}, got {kind!r}")
+    names = ACTIVATION_KINDS[kind][1]
+    name = kind if not names else kind + "(" + ",".join(f"{n}={float(constants.get(n, 'nan'))!r}"
+                                                         for n in names) + ")"
+    parse_activation(name)
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
+    """(kind, constants in ACTIVATION_KINDS' order) of an activation string; a ValueError naming what
+    is wrong for an unknown kind, a missing, unknown or non-finite constant."""
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", activation) if isinstance(activation, str) else None
+    if m is None or m.group(1) not in ACTIVATION_KINDS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATION_KINDS)} (with its constants, e.g. "
+                         f"'swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)'), got {activation!r}")
+    kind, names = m.group(1), ACTIVATION_KINDS[m.group(1)][1]
+    given = {}
+    for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
+        key, _, value = part.partition("=")
+        try:
+            given[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"activation {activation!r}: {part!r} is not name=number") from None
+    if set(given) != set(names):
+        raise ValueError(f"activation {kind!r} takes the constants {names}, got {tuple(given)} in {activation!r}")
+    for key, value in given.items():
+        if not math.isfinite(value) or (key in _POSITIVE and value <= 0):
+            raise ValueError(f"activation {activation!r}: {key} must be a finite"
+                             f"{' positive' if key in _POSITIVE else ''} number, got {value}")
+    return kind, tuple(given[n] for n in names)
+
 
 def is_glu(activation: str) -> bool:
     """Whether GEMM 1 of the expert MLP is [gate; up] (2F columns) for this activation; ValueError
     naming the choices for an unknown one."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation in GLU_ACTIVATIONS
+    return ACTIVATION_KINDS[parse_activation(activation)[0]][0]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,5 +166,6 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
 
 __all__ = [
     "GatingOutput", "RoutingPlan", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS", "SCORINGS",
+    "ACTIVATION_KINDS", "activation_name", "parse_activation",
     "is_glu", "compute_dtype",
 ]
