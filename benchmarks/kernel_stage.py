@@ -303,11 +303,11 @@ def build(role: str, dims: tuple, cfg: dict, dtype, device) -> Built:
     that role (swiglu, no LoRA)."""
     import torch
 
-    from unimoe_kernels.ops.grouped_gemm_launch import ACT_CODE, grouped_mm, grouped_xty
+    from unimoe_kernels.ops.grouped_gemm_launch import act_code, grouped_mm, grouped_xty
 
     t, h, f, e, k = dims
     n = t * k
-    act, glu = ACT_CODE["swiglu"]
+    act, glu, _consts = act_code("swiglu")
     offsets, gather, _ = routing(n, e, t, k, device)
     g = torch.Generator(device=device).manual_seed(11)
 
@@ -327,7 +327,7 @@ def build(role: str, dims: tuple, cfg: dict, dtype, device) -> Built:
 
         def launch():
             grouped_mm(x, w1, hid, offsets, role="up_glu", nout=f, epilogue=1, act=act, glu=glu, z=z, store_z=True,
-                       up_offsets=(f * w1.stride(2), 0, f * z.stride(1), 0), gather=gather, cfg=cfg)
+                       up_offsets=(f * z.stride(1), 0), gather=gather, cfg=cfg)
 
         def ref(ex, rows):
             ze = mm(x[gather[rows].long()], w_gu[ex].T).float()
@@ -351,7 +351,7 @@ def build(role: str, dims: tuple, cfg: dict, dtype, device) -> Built:
 
         def launch():
             ds["ds"] = grouped_mm(dout, w_d, dz, offsets, role="dact", nout=f, epilogue=2, act=act, glu=glu, z=z,
-                                  h=hid, up_offsets=(0, 0, f * z.stride(1), f * dz.stride(1)), gather=gather,
+                                  h=hid, up_offsets=(f * z.stride(1), f * dz.stride(1)), gather=gather,
                                   row_scale=w_sorted, cfg=cfg)
 
         def ref(ex, rows):
@@ -661,6 +661,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--facts-for", choices=("all", "shipped", "none"), default="all",
                         help="cases whose launch this process compiles for sm90_check's report")
     parser.add_argument("--plant", default="", help="KIND:CASE,...: fail, hang or wrong in the named cases")
+    parser.add_argument("--list", action="store_true", help="print the plan's case ids and configs; run nothing")
     parser.add_argument("--compile-times", action="store_true",
                         help="compile each case for sm_90 twice (cold, then from the cache); print seconds")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (the driver's children)
@@ -689,6 +690,9 @@ def main(argv: Optional[list] = None) -> int:
     count = args.alternatives if args.alternatives is not None else DRY_ALTERNATIVES if dry else ALTERNATIVES
     facts = args.facts_for
     cases = plan(shapes, roles, count)
+    if args.list:
+        print("\n".join(f"{c['id']:36s} {_cfg_text(c['cfg'])}" for c in cases))
+        return 0
     unknown = set(plants) - {c["id"] for c in cases}
     if unknown:
         parser.error(f"--plant names no case of the plan: {sorted(unknown)}")
