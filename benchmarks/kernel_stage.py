@@ -105,8 +105,13 @@ def _role_key(role: str, shape: tuple) -> tuple:
 
 
 def _clean(cfg: dict) -> dict:
-    """A config's launch keys only (table entries also carry their measured ms)."""
-    out = {k: v for k, v in cfg.items() if k not in ("ms", "heuristic_ms")}
+    """A config as the launcher uses it: the kernel's keywords (gemm_configs.kernel_meta) and the
+    launcher's own switches (PERSISTENT, TMA); a table entry's annotations (its ms, why it was
+    chosen) dropped, so that equal launches compare equal."""
+    from unimoe_kernels.ops import gemm_configs
+
+    out = dict(gemm_configs.kernel_meta(cfg))
+    out.update({k: cfg[k] for k in ("PERSISTENT", "TMA") if k in cfg})
     if "BLOCK_M" in out:
         out.setdefault("PERSISTENT", False)
     return out

@@ -36,6 +36,9 @@ def test_alternatives_come_from_the_candidates(monkeypatch):
     more = kernel_stage.alternatives("down", shipped, count=10)
     assert [cfg for _, cfg in more] == [pool[3], pool[2], pool[1], pool[4]]
     assert more[-1][0] == "cand4"
+    # A table entry's annotations (its time, why it was chosen) do not make a config another one.
+    annotated = {**shipped, "ms": 1.5, "heuristic_ms": 2.0, "reason": "compiled for sm_90, not timed"}
+    assert kernel_stage._clean(annotated) == kernel_stage._clean(shipped) == shipped
     # A persistent shipped config: the alternative schedule is one program per tile.
     flipped = kernel_stage.alternatives("down", dict(shipped, PERSISTENT=True), count=1)
     assert flipped == [("per-tile", shipped)]
