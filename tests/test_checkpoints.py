@@ -255,3 +255,11 @@ def test_a_diverging_job_exits_with_oneerror_line(tmp_path, capsys):
     line = error_line(capsys, ["train", "--stage", "0", "--out", str(out), *TRAIN, "--lr", "1e30"])
     assert "stage 0: the loss is nan" in line and "lower learning rate" in line
     assert T.read_trainer_state(str(out / "stage0")) is None
+
+
+def test_resuming_without_optimizer_state_says_so(runs, tmp_path):
+    d = tmp_path / "stage0"
+    shutil.copytree(runs["dir"], d)
+    os.remove(d / "optimizer.safetensors")  # by hand: a save always writes it
+    with pytest.warns(UserWarning, match="optimizer.safetensors is missing: resuming with fresh AdamW moments"):
+        T.train_stage(T.load_model(str(d)), 0, STEPS, batch_size=BATCH, out_dir=str(d))

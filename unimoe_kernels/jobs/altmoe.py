@@ -144,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="print the top hits of this many queries per direction")
     r.add_argument("--json", default=None, help="where to write the results (None: <run>/retrieve.json)")
     r.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:index]")
-    r.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
+    r.add_argument("--threads", type=int_at_least(0), default=1,
+                   help="torch CPU threads (0 = torch's default; 1 as for train, measured no slower here)")
 
 
 def _print(msg: str) -> None:
