@@ -4,8 +4,11 @@
 
 Data flow: for each shape, one SparseMoE-style forward + backward of grouped_mlp_gather in bf16
 runs with UNIMOE_AUTOTUNE=1 and UNIMOE_CACHE_DIR=DIR, so every kernel launch (roles up_glu, down,
-dact, dgrad, wgrad, lora_wgrad) times its candidates (ops/gemm_configs.candidates) on its own
-arguments and records the fastest in DIR/tuned-<device>.json, with its time in ms. That file is a
+dact, dgrad, wgrad, lora_wgrad) times the heuristic and the next candidates that fit in shared
+memory (ops/gemm_configs.tune: at most 4 configs per launch, a few seconds of compile each) on its
+own arguments and records the fastest in DIR/tuned-<device>.json, with its time in ms. A config
+that does not compile or fit is skipped; a CUDA fault stops the sweep (it would poison every later
+candidate). That file is a
 config table: copy it to unimoe_kernels/ops/configs/<device>.json to ship it. The heuristic's time
 for the same launch is printed beside the winner so the gain is visible.
 
