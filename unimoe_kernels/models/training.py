@@ -202,7 +202,7 @@ def _kept(out_dir: Optional[str], saved: Optional[int]) -> str:
     if not out_dir:
         return "nothing was saved"
     if saved is None:
-        return f"nothing was saved in {out_dir}"
+        return f"nothing of this run was saved in {out_dir}"
     return f"the checkpoint in {out_dir} (step {saved}) is kept"
 
 
