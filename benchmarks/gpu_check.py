@@ -151,7 +151,8 @@ class Check:
         stage.start_s, stage.cap_s = round(start - self.t0, 1), self.caps[stage.name]
         for cmd in cmds:
             left = self.left() - self.grace - RESERVE_S
-            limit = min(self.caps[stage.name] - (time.monotonic() - start), left)
+            cap_left = self.caps[stage.name] - (time.monotonic() - start)
+            limit = min(cap_left, left)
             if left < MIN_STAGE_S or limit <= 0:
                 stage.status, stage.note = "skipped", f"no time left ({self.left():.0f} s of the budget)"
                 break
@@ -173,8 +174,7 @@ class Check:
             stage.output = log.read_bytes()[offset:].decode(errors="replace").split("\n", 1)[-1]
             if timed_out:
                 stage.status = "TIMEOUT"
-                cap_hit = limit >= self.caps[stage.name] - (time.monotonic() - start) - self.grace - 1
-                stage.note = (f"stopped at its cap of {self.caps[stage.name]:.0f} s" if cap_hit
+                stage.note = (f"stopped at its cap of {self.caps[stage.name]:.0f} s" if cap_left <= left
                               else f"stopped when the budget ran out ({limit:.0f} s left for it)")
             else:
                 stage.status = "ok" if rc == 0 else f"FAILED rc={rc}"

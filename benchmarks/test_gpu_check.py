@@ -37,7 +37,7 @@ def test_plan_order_and_budget(capsys):
     assert 'UNIMOE_GPU_CHECK_BUDGET:-420' in script
 
 
-def test_stage_isolation(tmp_path):
+def test_stage_isolation(tmp_path, monkeypatch):
     """A hang that ignores SIGINT is TIMEOUT (not FAILED rc=-9), a failure is FAILED with its exit
     status, and each stage after them still runs."""
     (tmp_path / "logs").mkdir()
@@ -53,6 +53,12 @@ def test_stage_isolation(tmp_path):
     assert "cap of 2 s" in check.stages[0].note
     assert 2 <= check.stages[0].seconds < 10 and took < 20
     assert "planted: hang" in (tmp_path / "logs" / "kernels.log").read_text()
+    # A stage whose cap is beyond what is left of the budget stops when the budget runs out (3 s here).
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 1)
+    short = gpu_check.Check(out=tmp_path, dry=True, budget=gpu_check.RESERVE_S + 1 + 3, grace=1,
+                            plants={"decode": "hang"})
+    stage = short.run(gpu_check.Stage("decode"), [["false"]])
+    assert stage.status == "TIMEOUT" and "budget ran out" in stage.note, stage
 
 
 def test_dry_run_with_planted_failures(tmp_path):
