@@ -218,6 +218,28 @@ def test_operand_paths(tma, activation, r, dtype, lora, train_base, device, monk
     assert_matches(case, activation)
 
 
+# Every activation kind beyond the classic five, with constants small enough that the clamps and
+# caps bite on unit-scale pre-activations (both sides of each limit are exercised).
+KINDS = ["geglu_tanh", "gelu_tanh", "relu2", "swiglu_clamp(alpha=1.702,beta=1.0,limit=0.5)",
+         "swiglu_clamp(alpha=1.0,beta=0.0,limit=0.8)", "swiglu_softcap(gate_cap=0.7,up_cap=1.3)"]
+
+
+@pytest.mark.parametrize("activation", KINDS)
+@pytest.mark.parametrize("lora,train_base", [(True, True), (False, True)])
+def test_activation_kinds(activation, lora, train_base, device):
+    """The epilogues of every kind, forward (act and up_fn) and backward (their derivatives, zero
+    outside a clamp), against the torch path's activations in fp64."""
+    case = make_case(COUNTS, 40, 24, 4, activation, torch.float32, device, lora=lora, train_base=train_base)
+    assert_matches(case, activation)
+
+
+@pytest.mark.parametrize("activation", ["swiglu_clamp(alpha=1.702,beta=1.0,limit=0.5)",
+                                        "swiglu_softcap(gate_cap=0.7,up_cap=1.3)"])
+def test_activation_kinds_fp16(activation, device):
+    case = make_case(COUNTS, 40, 24, 4, activation, torch.float16, device)
+    assert_matches(case, activation)
+
+
 def test_rank_one_lora_and_scale_zero(device):
     # rank 1 (BLOCK_R pads to 16) and lora_scale 0: the LoRA term must vanish, but B's gradient too.
     case = make_case([4, 5], 16, 16, 1, "silu", torch.float32, device)

@@ -111,10 +111,9 @@ def test_distinct_keeps_launches_whose_specialisation_differs():
     assert len(sc.distinct(launches + launches)) == len(sc.distinct(launches))
 
 
-def test_every_named_launch_passes_strict():
-    """Every grouped GEMM launch of every named shape (forward and backward; LoRA on a frozen base
-    and off with a trainable one; the shipped H100 table) compiled through the full CUDA pipeline
-    with ptxas. Runs in a subprocess without TRITON_INTERPRET; needs no GPU, only triton's ptxas."""
+def _strict(*args: str) -> str:
+    """stdout of `sm90_check --strict ARGS` in a subprocess without TRITON_INTERPRET; fails unless
+    every launch passes."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler as _nv  # noqa: F401
@@ -123,13 +122,31 @@ def test_every_named_launch_passes_strict():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "unimoe_kernels.ops.sm90_check", "--strict"], env=env,
+    res = subprocess.run([sys.executable, "-m", "unimoe_kernels.ops.sm90_check", "--strict", *args], env=env,
                          capture_output=True, text=True, timeout=1800)
     out = res.stdout
     assert res.returncode == 0 and out.rstrip().endswith("every launch passes"), out[-8000:] + res.stderr[-3000:]
+    return out
+
+
+def test_every_named_launch_passes_strict():
+    """Every grouped GEMM launch of every named shape (forward and backward; LoRA on a frozen base
+    and off with a trainable one; the shipped H100 table) compiled through the full CUDA pipeline
+    with ptxas. Runs in a subprocess without TRITON_INTERPRET; needs no GPU, only triton's ptxas."""
+    out = _strict()
     for shape in sc.HEADLINE:
         roles = {line.split()[1] for line in out.splitlines() if line.startswith(shape + " ")}
         assert {"up_glu", "down", "dact", "dgrad"} <= roles, (shape, roles)
         assert ("wgrad" in roles) != shape.endswith("lora16"), roles  # frozen base with LoRA: no dW
         assert ("lora_wgrad" in roles) == shape.endswith("lora16"), roles
     assert out.count("wgmma=True") >= 50
+
+
+def test_every_activation_epilogue_passes_strict():
+    """The epilogues of every activation kind beyond SwiGLU (forward and backward; the constants of
+    gpt-oss's clamp and a softcap of 30) at a headline shape, a LoRA one and a decode step."""
+    acts = ["swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)", "swiglu_softcap(gate_cap=30.0,up_cap=30.0)",
+            "geglu", "geglu_tanh", "relu2", "gelu_tanh", "silu", "relu", "gelu"]
+    out = _strict("--shape", "qwen3-30b-a3b", "mixtral-lora16", "qwen3-30b-a3b-decode", "--activation", *acts)
+    for act in acts:
+        assert f"qwen3-30b-a3b {act} " in out and f"mixtral-lora16 {act} " in out, act

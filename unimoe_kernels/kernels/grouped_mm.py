@@ -8,7 +8,7 @@ tile, with s the LoRA scale:
     side = X'[rows] @ A[e]                  [BLOCK_M, r]    LoRA side product in the same K loop
     acc += s * (side * gate) @ B[e]                         the LoRA term: r more K steps
     epilogue 0: out = acc                                   (y, dx)
-    epilogue 1: z = acc (optional), out = h = act(z)        GLU: one accumulator of BLOCK_N
+    epilogue 1: z = acc (optional), out = h = act(z)        GLU: h = act(gate) * up_fn(up), one accumulator of BLOCK_N
                                                             columns, gate columns n0 .. n0+BLOCK_N/2
                                                             of W and B beside the same up columns
                                                             (F + n), split in registers at the end
@@ -53,7 +53,7 @@ and expert arithmetic is int64 (row * stride passes 2^31 for large N*K).
 import triton
 import triton.language as tl
 
-from .gemm_common import _act, _act_and_grad, _dropout_keep, _expert_tiles, _locate_tile, _swizzle
+from .gemm_common import _act, _act_and_grad, _dropout_keep, _expert_tiles, _locate_tile, _swizzle, _up_and_grad
 
 
 @triton.jit
@@ -82,15 +82,31 @@ def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, ACT: tl.constexpr,
+def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, ACT: tl.constexpr, GLU: tl.constexpr,
+              STORE_Z: tl.constexpr):
+    """Epilogue 1 on a block of columns: z stored (STORE_Z), h = act(gate) (* up_fn(up) with GLU)."""
+    if STORE_Z:
+        tl.store(z_ptrs, gate.to(z_ptrs.dtype.element_ty), mask=mask)
+        if GLU:
+            tl.store(z_ptrs + z_up_off, up.to(z_ptrs.dtype.element_ty), mask=mask)
+    h = _act(gate, ACT, c0, c1, c2)
+    if GLU:
+        up_f, _up_grad = _up_and_grad(up, ACT, c0, c1, c2)
+        h = h * up_f
+    tl.store(h_ptrs, h.to(h_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, c0, c1, c2, ACT: tl.constexpr,
                GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
     """Epilogue 2 on a block of columns: dh -> dz (gate and up halves of z), h recomputed; returns the
     block's row sums of dh * h (d routing weight, ROW_SCALE) before dh and h are scaled by wrow."""
     zg = tl.load(zg_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(zg, ACT)
+    a, da = _act_and_grad(zg, ACT, c0, c1, c2)
     if GLU:
         zu = tl.load(zu_ptrs, mask=mask, other=0.0).to(tl.float32)
-        h = a * zu
+        u, du = _up_and_grad(zu, ACT, c0, c1, c2)
+        h = a * u
     else:
         h = a
     rowdot = tl.sum(dh * h, 1)
@@ -98,8 +114,8 @@ def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, A
         dh = dh * wrow
         h = h * wrow
     if GLU:
-        tl.store(out_ptrs, (dh * zu * da).to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.store(out_ptrs + out_up_off, (dh * a).to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (dh * u * da).to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + out_up_off, (dh * a * du).to(out_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, (dh * da).to(out_ptrs.dtype.element_ty), mask=mask)
     tl.store(h_ptrs, h.to(h_ptrs.dtype.element_ty), mask=mask)
@@ -132,6 +148,7 @@ def grouped_mm_kernel(
     # an int64 argument.
     z_up_off, out_up_off,
     scale,  # LoRA scale (fp32)
+    act_c0, act_c1, act_c2,  # the activation's constants (fp32; gemm_common's ACT codes say which)
     gather_ptr,  # [N] int32|int64 source row of X for each sorted row (read only when GATHER)
     seed_ptr,  # [1] int64 dropout seed (read only when DROPOUT > 0)
     drop_p,  # dropout probability (fp32)
@@ -272,18 +289,26 @@ def grouped_mm_kernel(
         if EPILOGUE == 0:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mo)
         elif EPILOGUE == 1:
-            z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_o[None, :] * stride_zn)
+            # Half of the output columns at a time: the activation's temporaries (the softcap's
+            # tanh, the clamps) for half the tile live beside the accumulator, not for all of it.
+            HALF_O: tl.constexpr = BLOCK_O // 2
             if GLU:
                 gate, up = _halves(acc, BLOCK_M, BLOCK_N)
-                if STORE_Z:
-                    tl.store(z_ptrs, gate.to(z_ptr.dtype.element_ty), mask=mask_mo)
-                    tl.store(z_ptrs + z_up_off, up.to(z_ptr.dtype.element_ty), mask=mask_mo)
-                h = _act(gate, ACT) * up
+                u0, u1 = _halves(up, BLOCK_M, BLOCK_O)
             else:
-                if STORE_Z:
-                    tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_mo)
-                h = _act(acc, ACT)
-            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask_mo)
+                gate = acc
+            g0, g1 = _halves(gate, BLOCK_M, BLOCK_O)
+            for half in tl.static_range(2):
+                offs_c = n0 + half * HALF_O + tl.arange(0, HALF_O)
+                mask_c = mask_m[:, None] & (offs_c < NOUT)[None, :]
+                z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
+                h_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_c[None, :] * stride_on)
+                if GLU:
+                    _act_cols(g0 if half == 0 else g1, u0 if half == 0 else u1, z_ptrs, z_up_off, h_ptrs, mask_c,
+                              act_c0, act_c1, act_c2, ACT, GLU, STORE_Z)
+                else:
+                    g = g0 if half == 0 else g1
+                    _act_cols(g, g, z_ptrs, z_up_off, h_ptrs, mask_c, act_c0, act_c1, act_c2, ACT, GLU, STORE_Z)
         else:
             # acc is dh; z columns n (gate) and F + n (up) give dz for both halves. A quarter of the
             # tile's columns at a time keeps a quarter of the z tiles live beside the accumulator.
@@ -305,7 +330,7 @@ def grouped_mm_kernel(
                 h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_c[None, :] * stride_hn)
                 dh = dh0 if q == 0 else (dh1 if q == 1 else (dh2 if q == 2 else dh3))
                 rowdot += _dact_cols(dh, zg_ptrs, zg_ptrs + z_up_off, dz_ptrs, out_up_off, h_ptrs, wrow, mask_c,
-                                     ACT, GLU, ROW_SCALE)
+                                     act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
             if ROW_SCALE:
                 # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
                 # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).

@@ -114,13 +114,16 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
         # weights once, so 16-row tiles (the smallest MMA) keep the wasted rows off the tensor
         # cores and out of registers, and narrow, deep tiles keep many weight loads in flight. The
         # GLU forward's 128 accumulator columns are 64 output columns, as wide as the others.
+        # The activation backward's epilogue takes one stage's registers (the softcapped gate spills
+        # at 4 stages).
         return dict(BLOCK_M=16, BLOCK_N=128 if role == "up_glu" else 64, BLOCK_K=128, GROUP_M=1, num_warps=4,
-                    num_stages=4, PERSISTENT=False)
+                    num_stages=3 if role == "dact" else 4, PERSISTENT=False)
     block_m = 128 if per_expert >= 96 else 64
     warps = 8 if block_m == 128 else 4
     if not wide:
         block_n = 64
-    elif role in ("up_glu", "dact"):
+    elif role in ("up_glu", "dact", "up"):
+        # The activation epilogues (the ungated up's too) hold the activation's temporaries.
         block_n = 128
     elif block_m == 128 and nout >= 256:
         block_n = 256
@@ -128,8 +131,10 @@ def heuristic(role: str, dtype: torch.dtype, k: int, nout: int, num_experts: int
         block_n = 128
     stages = 4 if role == "up_glu" and wide else 3
     # Compute-bound 16-bit tiles run persistent: one program per SM, whose flattened loop loads the
-    # next tile while the current one's epilogue runs (kernels/grouped_mm.py, FLATTEN).
-    persistent = wide and block_m == 128
+    # next tile while the current one's epilogue runs (kernels/grouped_mm.py, FLATTEN). Not the
+    # activation backward with LoRA: the next tile's state beside its epilogue and the side
+    # product spills there (8 bytes with the softcapped gate at mixtral; 249 registers unflattened).
+    persistent = wide and block_m == 128 and not (role == "dact" and rank)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=warps,
                 num_stages=stages, PERSISTENT=persistent)
 

@@ -17,12 +17,19 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backend as _backend
-from ..types import max_tiles
+from ..types import ACTIVATION_KINDS, max_tiles, parse_activation
 from . import gemm_configs
 from .launch_utils import cdiv, next_pow2
 
-# Activation name -> (kernel activation code of kernels/gemm_common.py, GLU).
-ACT_CODE = {"swiglu": (0, True), "geglu": (1, True), "silu": (0, False), "gelu": (1, False), "relu": (2, False)}
+# Activation kind -> kernel activation code (kernels/gemm_common.py's ACT_*).
+_ACT_CODES = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2, "geglu_tanh": 3, "gelu_tanh": 3, "relu2": 4,
+              "swiglu_clamp": 5, "swiglu_softcap": 6}
+
+
+def act_code(activation: str) -> tuple[int, bool, tuple[float, float, float]]:
+    """(kernel activation code, GLU, its three constants) of an activation string (types.py)."""
+    kind, consts = parse_activation(activation)
+    return _ACT_CODES[kind], ACTIVATION_KINDS[kind][0], (tuple(consts) + (0.0, 0.0, 0.0))[:3]
 
 
 class LoRASide(NamedTuple):
@@ -134,6 +141,7 @@ def grouped_mm(
     lora: Optional[LoRASide] = None,
     epilogue: int = 0,
     act: int = 0,
+    act_consts: tuple = (0.0, 0.0, 0.0),  # the activation's constants (act_code)
     glu: bool = False,
     z: Optional[torch.Tensor] = None,
     h: Optional[torch.Tensor] = None,
@@ -171,6 +179,7 @@ def grouped_mm(
             h_, h_.stride(0), h_.stride(1),
             row_scale if row_scale is not None else offsets, rowdot, rowdot.stride(0),
             offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
+            *(float(c) for c in act_consts),
             gather if gather is not None else offsets, *_dropout_args(dropout, offsets),
         )
 
@@ -286,4 +295,4 @@ def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
     return out
 
 
-__all__ = ["grouped_mm", "grouped_xty", "narrow_config", "dropout_mask", "dot_precision", "LoRASide", "ACT_CODE"]
+__all__ = ["grouped_mm", "grouped_xty", "narrow_config", "dropout_mask", "dot_precision", "LoRASide", "act_code"]

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .grouped_gemm_launch import ACT_CODE, LoRASide, grouped_mm, grouped_xty, narrow_config
+from .grouped_gemm_launch import LoRASide, act_code, grouped_mm, grouped_xty, narrow_config
 from .permute import _combine_impl
 
 
@@ -63,7 +63,7 @@ def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
 def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, gather, drop_x):
     """hid = act(x W_gu^T + s (xa g) B_gu^T) [N, F], with xa = x' A_gu^T written into xa when LoRA is
     on; the pre-activation goes to z [N, 2F|F] unless z is None."""
-    act, glu = ACT_CODE[activation]
+    act, glu, consts = act_code(activation)
     fdim = hid.shape[1]
     # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
     w1 = w_gu.transpose(1, 2)
@@ -73,8 +73,8 @@ def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, ga
         lora = LoRASide(a_gu.transpose(1, 2), b_gu.transpose(1, 2), xa, scale, g_gu)
     z_ = z if z is not None else hid
     grouped_mm(
-        x, w1, hid, offsets, role="up_glu" if glu else "up", nout=fdim, lora=lora, epilogue=1, act=act, glu=glu,
-        z=z_, store_z=z is not None, up_offsets=(fdim * z_.stride(1), 0),
+        x, w1, hid, offsets, role="up_glu" if glu else "up", nout=fdim, lora=lora, epilogue=1, act=act,
+        act_consts=consts, glu=glu, z=z_, store_z=z is not None, up_offsets=(fdim * z_.stride(1), 0),
         dropout=_with_mode(drop_x, 1) if lora is not None else None, gather=gather,
     )
 
@@ -120,7 +120,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     hdim = x.shape[1]
     n = dy.shape[0]
     fdim = w_d.shape[2]
-    act, glu = ACT_CODE[activation]
+    act, glu, consts = act_code(activation)
     has_lora = a_gu is not None
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
     # The kernels read dy through its strides, so a row-strided gradient (a slice of a wider one)
@@ -156,7 +156,8 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F]. With weights, hid is h scaled by the
     # routing weight of its row and dyb = d(out) B_d unscaled.
     ds = grouped_mm(
-        dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, glu=glu, z=z, h=hid,
+        dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, act_consts=consts, glu=glu, z=z,
+        h=hid,
         up_offsets=(fdim * z.stride(1), fdim * dz.stride(1)),
         dropout=_with_mode(drop_h, 2) if has_lora else None,
         gather=gather if w_sorted is not None else None, row_scale=w_sorted,

@@ -37,6 +37,7 @@ from unittest import mock
 
 import torch
 
+from ..types import is_glu
 from . import gemm_configs, grouped_mlp_ops
 
 # Shapes the package is measured on: (T, H, F, E, k, LoRA rank) of the benchmark suite's full
@@ -136,7 +137,7 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
 
     t, h, f, e, k, r = shape
     n = t * k
-    f_in = 2 * f if activation in ("swiglu", "geglu") else f
+    f_in = 2 * f if is_glu(activation) else f
 
     def meta(*size):
         return torch.empty(size, dtype=dtype, device="meta")
@@ -432,17 +433,22 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", nargs="*", default=list(NAMED_SHAPES), choices=list(NAMED_SHAPES),
                         help="named shapes to check")
     parser.add_argument("--device", default=H100, help="GPU whose shipped config table is used")
+    parser.add_argument("--activation", nargs="*", default=["swiglu"],
+                        help="activations (types.ACTIVATION_KINDS strings) whose epilogues to compile")
     parser.add_argument("--strict", action="store_true",
                         help=f"fail on narrow MMAs, serial K loops and element-wise 2-byte loads at shapes with "
                              f">= {STRICT_ROWS} rows per expert (spills and shared memory are always checked)")
     args = parser.parse_args(argv)
     bad = 0
     for name in args.shape:
-        for la in distinct(layer_launches(NAMED_SHAPES[name], device_name=args.device)):
-            facts, problems = check(la, strict=args.strict)
-            bad += bool(problems)
-            print(f"{name:22s} {describe(la)}\n    {format_facts(facts)}"
-                  + (f"\n    PROBLEMS: {'; '.join(problems)}" if problems else ""), flush=True)
+        for act in args.activation:
+            launches = layer_launches(NAMED_SHAPES[name], device_name=args.device, activation=act)
+            for la in distinct(launches):
+                facts, problems = check(la, strict=args.strict)
+                bad += bool(problems)
+                label = name if act == "swiglu" else f"{name} {act}"
+                print(f"{label:22s} {describe(la)}\n    {format_facts(facts)}"
+                      + (f"\n    PROBLEMS: {'; '.join(problems)}" if problems else ""), flush=True)
     print(f"{bad} launch(es) with problems" if bad else "every launch passes")
     raise SystemExit(1 if bad else 0)
 
