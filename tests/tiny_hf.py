@@ -95,3 +95,81 @@ def compiled_greedy(m, prompt, max_new_tokens=5):
     out = m.generate(prompt, max_new_tokens=max_new_tokens, compile_config=cc, **GREEDY)
     torch._dynamo.reset()
     return out, graphs
+
+
+# --- the experts modules of issue 26's families ------------------------------------------------------
+#
+# One experts module per family whose experts are not a plain SwiGLU / GeGLU / ReLU MLP in
+# transformers 5.25: family -> (modeling class, config class). Built alone from the family's own
+# (text) config with tiny sizes, E = 5 and non-default gate constants, so the clamp and the caps
+# are hit by N(0, 1) inputs and a constant read from the wrong place shows.
+LAYOUT_EXPERTS = {
+    "gpt_oss": ("GptOssExperts", "GptOssConfig"),
+    "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", "OpenAIPrivacyFilterConfig"),
+    "minimax_m3_vl": ("MiniMaxM3VLExperts", "MiniMaxM3VLTextConfig"),
+    "deepseek_v4": ("DeepseekV4Experts", "DeepseekV4Config"),
+    "hy_v4": ("HYV4Experts", "HYV4Config"),
+    "hy_v4_vl": ("HYV4VLExperts", "HYV4VLTextConfig"),
+    "glm5_next": ("Glm5NextTextExperts", "Glm5NextTextConfig"),
+    "bailing_hybrid": ("BailingHybridExperts", "BailingHybridConfig"),
+    "step3p7": ("Step3p7Experts", "Step3p7TextConfig"),
+    "beam": ("BeamExperts", "BeamConfig"),
+    "inkling2": ("Inkling2Experts", "Inkling2TextConfig"),
+    "inkling2_loop": ("Inkling2LoopExperts", "Inkling2LoopTextConfig"),
+    "gemma4": ("Gemma4TextExperts", "Gemma4TextConfig"),
+    "diffusion_gemma": ("DiffusionGemmaTextExperts", "DiffusionGemmaTextConfig"),
+    "nemotron_h": ("NemotronHExperts", "NemotronHConfig"),
+    "ergo": ("ErgoExperts", "ErgoConfig"),
+    "muse_spark": ("MuseSparkExperts", "MuseSparkTextConfig"),
+}
+EXPERTS_H, EXPERTS_F, EXPERTS_E = 16, 8, 5
+_SIZES = dict(hidden_size=EXPERTS_H, moe_hidden_size=EXPERTS_H, intermediate_size=EXPERTS_F,
+              moe_intermediate_size=EXPERTS_F, num_local_experts=EXPERTS_E, num_experts=EXPERTS_E,
+              n_routed_experts=EXPERTS_E, num_hidden_layers=2)
+# Gate constants set away from the defaults (read back by the test from the same config).
+_CONSTANTS = dict(swiglu_limit=2.5, swiglu_alpha=1.3, mlp_gate_softcap=1.5, mlp_up_softcap=2.0)
+
+
+def experts_config(family: str, **overrides):
+    """The family's tiny config (importorskip-style: None when this transformers lacks it)."""
+    import importlib
+
+    try:
+        cfgmod = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    except ImportError:
+        return None
+    cfg = getattr(cfgmod, LAYOUT_EXPERTS[family][1])()
+    for k, v in {**_SIZES, **_CONSTANTS, **overrides}.items():
+        if hasattr(cfg, k) or k in overrides:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def experts(family: str, layer_idx: int = 0, **overrides) -> nn.Module:
+    """The family's experts module from experts_config, parameters N(0, 0.5) (norm scales 1 +
+    N(0, 0.1)), experts implementation "eager" (transformers' own loop)."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    cls = getattr(mod, LAYOUT_EXPERTS[family][0])
+    cfg = experts_config(family, **overrides)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    takes_layer = "layer_idx" in inspect.signature(cls.__init__).parameters
+    m = cls(cfg, layer_idx) if takes_layer else cls(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            else:
+                p.normal_(0.0, 0.5)
+    return m.float()
+
+
+def routing(tokens: int = 9, k: int = 3, num_experts: int = EXPERTS_E, seed: int = 2):
+    """(x [T, H], distinct expert ids [T, k] int64, weights [T, k]) for an experts call."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, EXPERTS_H, generator=g)
+    ids = torch.rand(tokens, num_experts, generator=g).argsort(dim=1)[:, :k]
+    return x, ids, torch.rand(tokens, k, generator=g)

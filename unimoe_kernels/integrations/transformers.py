@@ -57,8 +57,7 @@ import torch.nn as nn
 
 from ..backend import check_backend
 from ..modules import GroupedExperts
-from . import experts_interface
-from .experts_interface import EXPERTS_IMPLEMENTATION, glu_activation, register, skip_sentinel
+from .experts_interface import EXPERTS_IMPLEMENTATION, experts_activation, register, skip_sentinel
 
 # Host experts attributes (set by transformers' @use_experts_implementation) whose non-default value
 # means a layout GroupedExperts does not hold: weights stored [E, H, 2F], gate/up interleaved, a bias,
@@ -73,8 +72,11 @@ _INTERFACE_DEFAULTS = {**_LAYOUT_FLAGS, "_is_expert_parallel": False}
 _LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
 
 
-def unsupported_reason(module: nn.Module) -> Optional[str]:
-    """None when `module` is a transformers-v5-style experts module that can be swapped, else why not."""
+def unsupported_reason(module: nn.Module, activation: Optional[str] = None) -> Optional[str]:
+    """None when `module` is a transformers-v5-style experts module that can be swapped, else why not.
+
+    Its gate must be one the kernels compute, recognised as experts_activation recognises it (or
+    `activation`, confirmed against the module's own gate)."""
     if isinstance(module, PatchedExperts):
         return "already patched"
     gate_up = module._parameters.get("gate_up_proj")
@@ -107,12 +109,10 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         params = []
     if tuple(params) != _EXPERTS_CALL:
         return f"forward is not experts{_EXPERTS_CALL} (got {tuple(params)})"
-    if glu_activation(getattr(module, "act_fn", None)) is None:
-        return f"act_fn {getattr(module, 'act_fn', None)!r} is neither silu nor exact gelu"
-    gate_fn = getattr(type(module), "_apply_gate", None)
-    default_gate = experts_interface._DEFAULT_APPLY_GATE
-    if gate_fn is not None and default_gate is not None and gate_fn is not default_gate:
-        return "it overrides _apply_gate (a gate other than act_fn(gate) * up)"
+    try:
+        experts_activation(module, activation)
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -158,6 +158,8 @@ class PatchedExperts(GroupedExperts):
     """
 
     require_trainable_lora = True
+    # Not an experts module of transformers' dispatch: "unimoe"'s set-time check passes over it.
+    _unimoe_patched = True
     # The config's experts implementation right after patching, and before it (set by patch_moe).
     _impl_at_patch: Optional[str] = EXPERTS_IMPLEMENTATION
     _impl_before_patch: Optional[str] = None
@@ -215,8 +217,9 @@ class PatchedExperts(GroupedExperts):
         lora_dropout: float = 0.0,
         freeze_base: Optional[bool] = None,
         backend: str = "auto",
+        activation: Optional[str] = None,
     ) -> "PatchedExperts":
-        reason = unsupported_reason(host)
+        reason = unsupported_reason(host, activation)
         if reason is not None:
             raise ValueError(f"host experts module {type(host).__name__} cannot be patched: {reason}")
         gate_up, down = host.gate_up_proj, host.down_proj
@@ -224,7 +227,7 @@ class PatchedExperts(GroupedExperts):
         # Built on the meta device so that no [E, 2F, H] tensor is allocated only to be thrown away:
         # the base weights are the host's Parameters, assigned just below.
         self = cls(
-            e, h, f2 // 2, activation=glu_activation(host.act_fn), lora_rank=lora_rank, lora_alpha=lora_alpha,
+            e, h, f2 // 2, activation=experts_activation(host, activation), lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, freeze_base=False, backend=backend, device="meta", dtype=gate_up.dtype,
         )
         self.gate_up_proj = gate_up
@@ -291,6 +294,7 @@ def patch_moe(
     backend: str = "auto",
     freeze_base: Optional[bool] = None,
     strict: bool = False,
+    activation: Optional[str] = None,
 ) -> int:
     """Swap every transformers-v5-style experts module of `model` for PatchedExperts; returns how many.
 
@@ -301,10 +305,18 @@ def patch_moe(
     are frozen (freeze_base=False keeps them trainable). The host's routers, shared experts, attention
     etc. are left as they are (and trainable as they were).
 
-    Modules that look like experts but cannot be swapped (a different layout, a bias, an unknown
-    activation, weights wrapped by PEFT) are skipped with a warning, or raise when strict=True or
-    when LoRA was asked for: LoRA on experts must never end up silently missing. Already patched
-    modules are left alone (not counted) when their LoRA rank matches the request.
+    Each module's gate is recognised from its own `_apply_gate` / act_fn and constants and confirmed
+    on a probe (experts_interface.experts_activation): plain SwiGLU / GeGLU (erf or tanh), clamped
+    SwiGLU (DeepSeek-V4, MiniMax-M3, ...) and soft-capped SwiGLU (Inkling2) run as the activation
+    strings of types.ACTIVATION_KINDS, which GroupedExperts takes as well. `activation` (such a
+    string) replaces the recognition: every module's gate must agree with it on the probe, else the
+    module is not swapped; use it for a gate whose constants live under names the recognition does
+    not read.
+
+    Modules that look like experts but cannot be swapped (a different layout, a bias, a gate no
+    activation kind computes, weights wrapped by PEFT) are skipped with a warning, or raise when
+    strict=True or when LoRA was asked for: LoRA on experts must never end up silently missing.
+    Already patched modules are left alone (not counted) when their LoRA rank matches the request.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -326,14 +338,14 @@ def patch_moe(
             else:
                 already.append(name)
             continue
-        reason = unsupported_reason(module)
+        reason = unsupported_reason(module, activation)
         if reason is not None:
             skipped.append((name, reason))
             skipped_configs.append(getattr(module, "config", None))
             continue
         new = PatchedExperts.from_host(
             module, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            freeze_base=freeze_base, backend=backend,
+            freeze_base=freeze_base, backend=backend, activation=activation,
         )
         new.train(module.training)
         setattr(parent, attr, new)
