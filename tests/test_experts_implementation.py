@@ -295,15 +295,24 @@ def test_peft_lora_on_triton_kernels(monkeypatch, runs):
 # --- torch.export and torch.compile ---------------------------------------------------------------
 
 
+def _package_ops(program) -> set:
+    return {str(n.target) for n in program.graph_module.graph.nodes if "unimoe" in str(n.target)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_torch_export_static_and_dynamic_sequence_length(family):
+def test_torch_export_static_and_dynamic_sequence_length(family, runs):
+    """Exported, the experts are the plain-aten forward (integrations/export.py): no op of this
+    package in the program, the kernels' op not traced; eager and compiled runs keep the kernels
+    (the tests above and below count their calls)."""
     ref, ours = _pair(family)
     ids = tokens()
     kwargs = {"input_ids": ids, "use_cache": False}
     static = torch.export.export(ours, (), kwargs)
+    assert not _package_ops(static) and not runs
     torch.testing.assert_close(static.module()(**kwargs).logits, ref(ids, use_cache=False).logits, **FP32)
     seq = torch.export.Dim("seq", min=2, max=64)
     dynamic = torch.export.export(ours, (), kwargs, dynamic_shapes={"input_ids": {1: seq}, "use_cache": None})
+    assert not _package_ops(dynamic) and not runs
     for n in (3, 11):
         other = tokens(seq=n)
         got = dynamic.module()(input_ids=other, use_cache=False).logits

@@ -41,6 +41,7 @@ from ..amp import autocast_operands, check_layer_dtype
 from ..ops.grouped_gemm import grouped_mlp_combine
 from ..ops.routing import build_routing
 from ..types import LoRAWeights, activation_name, is_glu
+from .export import experts_forward_aten, exporting
 
 EXPERTS_IMPLEMENTATION = "unimoe"
 
@@ -391,7 +392,9 @@ def _joint_lora(first, second, w1: torch.Tensor, w2: torch.Tensor):
 
 def unimoe_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts call on this package's kernels: [T, H] -> [T, H] in hidden_states' dtype."""
+    """transformers' experts call on this package's kernels: [T, H] -> [T, H] in hidden_states' dtype.
+
+    While an exporter traces it, the same function in plain aten ops (export.py) instead."""
     activation = experts_activation(self)
     transposed = bool(getattr(self, "is_transposed", False))
     first = "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"
@@ -400,10 +403,13 @@ def unimoe_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, t
     lora, scale = _joint_lora(lora1, lora2, w1, w2)
     check_layer_dtype(hidden_states, (w1, w2, *(lora or ())), type(self).__name__, "model")
     ids, weights = skip_sentinel(top_k_index, top_k_weights, w1.shape[0])
-    plan = build_routing(ids, w1.shape[0])
     x, w1, w2, lora = autocast_operands(hidden_states, w1, w2, lora)
-    out = grouped_mlp_combine(x, plan, weights, w1, w2, activation, lora=lora, lora_scale=scale,
-                              training=self.training)
+    if exporting():
+        out = experts_forward_aten(x, ids, weights, w1, w2, activation, lora=lora, lora_scale=scale)
+    else:
+        plan = build_routing(ids, w1.shape[0])
+        out = grouped_mlp_combine(x, plan, weights, w1, w2, activation, lora=lora, lora_scale=scale,
+                                  training=self.training)
     # transformers' kernels return hidden_states' dtype also under autocast.
     return out.to(hidden_states.dtype)
 

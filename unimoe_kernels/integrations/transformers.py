@@ -58,6 +58,7 @@ import torch.nn as nn
 from ..backend import check_backend
 from ..modules import GroupedExperts
 from .experts_interface import EXPERTS_IMPLEMENTATION, experts_activation, register, skip_sentinel
+from .export import experts_forward_aten, exporting
 
 # Host experts attributes (set by transformers' @use_experts_implementation) whose non-default value
 # means a layout GroupedExperts does not hold: weights stored [E, H, 2F], gate/up interleaved, a bias,
@@ -189,6 +190,12 @@ class PatchedExperts(GroupedExperts):
                     "to freeze them on purpose"
                 )
         ids, weights = skip_sentinel(top_k_index, top_k_weights, self.num_experts)
+        if exporting():
+            self.check_input_dtype(hidden_states)
+            x, gate_up, down, lora = self._gemm_operands(hidden_states)
+            return experts_forward_aten(x, ids, weights, gate_up, down, self.activation, lora=lora,
+                                        lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                                        training=self.training)
         return super().forward(hidden_states, ids, weights)
 
     def _host_forward(self, hidden_states, top_k_index, top_k_weights):
