@@ -4,7 +4,8 @@ The tiny sizes keep each model's E / k structure (and LoRA rank) and scale T, H 
 whole benchmarks/ directory runs in seconds on 2 CPU cores. Two changes of structure, said here
 once: qwen3-next's E=512 becomes 32 on CPU (a 512-iteration Python loop per call in the naive
 baseline is the only cost that does not shrink with T and H); olmoe has no published T, so
-the full size uses T=16384 (an assumption of this file, half of the Qwen3 shapes' T).
+the full size uses T=16384 (an assumption of this file, half of the Qwen3 shapes' T), and so does
+gpt-oss-20b.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ FULL = {
         ShapeConfig("qwen3-next", T=32768, H=2048, F=512, E=512, k=10),
         # PEFT's published MoE-LoRA case (fwd+bwd 4.97 ms / 2.02 GB there, best 2.56 ms / 1.30 GB).
         ShapeConfig("peft-moe-lora", T=4096, H=2048, F=768, E=128, k=8, r=16),
+        # gpt-oss-20b's experts (H = F = 2880, 32 experts, top-4) with its clamped SwiGLU; its biases
+        # and interleaved gate/up columns are not modelled (the GEMMs are the cost).
+        ShapeConfig("gpt-oss-20b", T=16384, H=2880, F=2880, E=32, k=4,
+                    activation="swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)", note="T not published; 16384 chosen"),
     )
 }
 
@@ -58,6 +63,7 @@ TINY = {
     "olmoe": replace(FULL["olmoe"], T=128, H=64, F=32, note=""),
     "qwen3-next": replace(FULL["qwen3-next"], T=128, H=64, F=16, E=32, note="E shrunk 512 -> 32 on CPU"),
     "peft-moe-lora": replace(FULL["peft-moe-lora"], T=128, H=64, F=24),
+    "gpt-oss-20b": replace(FULL["gpt-oss-20b"], T=128, H=64, F=64, note=""),
 }
 
 SIZES = {"tiny": TINY, "full": FULL}

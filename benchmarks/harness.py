@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from unimoe_kernels import SparseMoE, baselines, reference, timing
+from unimoe_kernels.types import is_glu
 
 from .configs import ShapeConfig
 
@@ -297,7 +298,7 @@ class DenseBench:
 def dense_callable(cfg: ShapeConfig, mode: str) -> DenseBench:
     """The dense MLP over T*k rows; its weights need a gradient iff the MoE's base trains."""
     n = cfg.T * cfg.k
-    glu = cfg.activation in ("swiglu", "geglu")
+    glu = is_glu(cfg.activation)
     bwd = mode == "fwd+bwd"
     g = torch.Generator(device=DEVICE).manual_seed(2)
     w_gu = (torch.randn((2 if glu else 1) * cfg.F, cfg.H, device=DEVICE, dtype=DTYPE, generator=g) * cfg.H**-0.5)

@@ -11,8 +11,8 @@ X and Y in L2; with the expert on the fastest axis they would each stream anothe
 
 K loop: the expert's rows in BLOCK_K steps, split in two. The full steps (every row inside the
 expert) take unmasked loads straight into the MMA's shared-memory operands: TMA for sorted
-operands, 16-byte cp.async for gathered rows (column indices are contiguous, clamped only when the
-width does not divide the tile), so the compiler software-pipelines them (loads num_stages - 1
+operands, 16-byte cp.async for gathered rows (columns past the edge masked, in runs the loads keep
+whole), so the compiler software-pipelines them (loads num_stages - 1
 steps ahead, MMAs in flight across steps). The one ragged step at the expert's end, if any, loads
 with row masks: rows of the next expert must add nothing, even when they hold inf or NaN.
 """
@@ -24,36 +24,47 @@ from .gemm_common import _dropout_keep, _swizzle
 
 
 @triton.jit
-def _xty_step(acc, r0, offs_k, end, offs_p, offs_p_in, offs_q, offs_q_in,
+def _xty_step(acc, r0, offs_k, end, offs_p, offs_q, P, Q,
               x_ptr, stride_xm, stride_xp, x_desc, y_ptr, stride_ym, stride_yq, y_desc,
-              gather_ptr, seed_ptr, Q, drop_p, drop_scale,
+              gather_ptr, seed_ptr, drop_p, drop_scale,
               p0, q0, MASKED: tl.constexpr, DROPOUT_Y: tl.constexpr, GATHER_Y: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, X_DESC: tl.constexpr, Y_DESC: tl.constexpr, SWAP: tl.constexpr):
-    """acc += X[r0 : r0 + BLOCK_K]^T Y'[same rows]; MASKED: rows at or past `end` read as zero."""
+              DOT_PRECISION: tl.constexpr, X_DESC: tl.constexpr, Y_DESC: tl.constexpr, EVEN_P: tl.constexpr,
+              EVEN_Q: tl.constexpr, SWAP: tl.constexpr):
+    """acc += X[r0 : r0 + BLOCK_K]^T Y'[same rows]; MASKED: rows at or past `end` read as zero.
+    Columns past P or Q read as zero: TMA fills them, pointer loads mask them (a mask constant over
+    runs of 16 columns keeps the loads vectorised, where clamped indices would not)."""
     rows = r0 + offs_k
-    if MASKED:
-        in_k = rows < end
-        xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_p_in[:, None] * stride_xp, mask=in_k[None, :],
-                     other=0.0)
-        if GATHER_Y:
+    in_k = rows < end  # used only when MASKED
+    if X_DESC and not MASKED:
+        xt = x_desc.load([r0.to(tl.int32), p0]).T
+    else:
+        x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_p[:, None] * stride_xp
+        if MASKED and EVEN_P:
+            xt = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+        elif MASKED:
+            xt = tl.load(x_ptrs, mask=in_k[None, :] & (offs_p < P)[:, None], other=0.0)
+        elif EVEN_P:
+            xt = tl.load(x_ptrs)
+        else:
+            xt = tl.load(x_ptrs, mask=(offs_p < P)[:, None], other=0.0)
+    if Y_DESC and not MASKED:
+        yt = y_desc.load([r0.to(tl.int32), q0])
+    else:
+        if GATHER_Y and MASKED:
             y_rows = tl.load(gather_ptr + rows, mask=in_k, other=0).to(tl.int64)
+        elif GATHER_Y:
+            y_rows = tl.load(gather_ptr + rows).to(tl.int64)
         else:
             y_rows = rows
-        yt = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_q_in[None, :] * stride_yq, mask=in_k[:, None],
-                     other=0.0)
-    else:
-        if X_DESC:
-            xt = x_desc.load([r0.to(tl.int32), p0]).T
+        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq
+        if MASKED and EVEN_Q:
+            yt = tl.load(y_ptrs, mask=in_k[:, None], other=0.0)
+        elif MASKED:
+            yt = tl.load(y_ptrs, mask=in_k[:, None] & (offs_q < Q)[None, :], other=0.0)
+        elif EVEN_Q:
+            yt = tl.load(y_ptrs)
         else:
-            xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_p_in[:, None] * stride_xp)
-        if Y_DESC:
-            yt = y_desc.load([r0.to(tl.int32), q0])
-        else:
-            if GATHER_Y:
-                y_rows = tl.load(gather_ptr + rows).to(tl.int64)
-            else:
-                y_rows = rows
-            yt = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_q_in[None, :] * stride_yq)
+            yt = tl.load(y_ptrs, mask=(offs_q < Q)[None, :], other=0.0)
     if DROPOUT_Y:
         keep = _dropout_keep(tl.load(seed_ptr), rows, offs_q, Q, drop_p)
         yt = tl.where(keep, yt * drop_scale, 0.0).to(y_ptr.dtype.element_ty)
@@ -83,7 +94,7 @@ def grouped_xty_kernel(
     DOT_PRECISION: tl.constexpr,
     X_DESC: tl.constexpr,
     Y_DESC: tl.constexpr,
-    EVEN_P: tl.constexpr,  # P % BLOCK_P == 0: column indices need no clamp (loads stay vectorised)
+    EVEN_P: tl.constexpr,  # P % BLOCK_P == 0: the pointer loads need no column mask
     EVEN_Q: tl.constexpr,  # Q % BLOCK_Q == 0
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -98,16 +109,6 @@ def grouped_xty_kernel(
     pid_p, pid_q = _swizzle(pid % (n_p * n_q), n_p, n_q, GROUP_P)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    # Columns past the edge are clamped for the loads (valid memory, never stored), masked on the
-    # store; a clamp breaks the loads' contiguity, so it is only there when a tile crosses the edge.
-    if EVEN_P:
-        offs_p_in = offs_p
-    else:
-        offs_p_in = tl.minimum(offs_p, P - 1)
-    if EVEN_Q:
-        offs_q_in = offs_q
-    else:
-        offs_q_in = tl.minimum(offs_q, Q - 1)
     start = tl.load(offsets_ptr + expert).to(tl.int64)
     end = tl.load(offsets_ptr + expert + 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -118,16 +119,16 @@ def grouped_xty_kernel(
     # An int32 trip count (not a range over int64 row numbers) lets the compiler pipeline the loop.
     full = ((end - start) // BLOCK_K).to(tl.int32)
     for i in range(0, full):
-        acc = _xty_step(acc, start + i * BLOCK_K, offs_k, end, offs_p, offs_p_in, offs_q, offs_q_in,
+        acc = _xty_step(acc, start + i * BLOCK_K, offs_k, end, offs_p, offs_q, P, Q,
                         x_ptr, stride_xm, stride_xp, x_desc, y_ptr, stride_ym, stride_yq, y_desc,
-                        gather_ptr, seed_ptr, Q, drop_p, drop_scale, pid_p * BLOCK_P, pid_q * BLOCK_Q,
-                        False, DROPOUT_Y, GATHER_Y, DOT_PRECISION, X_DESC, Y_DESC, SWAP)
+                        gather_ptr, seed_ptr, drop_p, drop_scale, pid_p * BLOCK_P, pid_q * BLOCK_Q,
+                        False, DROPOUT_Y, GATHER_Y, DOT_PRECISION, X_DESC, Y_DESC, EVEN_P, EVEN_Q, SWAP)
     tail = start + full.to(tl.int64) * BLOCK_K
     if tail < end:
-        acc = _xty_step(acc, tail, offs_k, end, offs_p, offs_p_in, offs_q, offs_q_in,
+        acc = _xty_step(acc, tail, offs_k, end, offs_p, offs_q, P, Q,
                         x_ptr, stride_xm, stride_xp, x_desc, y_ptr, stride_ym, stride_yq, y_desc,
-                        gather_ptr, seed_ptr, Q, drop_p, drop_scale, pid_p * BLOCK_P, pid_q * BLOCK_Q,
-                        True, DROPOUT_Y, GATHER_Y, DOT_PRECISION, X_DESC, Y_DESC, SWAP)
+                        gather_ptr, seed_ptr, drop_p, drop_scale, pid_p * BLOCK_P, pid_q * BLOCK_Q,
+                        True, DROPOUT_Y, GATHER_Y, DOT_PRECISION, X_DESC, Y_DESC, EVEN_P, EVEN_Q, SWAP)
 
     out = out_ptr + expert * stride_oe + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :] * stride_oq
     if SWAP:
