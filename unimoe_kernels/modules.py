@@ -222,7 +222,10 @@ class GroupedExperts(nn.Module):
 
     Arguments (ValueError naming the argument for an impossible value):
         num_experts, hidden_size, ffn_hidden_size: E, H and F (positive ints).
-        activation: "swiglu" (default), "geglu", "gelu" (exact erf), "relu" or "silu".
+        activation: a string of types.ACTIVATION_KINDS, its constants written in (default "swiglu"):
+            GLU "swiglu", "geglu" (erf), "geglu_tanh", "swiglu_clamp(alpha=..,beta=..,limit=..)",
+            "swiglu_softcap(gate_cap=..,up_cap=..)"; elementwise "silu", "gelu", "gelu_tanh", "relu",
+            "relu2" (types.activation_name writes one). The torch path computes every kind.
         lora_rank: r, an int >= 0 (default 0: no LoRA).
         lora_alpha: the LoRA scale is lora_alpha / r (default None: r, so the scale is 1).
         lora_dropout: in [0, 1) (default 0.0): dropout of the LoRA inputs only, while training.
