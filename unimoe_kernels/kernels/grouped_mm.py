@@ -282,12 +282,10 @@ def grouped_mm_kernel(
                 # [BLOCK_M, BLOCK_N] tile would cost as many registers as the accumulator.
                 acc = tl.dot((factor * scale).to(dtype), bt, acc, input_precision=DOT_PRECISION)
 
-        offs_o = n0 + tl.arange(0, BLOCK_O)
-        mask_mo = mask_m[:, None] & (offs_o < NOUT)[None, :]
-        tile_o = loc_m[:, None] * stride_om + offs_o[None, :] * stride_on
-        out_ptrs = out_ptr + row_start * stride_om + tile_o
         if EPILOGUE == 0:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mo)
+            offs_o = n0 + tl.arange(0, BLOCK_O)
+            out_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_o[None, :] * stride_on)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_o < NOUT)[None, :])
         elif EPILOGUE == 1:
             # Half of the output columns at a time: the activation's temporaries (the softcap's
             # tanh, the clamps) for half the tile live beside the accumulator, not for all of it.
