@@ -64,3 +64,18 @@ def test_names_round_trip_and_bad_names_are_refused():
             parse_activation(bad)
     with pytest.raises(ValueError, match="must be one of"):
         activation_name("swish")
+
+
+def test_compiled_code_takes_the_activation_as_a_constant():
+    """A compiled graph parses an activation string at trace time, as a constant (no graph break,
+    no dynamo warning about tracing through a cache)."""
+    import warnings
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x * 2 if is_glu("swiglu_clamp(alpha=1.0,beta=0.0,limit=1.0)") else x
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0))
+    assert not [w for w in seen if "lru_cache" in str(w.message)], [str(w.message) for w in seen]

@@ -48,10 +48,16 @@ def activation_name(kind: str, **constants: float) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@torch._dynamo.assume_constant_result
 def parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
     """(kind, constants in ACTIVATION_KINDS' order) of an activation string; a ValueError naming what
-    is wrong for an unknown kind, a missing, unknown or non-finite constant."""
+    is wrong for an unknown kind, a missing, unknown or non-finite constant. Traced code sees the
+    result as a constant (the string is one), parsed once per string."""
+    return _parse_activation(activation)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
     m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", activation) if isinstance(activation, str) else None
     if m is None or m.group(1) not in ACTIVATION_KINDS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATION_KINDS)} (with its constants, e.g. "
