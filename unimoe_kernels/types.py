@@ -8,7 +8,6 @@ its arguments against; they live here so no layer has to import another's implem
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import NamedTuple
@@ -48,15 +47,22 @@ def activation_name(kind: str, **constants: float) -> str:
     return name
 
 
-@torch._dynamo.assume_constant_result
+# Parsed activations by string. A plain dict, not functools.lru_cache: dynamo warns on every
+# compile that traces through an lru_cache, and importing torch._dynamo to mark the function
+# constant would import triton with the package.
+_PARSED: dict = {}
+
+
 def parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
     """(kind, constants in ACTIVATION_KINDS' order) of an activation string; a ValueError naming what
-    is wrong for an unknown kind, a missing, unknown or non-finite constant. Traced code sees the
-    result as a constant (the string is one), parsed once per string."""
-    return _parse_activation(activation)
+    is wrong for an unknown kind, a missing, unknown or non-finite constant. Parsed once per string."""
+    parsed = _PARSED.get(activation) if isinstance(activation, str) else None
+    if parsed is None:
+        parsed = _parse_activation(activation)
+        _PARSED[activation] = parsed
+    return parsed
 
 
-@functools.lru_cache(maxsize=None)
 def _parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
     m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", activation) if isinstance(activation, str) else None
     if m is None or m.group(1) not in ACTIVATION_KINDS:
