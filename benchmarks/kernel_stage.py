@@ -219,7 +219,7 @@ def plan(shapes: tuple = HEADLINE, roles: tuple = ROLES, count: int = ALTERNATIV
 
 def compiled_facts(case: dict) -> dict:
     """sm90_check's report of this case's launch at the full shape, compiled for sm_90 (a dict of
-    whatever fields its Resources holds, its problems, and describe()); {"error": ...} if it fails."""
+    whatever fields its Facts holds, its problems, and describe()); {"error": ...} if it fails."""
     from unimoe_kernels.ops import sm90_check
 
     shape = _shape(case["shape"])

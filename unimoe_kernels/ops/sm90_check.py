@@ -63,9 +63,8 @@ H100 = "NVIDIA H100 80GB HBM3"
 # A device name with no shipped table: its launches take the heuristic's configs.
 NO_TABLE = "no shipped table"
 
-# Shared memory a block may use on sm_90 and the register file's per-thread ceiling.
+# Shared memory a block may use on sm_90.
 SMEM_LIMIT = gemm_configs.SMEM_LIMIT_SM90
-MAX_REGISTERS = 255
 # Experts averaging this many rows get 128-row tiles (gemm_configs.heuristic), so their GEMMs are
 # compute-bound and held to the full contracts; fewer rows are decode-like, bound by weight reads.
 STRICT_ROWS = 96
