@@ -24,6 +24,21 @@ from .gemm_common import _dropout_keep, _swizzle
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A tile through pointers, masked (zero) only on the axes that need it: an unmasked load, or
+    one whose mask is constant along the contiguous axis, stays whole-vector."""
+    if MASK_ROWS and MASK_COLS:
+        tile = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _xty_step(acc, r0, offs_k, end, offs_p, offs_q, P, Q,
               x_ptr, stride_xm, stride_xp, x_desc, y_ptr, stride_ym, stride_yq, y_desc,
               gather_ptr, seed_ptr, drop_p, drop_scale,
@@ -38,15 +53,8 @@ def _xty_step(acc, r0, offs_k, end, offs_p, offs_q, P, Q,
     if X_DESC and not MASKED:
         xt = x_desc.load([r0.to(tl.int32), p0]).T
     else:
-        x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_p[:, None] * stride_xp
-        if MASKED and EVEN_P:
-            xt = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-        elif MASKED:
-            xt = tl.load(x_ptrs, mask=in_k[None, :] & (offs_p < P)[:, None], other=0.0)
-        elif EVEN_P:
-            xt = tl.load(x_ptrs)
-        else:
-            xt = tl.load(x_ptrs, mask=(offs_p < P)[:, None], other=0.0)
+        xt = _load_tile(x_ptr + rows[None, :] * stride_xm + offs_p[:, None] * stride_xp, in_k[None, :],
+                        (offs_p < P)[:, None], MASKED, not EVEN_P)
     if Y_DESC and not MASKED:
         yt = y_desc.load([r0.to(tl.int32), q0])
     else:
@@ -56,15 +64,8 @@ def _xty_step(acc, r0, offs_k, end, offs_p, offs_q, P, Q,
             y_rows = tl.load(gather_ptr + rows).to(tl.int64)
         else:
             y_rows = rows
-        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq
-        if MASKED and EVEN_Q:
-            yt = tl.load(y_ptrs, mask=in_k[:, None], other=0.0)
-        elif MASKED:
-            yt = tl.load(y_ptrs, mask=in_k[:, None] & (offs_q < Q)[None, :], other=0.0)
-        elif EVEN_Q:
-            yt = tl.load(y_ptrs)
-        else:
-            yt = tl.load(y_ptrs, mask=(offs_q < Q)[None, :], other=0.0)
+        yt = _load_tile(y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq, in_k[:, None],
+                        (offs_q < Q)[None, :], MASKED, not EVEN_Q)
     if DROPOUT_Y:
         keep = _dropout_keep(tl.load(seed_ptr), rows, offs_q, Q, drop_p)
         yt = tl.where(keep, yt * drop_scale, 0.0).to(y_ptr.dtype.element_ty)

@@ -21,15 +21,22 @@ from ..types import ACTIVATION_KINDS, max_tiles, parse_activation
 from . import gemm_configs
 from .launch_utils import cdiv, next_pow2
 
-# Activation kind -> kernel activation code (kernels/gemm_common.py's ACT_*).
-_ACT_CODES = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2, "geglu_tanh": 3, "gelu_tanh": 3, "relu2": 4,
-              "swiglu_clamp": 5, "swiglu_softcap": 6}
+
+@functools.lru_cache(maxsize=None)
+def _act_codes() -> dict:
+    """Activation kind -> the kernels' activation code (kernels/gemm_common.py's ACT_*), imported on
+    first use so that importing the package does not import triton."""
+    from ..kernels import gemm_common as k
+
+    return {"swiglu": k.ACT_SILU, "silu": k.ACT_SILU, "geglu": k.ACT_GELU, "gelu": k.ACT_GELU, "relu": k.ACT_RELU,
+            "geglu_tanh": k.ACT_GELU_TANH, "gelu_tanh": k.ACT_GELU_TANH, "relu2": k.ACT_RELU2,
+            "swiglu_clamp": k.ACT_CLAMP, "swiglu_softcap": k.ACT_SOFTCAP}
 
 
 def act_code(activation: str) -> tuple[int, bool, tuple[float, float, float]]:
     """(kernel activation code, GLU, its three constants) of an activation string (types.py)."""
     kind, consts = parse_activation(activation)
-    return _ACT_CODES[kind], ACTIVATION_KINDS[kind][0], (tuple(consts) + (0.0, 0.0, 0.0))[:3]
+    return _act_codes()[kind], ACTIVATION_KINDS[kind][0], (tuple(consts) + (0.0, 0.0, 0.0))[:3]
 
 
 class LoRASide(NamedTuple):
@@ -96,20 +103,19 @@ def _w_descriptor(w: torch.Tensor, block_n: int, block_k: int, glu_pack: bool = 
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     kmajor = w.stride(1) == 1 and w.shape[1] > 1
-    storage = w.transpose(1, 2) if kmajor else w
+    e, k, nout = w.shape
+    half = block_n // 2
+    if kmajor and glu_pack:
+        storage, block = w.transpose(1, 2).view(e, 2, nout // 2, k), [1, 2, half, block_k]
+    elif kmajor:
+        storage, block = w.transpose(1, 2), [1, block_n, block_k]
+    elif glu_pack:
+        storage, block = w.view(e, k, 2, nout // 2), [1, block_k, 2, half]
+    else:
+        storage, block = w, [1, block_k, block_n]
+    # The split view's strides include the unsplit storage's, so one check covers both.
     if not _aligned(storage):
         return None, kmajor
-    e, k, nout = w.shape
-    if glu_pack:
-        half = block_n // 2
-        if kmajor:
-            storage, block = storage.view(e, 2, nout // 2, k), [1, 2, half, block_k]
-        else:
-            storage, block = storage.view(e, k, 2, nout // 2), [1, block_k, 2, half]
-        if not _aligned(storage):
-            return None, kmajor
-        return TensorDescriptor.from_tensor(storage, block), kmajor
-    block = [1, block_n, block_k] if kmajor else [1, block_k, block_n]
     return TensorDescriptor.from_tensor(storage, block), kmajor
 
 
@@ -192,7 +198,6 @@ def grouped_mm(
     )
 
     tma = _use_tma(x.device)
-
     glu_pack = meta["GLU_PACK"]
 
     def launch(c: dict) -> torch.Tensor:
@@ -204,7 +209,7 @@ def grouped_mm(
             tiles = min(tiles, cap)
         use_tma = tma and c.get("TMA", True)
         w_desc, kmajor = _w_descriptor(w, bn, bk, glu_pack) if use_tma else (None, False)
-        a_desc, a_kmajor = b_desc, b_kmajor = None, False
+        a_desc, a_kmajor, b_desc, b_kmajor = None, False, None, False
         if use_tma and lora is not None:
             a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk)
             # b [E, R, NOUT]: its K is the rank; packed like W in the GLU forward.
