@@ -1,6 +1,7 @@
 """The expert MLP's activations in torch, forward and backward, for the torch path and the oracle.
 
-    GEMM 1 output z [rows, 2F] (GLU: gate columns first, then up) or [rows, F]
+    GEMM 1 output z [rows, 2F] (GLU: gate columns first, then up; with ":interleaved" gate n and
+    up n are columns 2n and 2n+1) or [rows, F]
       --apply_activation--> h [rows, F]
     dh [rows, F] --activation_backward(z, dh)--> dz [rows, 2F|F]
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .types import ACTIVATION_KINDS, parse_activation
+from .types import ACTIVATION_KINDS, is_interleaved, parse_activation
 
 aten = torch.ops.aten
 
@@ -85,11 +86,26 @@ def _up_backward(dout: torch.Tensor, u: torch.Tensor, kind: str, c: tuple) -> to
     return dout
 
 
+def _split(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) columns of a GLU's z [rows, 2F] in the activation's layout."""
+    if is_interleaved(activation):
+        return z[..., 0::2], z[..., 1::2]
+    return z.chunk(2, dim=-1)
+
+
+def _join(d_gate: torch.Tensor, d_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """[rows, 2F] of the gate and up columns in the activation's layout (the inverse of _split)."""
+    if is_interleaved(activation):
+        return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
+    return torch.cat([d_gate, d_up], dim=-1)
+
+
 def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """[rows, 2F] -> [rows, F] for GLU activations (gate first, then up); elementwise otherwise."""
+    """[rows, 2F] -> [rows, F] for GLU activations (gate and up columns in the activation's layout);
+    elementwise otherwise."""
     kind, c = parse_activation(activation)
     if ACTIVATION_KINDS[kind][0]:
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = _split(h, activation)
         return _gate(gate, kind, c) * _up(up, kind, c)
     return _gate(h, kind, c)
 
@@ -98,9 +114,9 @@ def activation_backward(z: torch.Tensor, dh: torch.Tensor, activation: str) -> t
     """d(apply_activation)/dz applied to dh: z [rows, 2F|F], dh [rows, F] -> dz [rows, 2F|F]."""
     kind, c = parse_activation(activation)
     if ACTIVATION_KINDS[kind][0]:
-        gate, up = z.chunk(2, dim=-1)
+        gate, up = _split(z, activation)
         d_gate = _gate_backward(dh * _up(up, kind, c), gate, kind, c)
-        return torch.cat([d_gate, _up_backward(dh * _gate(gate, kind, c), up, kind, c)], dim=-1)
+        return _join(d_gate, _up_backward(dh * _gate(gate, kind, c), up, kind, c), activation)
     return _gate_backward(dh, z, kind, c)
 
 

@@ -26,6 +26,10 @@ SCORINGS = ("softmax", "sigmoid")
 #   swiglu_clamp    gc * sigmoid(alpha * gc) * (clamp(u, -limit, limit) + beta), gc = min(g, limit)
 #   swiglu_softcap  gate_cap tanh(g / gate_cap) * sigmoid(g) * up_cap tanh(u / up_cap)
 #   silu, gelu (erf), gelu_tanh, relu, relu2 = relu(g)^2   (no GLU: h = act(g))
+# A GLU's first projection holds the gate columns, then the up columns ([gate; up], 2F). The
+# suffix ":interleaved" ("swiglu:interleaved") says they alternate instead: column 2n is gate n,
+# column 2n+1 up n (gpt-oss). The layout is part of the string because it is part of how z [2F]
+# becomes h [F]: every path that computes the activation reads it from there.
 ACTIVATION_KINDS = {
     "swiglu": (True, ()), "geglu": (True, ()), "geglu_tanh": (True, ()),
     "swiglu_clamp": (True, ("alpha", "beta", "limit")), "swiglu_softcap": (True, ("gate_cap", "up_cap")),
@@ -35,14 +39,19 @@ ACTIVATION_KINDS = {
 _POSITIVE = ("limit", "gate_cap", "up_cap")
 
 
-def activation_name(kind: str, **constants: float) -> str:
+_INTERLEAVED = ":interleaved"
+
+
+def activation_name(kind: str, *, interleaved: bool = False, **constants: float) -> str:
     """The canonical activation string of a kind and its constants, e.g.
-    activation_name("swiglu_clamp", alpha=1.702, beta=1.0, limit=7.0); checked by parse_activation."""
+    activation_name("swiglu_clamp", alpha=1.702, beta=1.0, limit=7.0); interleaved=True for a GLU whose
+    gate and up columns alternate. Checked by parse_activation."""
     if kind not in ACTIVATION_KINDS:
         raise ValueError(f"activation kind must be one of {tuple(ACTIVATION_KINDS)}, got {kind!r}")
     names = ACTIVATION_KINDS[kind][1]
     name = kind if not names else kind + "(" + ",".join(f"{n}={float(constants.get(n, 'nan'))!r}"
                                                          for n in names) + ")"
+    name += _INTERLEAVED if interleaved else ""
     parse_activation(name)
     return name
 
@@ -55,7 +64,8 @@ _PARSED: dict = {}
 
 def parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
     """(kind, constants in ACTIVATION_KINDS' order) of an activation string; a ValueError naming what
-    is wrong for an unknown kind, a missing, unknown or non-finite constant. Parsed once per string."""
+    is wrong for an unknown kind, a missing, unknown or non-finite constant, or ":interleaved" on an
+    activation without a gate. Parsed once per string (the layout: is_interleaved)."""
     parsed = _PARSED.get(activation) if isinstance(activation, str) else None
     if parsed is None:
         parsed = _parse_activation(activation)
@@ -64,7 +74,10 @@ def parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
 
 
 def _parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
-    m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", activation) if isinstance(activation, str) else None
+    body = activation
+    if isinstance(activation, str) and activation.rstrip().endswith(_INTERLEAVED):
+        body = activation.rstrip()[:-len(_INTERLEAVED)]
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", body) if isinstance(activation, str) else None
     if m is None or m.group(1) not in ACTIVATION_KINDS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATION_KINDS)} (with its constants, e.g. "
                          f"'swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)'), got {activation!r}")
@@ -82,7 +95,17 @@ def _parse_activation(activation: str) -> tuple[str, tuple[float, ...]]:
         if not math.isfinite(value) or (key in _POSITIVE and value <= 0):
             raise ValueError(f"activation {activation!r}: {key} must be a finite"
                              f"{' positive' if key in _POSITIVE else ''} number, got {value}")
+    if body is not activation and not ACTIVATION_KINDS[kind][0]:
+        raise ValueError(f"activation {activation!r}: {_INTERLEAVED!r} is a layout of gate and up columns, and "
+                         f"{kind!r} has no gate")
     return kind, tuple(given[n] for n in names)
+
+
+def is_interleaved(activation: str) -> bool:
+    """Whether a GLU activation's gate and up columns alternate (":interleaved"); ValueError as
+    parse_activation for a string that is no activation."""
+    parse_activation(activation)
+    return activation.rstrip().endswith(_INTERLEAVED)
 
 
 def is_glu(activation: str) -> bool:
@@ -103,6 +126,16 @@ class LoRAWeights(NamedTuple):
     b_gate_up: torch.Tensor  # [E, 2F or F, r]
     a_down: torch.Tensor  # [E, r, F]
     b_down: torch.Tensor  # [E, H, r]
+
+
+class ExpertBias(NamedTuple):
+    """Per-expert biases of the two projections (gpt-oss's gate_up_proj_bias, down_proj_bias); either
+    may be None. gate_up is added to the first projection's output z, in its column layout (the
+    activation's: [gate; up] halves or interleaved), before the activation; down to each expert's
+    output before the weighted combine."""
+
+    gate_up: "torch.Tensor | None"  # [E, 2F or F]
+    down: "torch.Tensor | None"  # [E, H]
 
 
 class GatingOutput(NamedTuple):
@@ -177,7 +210,7 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
 
 
 __all__ = [
-    "GatingOutput", "RoutingPlan", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS", "SCORINGS",
-    "ACTIVATION_KINDS", "activation_name", "parse_activation",
+    "GatingOutput", "RoutingPlan", "ExpertBias", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS", "SCORINGS",
+    "ACTIVATION_KINDS", "activation_name", "parse_activation", "is_interleaved",
     "is_glu", "compute_dtype",
 ]
