@@ -7,14 +7,20 @@ tile, with s the LoRA scale:
     acc  = X[rows] @ W[e]                                   the base GEMM, fp32 accumulator
     side = X'[rows] @ A[e]                  [BLOCK_M, r]    LoRA side product in the same K loop
     acc += s * (side * gate) @ B[e]                         the LoRA term: r more K steps
+    acc += bias[e]                                          HAS_BIAS, epilogues 0 and 1
     epilogue 0: out = acc                                   (y, dx)
     epilogue 1: z = acc (optional), out = h = act(z)        GLU: h = act(gate) * up_fn(up), one accumulator of BLOCK_N
                                                             columns, gate columns n0 .. n0+BLOCK_N/2
                                                             of W and B beside the same up columns
-                                                            (F + n), split in registers at the end
+                                                            (F + n; GLU_PACK 1), or the BLOCK_N columns
+                                                            from 2 n0 where gate and up alternate
+                                                            (GLU_PACK 2), split in registers at the end
     epilogue 2: acc is dh; with z loaded: dz = dh * act'(z) (gate and up halves), h = act(z)
                 recomputed, so h is never saved between forward and backward; done a quarter of
-                the tile's columns at a time, so few z values are live beside the accumulator
+                the tile's columns at a time, so few z values are live beside the accumulator.
+                BIAS_GRAD: the tile's column sums of dz to row pid_m of dbias (every tile lies in
+                one expert, so expert_colsum.py adds up an expert's tiles: the bias gradient
+                without another pass over dz and without atomics)
 
 With ROW_SCALE (the backward of the MLP fused with the weighted combine), X is d(out) [T, H]
 gathered per token and dy of sorted row r is w_r d(out)[token(r)]: the kernel computes the
@@ -100,7 +106,8 @@ def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, ACT: tl.cons
 def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, c0, c1, c2, ACT: tl.constexpr,
                GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
     """Epilogue 2 on a block of columns: dh -> dz (gate and up halves of z), h recomputed; returns the
-    block's row sums of dh * h (d routing weight, ROW_SCALE) before dh and h are scaled by wrow."""
+    block's row sums of dh * h (d routing weight, ROW_SCALE) before dh and h are scaled by wrow, and
+    the column sums of dz over the rows in mask (gate, up; the bias gradient's part)."""
     zg = tl.load(zg_ptrs, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_and_grad(zg, ACT, c0, c1, c2)
     if GLU:
@@ -114,12 +121,16 @@ def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, c
         dh = dh * wrow
         h = h * wrow
     if GLU:
-        tl.store(out_ptrs, (dh * u * da).to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.store(out_ptrs + out_up_off, (dh * a * du).to(out_ptrs.dtype.element_ty), mask=mask)
+        dz_g = dh * u * da
+        dz_u = dh * a * du
+        tl.store(out_ptrs + out_up_off, dz_u.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptrs, (dh * da).to(out_ptrs.dtype.element_ty), mask=mask)
+        dz_g = dh * da
+        dz_u = dz_g
+    tl.store(out_ptrs, dz_g.to(out_ptrs.dtype.element_ty), mask=mask)
     tl.store(h_ptrs, h.to(h_ptrs.dtype.element_ty), mask=mask)
-    return rowdot
+    # Masked rows hold another expert's (or clamped) rows, and dz of a zero z need not be zero.
+    return rowdot, tl.sum(tl.where(mask, dz_g, 0.0), 0), tl.sum(tl.where(mask, dz_u, 0.0), 0)
 
 
 @triton.jit
@@ -137,6 +148,8 @@ def grouped_mm_kernel(
     out_ptr, stride_om, stride_on,  # [N, NOUT] (EPILOGUE 0/1) or dz [N, 2F|F] (EPILOGUE 2)
     z_ptr, stride_zm, stride_zn,  # [N, 2F|F] pre-activation: stored (EPILOGUE 1, STORE_Z) or read (2)
     h_ptr, stride_hm, stride_hn,  # [N, F] recomputed activation (EPILOGUE 2)
+    bias_ptr, stride_be_bias, stride_bn_bias,  # [E, NOUT | 2F] bias added to acc (HAS_BIAS), columns as W's
+    dbias_ptr, stride_dbm,  # [row tiles, 2F|F] fp32 out (BIAS_GRAD): column sums of dz per row tile, dz's layout
     rowscale_ptr,  # [N] fp32 per-row factor of dy (ROW_SCALE: the routing weight of each sorted row)
     rowdot_ptr, stride_dm,  # [N, column tiles] fp32 out (ROW_SCALE): per-tile sums of dh_unscaled * h
     offsets_ptr,  # [E+1] int32|int64 expert row offsets
@@ -160,9 +173,13 @@ def grouped_mm_kernel(
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
-    GLU_PACK: tl.constexpr,  # GLU and EPILOGUE 1: the accumulator holds BLOCK_N/2 gate columns, then the same up ones
+    # GLU and EPILOGUE 1: the accumulator holds BLOCK_N/2 gate columns, then the same up ones (1), or
+    # BLOCK_N columns of W from 2 n0 where gate and up alternate (2: the ":interleaved" layout)
+    GLU_PACK: tl.constexpr,
     STORE_Z: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # EPILOGUE 2 with X = d(out) gathered per token: see the module docstring
+    HAS_BIAS: tl.constexpr,  # EPILOGUE 0 / 1
+    BIAS_GRAD: tl.constexpr,  # EPILOGUE 2
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 when torch disallows TF32, else "tf32"
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the K loop
     X_DESC: tl.constexpr,  # X's tiles come through its TMA descriptor (sorted, aligned X)
@@ -190,7 +207,7 @@ def grouped_mm_kernel(
     mask_r = offs_r < R
     # Accumulator column j reads weight column (j mod BLOCK_O) of its half; the up half is F on.
     acc_cols = tl.arange(0, BLOCK_N)
-    if GLU_PACK:
+    if GLU_PACK == 1:
         col_in_half = acc_cols % BLOCK_O
         up_half = (acc_cols >= BLOCK_O).to(tl.int64)
     else:
@@ -210,7 +227,12 @@ def grouped_mm_kernel(
             x_rows = rows_in
         n0 = pid_n * BLOCK_O
         # Weight columns of the accumulator, clamped onto the last valid one (never stored).
-        w_cols = tl.minimum(n0 + col_in_half, NOUT - 1).to(tl.int64) + up_half * NOUT
+        if GLU_PACK == 2:
+            w_n0 = 2 * n0
+            w_cols = tl.minimum(w_n0 + acc_cols, 2 * NOUT - 1).to(tl.int64)
+        else:
+            w_n0 = n0
+            w_cols = tl.minimum(n0 + col_in_half, NOUT - 1).to(tl.int64) + up_half * NOUT
 
         x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = w_ptr + e64 * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + w_cols[None, :] * stride_wn
@@ -229,7 +251,7 @@ def grouped_mm_kernel(
             if W_DESC:
                 # Out-of-range rows and columns of the storage are zero-filled by the copy engine;
                 # columns past NOUT inside it (the next expert's or the up half's) are never stored.
-                wt = _load_w(w_desc, expert, n0, k0, W_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_K)
+                wt = _load_w(w_desc, expert, w_n0, k0, W_KMAJOR, GLU_PACK == 1, BLOCK_N, BLOCK_K)
             elif EVEN_K:
                 wt = tl.load(w_ptrs)
             else:
@@ -267,7 +289,7 @@ def grouped_mm_kernel(
                 factor *= tl.load(gate_ptr + row_start * stride_gm + loc_m[:, None] * stride_gm
                                   + offs_r[None, :] * stride_gr, mask=mask_mr, other=0.0)
             if B_DESC:
-                bt = _load_w(b_desc, expert, n0, 0, B_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_R)
+                bt = _load_w(b_desc, expert, w_n0, 0, B_KMAJOR, GLU_PACK == 1, BLOCK_N, BLOCK_R)
             else:
                 b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + w_cols[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
@@ -282,6 +304,8 @@ def grouped_mm_kernel(
                 # [BLOCK_M, BLOCK_N] tile would cost as many registers as the accumulator.
                 acc = tl.dot((factor * scale).to(dtype), bt, acc, input_precision=DOT_PRECISION)
 
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e64 * stride_be_bias + w_cols * stride_bn_bias).to(tl.float32)[None, :]
         if EPILOGUE == 0:
             offs_o = n0 + tl.arange(0, BLOCK_O)
             out_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_o[None, :] * stride_on)
@@ -290,7 +314,11 @@ def grouped_mm_kernel(
             # Half of the output columns at a time: the activation's temporaries (the softcap's
             # tanh, the clamps) for half the tile live beside the accumulator, not for all of it.
             HALF_O: tl.constexpr = BLOCK_O // 2
-            if GLU:
+            if GLU_PACK == 2:
+                # Gate and up alternate: each thread holds column pairs, so this split moves no data.
+                gate, up = acc.reshape(BLOCK_M, BLOCK_O, 2).split()
+                u0, u1 = _halves(up, BLOCK_M, BLOCK_O)
+            elif GLU:
                 gate, up = _halves(acc, BLOCK_M, BLOCK_N)
                 u0, u1 = _halves(up, BLOCK_M, BLOCK_O)
             else:
@@ -327,8 +355,16 @@ def grouped_mm_kernel(
                 dz_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_c[None, :] * stride_on)
                 h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_c[None, :] * stride_hn)
                 dh = dh0 if q == 0 else (dh1 if q == 1 else (dh2 if q == 2 else dh3))
-                rowdot += _dact_cols(dh, zg_ptrs, zg_ptrs + z_up_off, dz_ptrs, out_up_off, h_ptrs, wrow, mask_c,
-                                     act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
+                part, sum_g, sum_u = _dact_cols(dh, zg_ptrs, zg_ptrs + z_up_off, dz_ptrs, out_up_off, h_ptrs, wrow,
+                                                mask_c, act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
+                rowdot += part
+                if BIAS_GRAD:
+                    # dbias rows have dz's row layout: the same column stride and up offset.
+                    db_ptrs = dbias_ptr + pid_m.to(tl.int64) * stride_dbm + offs_c * stride_on
+                    in_c = offs_c < NOUT
+                    tl.store(db_ptrs, sum_g, mask=in_c)
+                    if GLU:
+                        tl.store(db_ptrs + out_up_off, sum_u, mask=in_c)
             if ROW_SCALE:
                 # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
                 # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).

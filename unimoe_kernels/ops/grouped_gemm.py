@@ -19,6 +19,11 @@ bias). The LoRA terms become s (xa * g_gu) B_gu^T and s (ha * g_d) B_d^T, applie
 Under torch.autocast the expert GEMM operands (x, weights, LoRA factors) are cast to the autocast
 dtype inside the autograd graph (amp.autocast_operands), so fp32 master weights get fp32 gradients.
 
+Expert biases (optional, types.ExpertBias: gate_up [E, 2F|F] in z's column layout, down [E, H]) are
+added in the GEMM epilogues; their gradients are per-expert column sums (of dz from the activation
+backward's epilogue, of dy from one pass over it). A GLU whose gate and up columns alternate
+(gpt-oss) is the ":interleaved" form of its activation string.
+
 The pre-activation z [N, 2F|F] is stored only when a gradient will need it (grad mode on and an
 input that requires grad) and recompute=False.
 """
@@ -33,7 +38,7 @@ from .. import backend as _backend
 from .. import reference
 from ..amp import autocast_operands
 from ..backend import require, values_readable
-from ..types import LoRAWeights, RoutingPlan, is_glu
+from ..types import ExpertBias, LoRAWeights, RoutingPlan, is_glu
 from .grouped_gemm_launch import dropout_mask
 from .grouped_mlp_ops import grouped_mlp_bwd, grouped_mlp_fwd
 from .permute import unpermute
@@ -43,7 +48,7 @@ from .permute import unpermute
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora):
+def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora, bias=None):
     glu = is_glu(activation)  # raises ValueError naming `activation`
     for name, t in (("x_sorted", x_sorted), ("tokens_per_expert", tokens_per_expert),
                     ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
@@ -75,6 +80,16 @@ def _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation
     tensors = [("gate_up_proj", gate_up_proj), ("down_proj", down_proj)]
     if lora is not None:
         tensors += list(zip(("lora.a_gate_up", "lora.b_gate_up", "lora.a_down", "lora.b_down"), lora))
+    if bias is not None:
+        if not isinstance(bias, ExpertBias):
+            raise TypeError(f"bias must be a types.ExpertBias(gate_up, down) or None, got {type(bias).__name__}")
+        for name, t, shape in (("bias.gate_up", bias.gate_up, (e, f_in)), ("bias.down", bias.down, (e, h))):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be a tensor {list(shape)} (E, 2F|F, H from the weights), got "
+                                 f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+            tensors.append((name, t))
     for name, t in tensors:
         if t.dtype != x_sorted.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x_sorted has {x_sorted.dtype}; they must match")
@@ -146,6 +161,7 @@ def grouped_mlp(
     plan: Optional[RoutingPlan] = None,
     recompute: bool = False,
     rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: Optional[ExpertBias] = None,
 ) -> torch.Tensor:
     """Expert MLP over expert-grouped rows x_sorted [N, H] -> y_sorted [N, H].
 
@@ -155,10 +171,11 @@ def grouped_mlp(
     recompute=True (Triton path) saves no pre-activation for backward and runs GEMM 1 again there
     instead: N*(2F|F) fewer elements of activation memory for one more GEMM 1.
     rank_gates (g_gate_up [N, r], g_down [N, r], e.g. ops.lora_rank_gates) gate the rank-1
-    pieces of both LoRA terms; their gradient flows back through autograd.
+    pieces of both LoRA terms; their gradient flows back through autograd. bias (types.ExpertBias)
+    adds bias.gate_up[e] to the first projection and bias.down[e] to the second.
     """
-    x_sorted, gate_up_proj, down_proj, lora = autocast_operands(x_sorted, gate_up_proj, down_proj, lora)
-    _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    x_sorted, gate_up_proj, down_proj, lora, bias = autocast_operands(x_sorted, gate_up_proj, down_proj, lora, bias)
+    _check_args(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora, bias)
     _check_counts(tokens_per_expert, x_sorted.shape[0], plan)
     _check_rank_gates(rank_gates, lora, x_sorted.shape[0], x_sorted.device)
     if not 0.0 <= lora_dropout < 1.0:
@@ -167,10 +184,11 @@ def grouped_mlp(
         return reference.grouped_mlp(
             x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation,
             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
+            bias=bias,
         )
     return _triton_grouped_mlp(
         x_sorted, x_sorted.shape[0], tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
-        lora_scale, lora_dropout, training, recompute, rank_gates=rank_gates,
+        lora_scale, lora_dropout, training, recompute, rank_gates=rank_gates, bias=bias,
     )
 
 
@@ -179,7 +197,7 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora, lora_scale,
-                        lora_dropout, training, recompute, top_k=None, rank_gates=None, weights=None):
+                        lora_dropout, training, recompute, top_k=None, rank_gates=None, weights=None, bias=None):
     """The Triton path of grouped_mlp (top_k None), grouped_mlp_gather (x [T, H], plan required) and
     grouped_mlp_combine (also weights [T, k])."""
     if plan is not None:
@@ -201,20 +219,21 @@ def _triton_grouped_mlp(x, n, tokens_per_expert, plan, gate_up_proj, down_proj, 
     if rank_gates is not None:
         # fp32 gates whatever x's dtype: the kernels multiply the side products by them in fp32.
         g_gu, g_d = (g.to(torch.float32).contiguous() for g in rank_gates)
-    grads = _needs_grad(x, gate_up_proj, down_proj, weights, *(lora or ()), *(rank_gates or ()))
+    bias_gu, bias_d = bias if bias is not None else (None, None)
+    grads = _needs_grad(x, gate_up_proj, down_proj, weights, bias_gu, bias_d, *(lora or ()), *(rank_gates or ()))
     y, _, _, _ = grouped_mlp_fwd(
         x, offsets, gate_up_proj, down_proj, a_gu, b_gu, a_d, b_d, activation, float(lora_scale), seeds, p,
-        grads and not recompute, gather, slot_rows, top_k or 1, g_gu, g_d, weights,
+        grads and not recompute, gather, slot_rows, top_k or 1, g_gu, g_d, weights, bias_gu, bias_d,
     )
     return y
 
 
-def _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout):
+def _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout, bias):
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora)
+    _check_args(x, plan.tokens_per_expert, gate_up_proj, down_proj, activation, lora, bias)
     if x.shape[0] * top_k != plan.sorted_slots.numel():
         raise ValueError(
             f"x must be [T, H] with T*top_k = {plan.sorted_slots.numel()} routed slots, got {tuple(x.shape)}")
@@ -238,6 +257,7 @@ def grouped_mlp_gather(
     backend: str = "auto",
     recompute: bool = False,
     rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: Optional[ExpertBias] = None,
 ) -> torch.Tensor:
     """permute + grouped_mlp in one op: tokens x [T, H] and the plan of their T*top_k slots ->
     y_sorted [T*top_k, H] in expert order (ready for unpermute). rank_gates as in grouped_mlp, one
@@ -247,16 +267,17 @@ def grouped_mlp_gather(
     copy x_sorted [T*k, H] is neither written nor saved for backward; dx is summed back per token
     in fp32 without atomics. The torch path is reference.permute followed by reference.grouped_mlp.
     """
-    x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
-    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
+    x, gate_up_proj, down_proj, lora, bias = autocast_operands(x, gate_up_proj, down_proj, lora, bias)
+    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout, bias)
     if not _backend.use_triton(backend, x):
         return reference.grouped_mlp(
             reference.permute(x, plan, top_k), plan.tokens_per_expert, gate_up_proj, down_proj, activation,
             lora=lora, lora_scale=lora_scale, lora_dropout=lora_dropout, training=training, rank_gates=rank_gates,
+            bias=bias,
         )
     return _triton_grouped_mlp(
         x, plan.sorted_slots.numel(), plan.tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
-        lora_scale, lora_dropout, training, recompute, top_k=top_k, rank_gates=rank_gates,
+        lora_scale, lora_dropout, training, recompute, top_k=top_k, rank_gates=rank_gates, bias=bias,
     )
 
 
@@ -275,6 +296,7 @@ def grouped_mlp_combine(
     backend: str = "auto",
     recompute: bool = False,
     rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: Optional[ExpertBias] = None,
 ) -> torch.Tensor:
     """The whole routed expert MLP: tokens x [T, H], the plan of their T*k slots and the combine
     weights [T, k] -> out [T, H], out[t] = sum_j weights[t, j] * mlp_{expert(t, j)}(x[t]).
@@ -290,16 +312,17 @@ def grouped_mlp_combine(
         raise ValueError(f"weights must be [T={x.shape[0]}, k] on {x.device}, got {tuple(weights.shape)} on "
                          f"{weights.device}")
     top_k = weights.shape[1]
-    x, gate_up_proj, down_proj, lora = autocast_operands(x, gate_up_proj, down_proj, lora)
+    x, gate_up_proj, down_proj, lora, bias = autocast_operands(x, gate_up_proj, down_proj, lora, bias)
     if not _backend.use_triton(backend, x):
         y_sorted = grouped_mlp_gather(x, plan, top_k, gate_up_proj, down_proj, activation, lora=lora,
                                       lora_scale=lora_scale, lora_dropout=lora_dropout, training=training,
-                                      backend=backend, recompute=recompute, rank_gates=rank_gates)
+                                      backend=backend, recompute=recompute, rank_gates=rank_gates, bias=bias)
         return unpermute(y_sorted, plan, weights, backend=backend)
-    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout)
+    _check_gather_args(x, plan, top_k, gate_up_proj, down_proj, activation, lora, rank_gates, lora_dropout, bias)
     return _triton_grouped_mlp(
         x, plan.sorted_slots.numel(), plan.tokens_per_expert, plan, gate_up_proj, down_proj, activation, lora,
         lora_scale, lora_dropout, training, recompute, top_k=top_k, rank_gates=rank_gates, weights=weights,
+        bias=bias,
     )
 
 

@@ -6,6 +6,7 @@ grouped_mm: kernels/grouped_mm.py, the activation-sized GEMMs (roles up, up_glu,
     by types.max_tiles (no sync); the kernel finds its tiles from the expert offsets and programs
     beyond the real count exit at once.
 grouped_xty: kernels/grouped_xty.py, per-expert X^T Y (weight gradients), expert-major.
+expert_colsum: kernels/expert_colsum.py, per-expert column sums (bias gradients).
 dropout_mask: the LoRA dropout mask the kernels regenerate, written out (tests, debugging).
 """
 
@@ -153,12 +154,18 @@ def grouped_mm(
     h: Optional[torch.Tensor] = None,
     store_z: bool = False,
     up_offsets: tuple = (0, 0),  # GLU: element distance from a gate column to its up column in z, dz
+    interleaved: bool = False,  # GLU epilogue 1: W's (and B's) gate and up columns alternate
+    bias: Optional[torch.Tensor] = None,  # [E, NOUT], or [E, 2F] in W's column layout (GLU epilogue 1)
+    dbias: Optional[torch.Tensor] = None,  # epilogue 2: [E, 2F|F] out, per-expert column sums of dz (dz's layout)
     dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: side product's X tiles | 2: LoRA term)
     gather: Optional[torch.Tensor] = None,  # [N] source row of x for each sorted row
     row_scale: Optional[torch.Tensor] = None,  # [N] fp32 routing weight per sorted row (dact with gathered d(out))
     cfg: Optional[dict] = None,  # a config instead of gemm_configs.config's (sweeps, narrow outputs)
 ) -> Optional[torch.Tensor]:
-    """Launch one grouped GEMM; with row_scale, returns the per-row d(routing weight) [N] fp32."""
+    """Launch one grouped GEMM; with row_scale, returns the per-row d(routing weight) [N] fp32.
+
+    With dbias, `out` (dz, or its gate columns' view when interleaved) must be a view of a
+    contiguous [N, dbias.shape[1]] tensor: the per-tile sums are written in its row layout."""
     from ..kernels.grouped_mm import grouped_mm_kernel
 
     k = x.shape[1]
@@ -171,7 +178,12 @@ def grouped_mm(
     z_ = z if z is not None else out
     h_ = h if h is not None else out
 
-    def kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot: torch.Tensor) -> tuple:
+    if dbias is not None and out.stride(0) != dbias.shape[1]:
+        raise ValueError(f"dbias {tuple(dbias.shape)} needs out in the row layout of a contiguous "
+                         f"[N, {dbias.shape[1]}] tensor, got strides {out.stride()}")
+    bias_ = bias if bias is not None else offsets
+
+    def kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot: torch.Tensor, partial: torch.Tensor) -> tuple:
         """The kernel's arguments in its order (the descriptors and row sums depend on the config)."""
         return (
             x, x.stride(0), x.stride(1), x_desc,
@@ -183,6 +195,8 @@ def grouped_mm(
             out, out.stride(0), out.stride(1),
             z_, z_.stride(0), z_.stride(1),
             h_, h_.stride(0), h_.stride(1),
+            bias_, bias_.stride(0) if bias is not None else 0, bias_.stride(-1),
+            partial, partial.stride(0),
             row_scale if row_scale is not None else offsets, rowdot, rowdot.stride(0),
             offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
             *(float(c) for c in act_consts),
@@ -192,13 +206,14 @@ def grouped_mm(
     meta = dict(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
-        ACT=act, GLU=glu, GLU_PACK=glu and epilogue == 1, STORE_Z=store_z, ROW_SCALE=row_scale is not None,
+        ACT=act, GLU=glu, GLU_PACK=(2 if interleaved else 1) if glu and epilogue == 1 else 0, STORE_Z=store_z,
+        ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, BIAS_GRAD=dbias is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, next_pow2(e)),
     )
 
     tma = _use_tma(x.device)
-    glu_pack = meta["GLU_PACK"]
+    glu_pack = meta["GLU_PACK"] > 0
 
     def launch(c: dict) -> torch.Tensor:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
@@ -208,21 +223,27 @@ def grouped_mm(
         if cap:
             tiles = min(tiles, cap)
         use_tma = tma and c.get("TMA", True)
-        w_desc, kmajor = _w_descriptor(w, bn, bk, glu_pack) if use_tma else (None, False)
+        w_desc, kmajor = _w_descriptor(w, bn, bk, meta["GLU_PACK"] == 1) if use_tma else (None, False)
         a_desc, a_kmajor, b_desc, b_kmajor = None, False, None, False
         if use_tma and lora is not None:
             a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk)
             # b [E, R, NOUT]: its K is the rank; packed like W in the GLU forward.
-            b_desc, b_kmajor = _w_descriptor(b, bn, meta["BLOCK_R"], glu_pack)
+            b_desc, b_kmajor = _w_descriptor(b, bn, meta["BLOCK_R"], meta["GLU_PACK"] == 1)
         x_desc = _x_descriptor(x, bm, bk) if use_tma and gather is None else None
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
         rowdot = (torch.empty((n, cdiv(nout, bn)), dtype=torch.float32, device=x.device) if row_scale is not None
                   else offsets)
+        # One row of column sums per row tile; tiles that do not exist leave theirs unwritten and
+        # expert_colsum never reads them.
+        partial = (torch.empty((max_tiles(n, e, bm), dbias.shape[1]), dtype=torch.float32, device=x.device)
+                   if dbias is not None else offsets)
         grouped_mm_kernel[(max(1, tiles),)](
-            *kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot), **meta, EVEN_K=k % bk == 0,
+            *kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot, partial), **meta, EVEN_K=k % bk == 0,
             X_DESC=x_desc is not None, W_DESC=w_desc is not None, W_KMAJOR=kmajor, A_DESC=a_desc is not None,
             A_KMAJOR=a_kmajor, B_DESC=b_desc is not None, B_KMAJOR=b_kmajor,
             FLATTEN=bool(c.get("PERSISTENT")), **gemm_configs.kernel_meta(c))
+        if dbias is not None:
+            expert_colsum(partial, offsets, dbias, tile_m=bm)
         return rowdot
 
     if cfg is None:
@@ -285,6 +306,25 @@ def grouped_xty(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, offsets: to
     launch(cfg)
 
 
+def expert_colsum(src: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, *, tile_m: int = 0,
+                  gather: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None) -> None:
+    """out[e] = sum of row_scale[r] * src[gather[r]] over expert e's rows r (offsets [E+1]); out [E, C].
+
+    tile_m > 0: src holds one row per tile_m-row tile of the grouped rows (grouped_mm's dbias
+    partials) and expert e sums its tiles' rows. Deterministic: no atomics."""
+    from ..kernels.expert_colsum import expert_colsum_kernel
+
+    e, c = out.shape
+    # 64 columns x 32 rows: a [32, 64] fp32 tile per step, few registers, and E * C / 64 programs
+    # (at gpt-oss-20b, 32 x 2880 / 64 = 1440) fill the GPU without a split over rows.
+    block_c, block_r = 64, 32
+    expert_colsum_kernel[(e, cdiv(c, block_c))](
+        src, src.stride(0), src.stride(1), out, out.stride(0), out.stride(1), offsets, e, c,
+        gather if gather is not None else offsets, row_scale if row_scale is not None else offsets,
+        TILE_M=tile_m, GATHER=gather is not None, ROW_SCALE=row_scale is not None, BLOCK_R=block_r,
+        BLOCK_C=block_c, E_PAD=max(2, next_pow2(e)))
+
+
 def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """[rows, cols] fp32 LoRA dropout mask (0 or 1 / (1 - p)) that the kernels use for `seed` [1] int64.
 
@@ -300,4 +340,5 @@ def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Te
     return out
 
 
-__all__ = ["grouped_mm", "grouped_xty", "narrow_config", "dropout_mask", "dot_precision", "LoRASide", "act_code"]
+__all__ = ["grouped_mm", "grouped_xty", "expert_colsum", "narrow_config", "dropout_mask", "dot_precision", "LoRASide",
+           "act_code"]

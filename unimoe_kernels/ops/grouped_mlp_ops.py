@@ -4,16 +4,23 @@ Data flow (N expert-sorted rows, expert e owns rows offsets[e] .. offsets[e+1]-1
 g the optional rank gates; every line is one grouped_mm launch unless it says otherwise):
 
     forward (unimoe::grouped_mlp_fwd)
-      z = x W_gu[e]^T + s (xa*g_gu) B_gu[e]^T, h = act(z)    up / up_glu: xa = x' A_gu^T is the
-                                                            side product of the same K loop
-      y = h W_d[e]^T + s (ha*g_d) B_d[e]^T                  down: ha = h' A_d^T likewise
+      z = x W_gu[e]^T + s (xa*g_gu) B_gu[e]^T + b_gu[e], h = act(z)    up / up_glu: xa = x' A_gu^T is
+                                                            the side product of the same K loop
+      y = h W_d[e]^T + s (ha*g_d) B_d[e]^T + b_d[e]         down: ha = h' A_d^T likewise
 
     backward (unimoe::grouped_mlp_bwd), dy [N, H]
-      dh = dy W_d[e] + s (dyb*g_d) A_d[e] -> dz = dh act'(z), h = act(z)   dact: dyb = dy B_d
+      dh = dy W_d[e] + s (dyb*g_d) A_d[e] -> dz = dh act'(z), h = act(z)   dact: dyb = dy B_d;
+      db_gu[e] = sum of dz over e's rows                                   its epilogue + expert_colsum
+      db_d[e] = sum of dy over e's rows                                    expert_colsum
       dW_d = dy^T h, dA_d = s (dyb*g_d)^T h', dB_d = s dy^T (ha*g_d)       grouped_xty each
       dx = dz W_gu[e] + s (dzb*g_gu) A_gu[e]                               dgrad: dzb = dz B_gu
       dW_gu = dz^T x, dA_gu = s (dzb*g_gu)^T x', dB_gu = s dz^T (xa*g_gu)  grouped_xty each
       dg_gu = s dzb * xa, dg_d = s dyb * ha                                torch, [N, r]
+
+The biases b_gu [E, 2F|F], b_d [E, H] are optional. With an ":interleaved" activation, z, dz,
+W_gu, B_gu and b_gu hold gate and up columns alternately: only the up projection's epilogue reads
+the layout (it splits the accumulator into column pairs); dz is written in the same layout, so
+dgrad and dW_gu never see it.
 
 x' and h' are the LoRA inputs under LoRA dropout (PEFT semantics: dropout on the LoRA input only).
 Its masks are never stored: two philox seeds are drawn on the device per call and every kernel that
@@ -33,7 +40,8 @@ from typing import Optional
 
 import torch
 
-from .grouped_gemm_launch import LoRASide, act_code, grouped_mm, grouped_xty, narrow_config
+from ..types import is_interleaved
+from .grouped_gemm_launch import LoRASide, act_code, expert_colsum, grouped_mm, grouped_xty, narrow_config
 from .permute import _combine_impl
 
 
@@ -60,9 +68,17 @@ def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     return (t * g).to(t.dtype)
 
 
-def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, gather, drop_x):
-    """hid = act(x W_gu^T + s (xa g) B_gu^T) [N, F], with xa = x' A_gu^T written into xa when LoRA is
-    on; the pre-activation goes to z [N, 2F|F] unless z is None."""
+def _glu_view(t: torch.Tensor, fdim: int, glu: bool, interleaved: bool) -> tuple[torch.Tensor, int]:
+    """(the gate columns of a z-like [N, 2F] tensor, element distance from a gate column to its up
+    column): the first F columns and F, or every other column and 1 when interleaved."""
+    if glu and interleaved:
+        return t[:, 0::2], t.stride(1)
+    return t, fdim * t.stride(1)
+
+
+def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, gather, drop_x, bias=None):
+    """hid = act(x W_gu^T + s (xa g) B_gu^T + bias) [N, F], with xa = x' A_gu^T written into xa when
+    LoRA is on; the pre-activation goes to z [N, 2F|F] unless z is None."""
     act, glu, consts = act_code(activation)
     fdim = hid.shape[1]
     # W_gu [E, 2F|F, H] read as [E, K=H, 2F|F]; GLU: columns n (gate) and F + n (up).
@@ -71,16 +87,17 @@ def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, ga
     if a_gu is not None:
         # A_gu [E, r, H] read as [E, K=H, R]; B_gu [E, 2F|F, r] as [E, R, 2F|F].
         lora = LoRASide(a_gu.transpose(1, 2), b_gu.transpose(1, 2), xa, scale, g_gu)
-    z_ = z if z is not None else hid
+    interleaved = glu and is_interleaved(activation)
+    z_, z_up = _glu_view(z, fdim, glu, interleaved) if z is not None else (hid, 0)
     grouped_mm(
         x, w1, hid, offsets, role="up_glu" if glu else "up", nout=fdim, lora=lora, epilogue=1, act=act,
-        act_consts=consts, glu=glu, z=z_, store_z=z is not None, up_offsets=(fdim * z_.stride(1), 0),
-        dropout=_with_mode(drop_x, 1) if lora is not None else None, gather=gather,
+        act_consts=consts, glu=glu, z=z_, store_z=z is not None, up_offsets=(z_up, 0), interleaved=interleaved,
+        dropout=_with_mode(drop_x, 1) if lora is not None else None, gather=gather, bias=bias,
     )
 
 
 def _fwd_impl(x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p, save_preact,
-              gather, g_gu=None, g_d=None, slot_rows=None, top_k=1, weights=None):
+              gather, g_gu=None, g_d=None, slot_rows=None, top_k=1, weights=None, bias_gu=None, bias_d=None):
     hdim = x.shape[1]
     n = gather.numel() if gather is not None else x.shape[0]
     fdim = w_d.shape[2]
@@ -94,10 +111,10 @@ def _fwd_impl(x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, se
     xa = x.new_empty((n, a_gu.shape[1])) if has_lora else _empty(x)
     ha = x.new_empty((n, a_d.shape[1])) if has_lora else _empty(x)
     _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z if save_preact else None, gather,
-           drop_x)
+           drop_x, bias_gu)
     lora2 = LoRASide(a_d.transpose(1, 2), b_d.transpose(1, 2), ha, scale, g_d) if has_lora else None
     grouped_mm(hid, w_d.transpose(1, 2), y, offsets, role="down", nout=hdim, lora=lora2,
-               dropout=_with_mode(drop_h, 1) if has_lora else None)
+               dropout=_with_mode(drop_h, 1) if has_lora else None, bias=bias_d)
     if weights is not None:
         # Fused with the weighted combine: y_sorted is a temporary, neither returned nor saved.
         y = _combine_impl(y, slot_rows, weights, top_k)
@@ -116,11 +133,13 @@ def _narrow(x, w, offsets, role):
 
 def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p,
               need_dx, need_dw_gu, need_dw_d, need_lora, gather, slot_rows, top_k, g_gu=None, g_d=None,
-              need_gates=False, weights=None, need_dweights=False):
+              need_gates=False, weights=None, need_dweights=False, bias_gu=None, bias_d=None, need_dbias_gu=False,
+              need_dbias_d=False):
     hdim = x.shape[1]
     n = dy.shape[0]
     fdim = w_d.shape[2]
     act, glu, consts = act_code(activation)
+    interleaved = glu and is_interleaved(activation)
     has_lora = a_gu is not None
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
     # The kernels read dy through its strides, so a row-strided gradient (a slice of a wider one)
@@ -141,10 +160,14 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         z = x.new_empty((n, w_gu.shape[1]))
         scratch = x.new_empty(xa.shape) if has_lora else None
         _gemm1(x, w_gu, a_gu, b_gu, scratch, g_gu, offsets, activation, scale, x.new_empty((n, fdim)), z, gather,
-               drop_x)
+               drop_x, bias_gu)
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d = (_empty(x) for _ in range(7))
-    dg_gu, dg_d, dweights = _empty(x), _empty(x), _empty(x)
+    dg_gu, dg_d, dweights, dbias_gu, dbias_d = (_empty(x) for _ in range(5))
+    if need_dbias_d and bias_d is not None:
+        dbias_d = torch.empty_like(bias_d)
+        # With weights, dy of sorted row r is w_r d(out)[token(r)]: gathered and scaled in the sum.
+        expert_colsum(dy, offsets, dbias_d, gather=gather if w_sorted is not None else None, row_scale=w_sorted)
 
     lora2 = dyb = None
     if has_lora:
@@ -153,17 +176,28 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         lora2 = LoRASide(b_d, a_d, dyb, scale, g_d)
     dz = x.new_empty(z.shape)
     hid = x.new_empty((n, fdim))
+    want_dbias_gu = need_dbias_gu and bias_gu is not None
+    if want_dbias_gu:
+        dbias_gu = torch.empty_like(bias_gu)
+    z_g, z_up = _glu_view(z, fdim, glu, interleaved)
+    dz_g, dz_up = _glu_view(dz, fdim, glu, interleaved)
     # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F]. With weights, hid is h scaled by the
     # routing weight of its row and dyb = d(out) B_d unscaled.
     ds = grouped_mm(
-        dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, act_consts=consts, glu=glu, z=z,
-        h=hid,
-        up_offsets=(fdim * z.stride(1), fdim * dz.stride(1)),
+        dy, w_d, dz_g, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, act_consts=consts, glu=glu,
+        z=z_g, h=hid, up_offsets=(z_up, dz_up),
         dropout=_with_mode(drop_h, 2) if has_lora else None,
         gather=gather if w_sorted is not None else None, row_scale=w_sorted,
+        dbias=dbias_gu if want_dbias_gu else None,
     )
     if w_sorted is not None and need_dweights:
-        dweights = ds[slot_rows.to(torch.int64)].view(-1, top_k).to(weights.dtype)
+        dweights = ds[slot_rows.to(torch.int64)].view(-1, top_k)
+        if bias_d is not None:
+            # y of a slot also holds b_d[e]: <d(out)[t], b_d[e]> from one [T, H] x [H, E] product,
+            # each slot's expert found from its sorted row and the offsets.
+            expert = torch.searchsorted(offsets, slot_rows, right=True) - 1
+            dweights = dweights + (dy.float() @ bias_d.float().T).gather(1, expert.view(-1, top_k).long())
+        dweights = dweights.to(weights.dtype)
     if has_lora and g_d is not None and need_gates:
         dg_d = torch.mul(dyb.to(torch.float32), ha).mul_(scale)
         if w_sorted is not None:
@@ -213,7 +247,7 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
         grouped_xty(_gated(dzb, g_gu), x, da_gu, offsets, scale, dropout=drop_x, gather_y=gather)
         db_gu = torch.empty_like(b_gu)
         grouped_xty(dz, _gated(xa, g_gu), db_gu, offsets, scale)
-    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights
+    return dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights, dbias_gu, dbias_d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +276,8 @@ def grouped_mlp_fwd(
     rank_gate_gate_up: Optional[torch.Tensor] = None,
     rank_gate_down: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
+    bias_gate_up: Optional[torch.Tensor] = None,
+    bias_down: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [N, H], z [N, 2F|F] or [0] when not save_preact, xa [N, r] or [0], ha [N, r] or [0]).
 
@@ -252,16 +288,17 @@ def grouped_mlp_fwd(
     (and slot_rows [N], top_k for backward), x is the token matrix [T, H] and sorted row r reads
     x[gather_index[r]]; otherwise x is x_sorted [N, H]. rank_gate_* [N, r] fp32 (sorted rows; both
     or neither, LoRA only) gate the rank-1 pieces of the LoRA terms; xa and ha are returned ungated.
+    bias_gate_up [E, 2F|F] (z's column layout) and bias_down [E, H] are added to z and y.
     """
     return _fwd_impl(x, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale,
                      seeds, dropout_p, save_preact, gather_index, rank_gate_gate_up, rank_gate_down, slot_rows, top_k,
-                     weights)
+                     weights, bias_gate_up, bias_down)
 
 
 @grouped_mlp_fwd.register_fake
 def _(x, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale, seeds, dropout_p,
       save_preact=True, gather_index=None, slot_rows=None, top_k=1, rank_gate_gate_up=None, rank_gate_down=None,
-      weights=None):
+      weights=None, bias_gate_up=None, bias_down=None):
     n = gather_index.shape[0] if gather_index is not None else x.shape[0]
     lora = a_gate_up is not None
     return (
@@ -302,21 +339,26 @@ def grouped_mlp_bwd(
     need_rank_gates: bool = False,
     weights: Optional[torch.Tensor] = None,
     need_weights: bool = False,
+    bias_gate_up: Optional[torch.Tensor] = None,
+    bias_down: Optional[torch.Tensor] = None,
+    need_bias_gate_up: bool = False,
+    need_bias_down: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d gate_up_proj, d down_proj, dA_gu, dB_gu, dA_d, dB_d, d rank_gate_gate_up [N, r] fp32,
-    d rank_gate_down [N, r] fp32, d weights [T, k]); results not asked for are [0]. With weights, dy
-    is d(out) [T, H] of the combined output."""
+    d rank_gate_down [N, r] fp32, d weights [T, k], d bias_gate_up, d bias_down); results not asked
+    for are [0]. With weights, dy is d(out) [T, H] of the combined output."""
     return _bwd_impl(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down,
                      activation, scale, seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora,
                      gather_index, slot_rows, top_k, rank_gate_gate_up, rank_gate_down, need_rank_gates, weights,
-                     need_weights)
+                     need_weights, bias_gate_up, bias_down, need_bias_gate_up, need_bias_down)
 
 
 @grouped_mlp_bwd.register_fake
 def _(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, a_down, b_down, activation, scale,
       seeds, dropout_p, need_dx, need_dw_gate_up, need_dw_down, need_lora, gather_index=None, slot_rows=None,
-      top_k=1, rank_gate_gate_up=None, rank_gate_down=None, need_rank_gates=False, weights=None, need_weights=False):
+      top_k=1, rank_gate_gate_up=None, rank_gate_down=None, need_rank_gates=False, weights=None, need_weights=False,
+      bias_gate_up=None, bias_down=None, need_bias_gate_up=False, need_bias_down=False):
     def maybe(flag, like):
         return torch.empty_like(like) if flag and like is not None else x.new_empty((0,))
 
@@ -326,32 +368,34 @@ def _(dy, x, z, xa, ha, offsets, gate_up_proj, down_proj, a_gate_up, b_gate_up, 
         maybe(need_dx, x), maybe(need_dw_gate_up, gate_up_proj), maybe(need_dw_down, down_proj),
         maybe(lora, a_gate_up), maybe(lora, b_gate_up), maybe(lora, a_down), maybe(lora, b_down),
         maybe(gates, rank_gate_gate_up), maybe(gates, rank_gate_down), maybe(need_weights, weights),
+        maybe(need_bias_gate_up, bias_gate_up), maybe(need_bias_down, bias_down),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (x, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activation, scale, seeds, dropout_p, _save_preact, gather_index,
-     slot_rows, top_k, g_gu, g_d, weights) = inputs
+     slot_rows, top_k, g_gu, g_d, weights, bias_gu, bias_d) = inputs
     _, z, xa, ha = output
     ctx.activation, ctx.scale, ctx.dropout_p, ctx.top_k = activation, scale, dropout_p, top_k
     ctx.has_lora = a_gu is not None
     ctx.has_gates = g_gu is not None
     ctx.save_for_backward(x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index, slot_rows,
-                          g_gu, g_d, weights)
+                          g_gu, g_d, weights, bias_gu, bias_d)
 
 
 def _backward(ctx, dy, _dz, _dxa, _dha):
     (x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, seeds, gather_index, slot_rows, g_gu,
-     g_d, weights) = ctx.saved_tensors
+     g_d, weights, bias_gu, bias_d) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = ctx.has_lora and any(need[4:8])
     need_gates = ctx.has_lora and ctx.has_gates and any(need[16:18])
     grads = grouped_mlp_bwd(
         dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, ctx.activation, ctx.scale, seeds, ctx.dropout_p,
         need[0], need[2], need[3], need_lora, gather_index, slot_rows, ctx.top_k, g_gu, g_d, need_gates,
-        weights, weights is not None and need[18],
+        weights, weights is not None and need[18], bias_gu, bias_d, bias_gu is not None and need[19],
+        bias_d is not None and need[20],
     )
-    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights = grads
+    dx, dw_gu, dw_d, da_gu, db_gu, da_d, db_d, dg_gu, dg_d, dweights, dbias_gu, dbias_d = grads
     return (
         dx if need[0] else None, None,
         dw_gu if need[2] else None, dw_d if need[3] else None,
@@ -360,6 +404,8 @@ def _backward(ctx, dy, _dz, _dxa, _dha):
         None, None, None, None, None, None, None, None,
         dg_gu if need_gates and need[16] else None, dg_d if need_gates and need[17] else None,
         dweights if weights is not None and need[18] else None,
+        dbias_gu if bias_gu is not None and need[19] else None,
+        dbias_d if bias_d is not None and need[20] else None,
     )
 
 
