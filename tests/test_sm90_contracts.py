@@ -85,6 +85,8 @@ def facts(**kw):
     ({"waits": ()}, "no K loop"),
     ({"loads": (("k.py:2 (yt)", "ld.global 2B", 32),)}, "element-wise 2-byte loads in the K loop at k.py:2 (yt)"),
     ({"loads": (("k.py:2 (ids)", "ld.global 4B", 1),)}, None),  # a gather index is not an operand tile
+    ({"loads": (("k.py:3", "ld.global 2B", 1),)}, None),  # a per-tile bias row in a flattened epilogue
+    ({"loads": (("k.py:2 (yt)", "ld.global 2B", sc.TILE_LOAD_INSTRUCTIONS),)}, "element-wise 2-byte"),
 ])
 def test_strict_rules(change, problem):
     got = facts(**change).problems(strict=True, rank_n=16)
@@ -140,13 +142,15 @@ def test_every_named_launch_passes_strict():
         assert ("wgrad" in roles) != shape.endswith("lora16"), roles  # frozen base with LoRA: no dW
         assert ("lora_wgrad" in roles) == shape.endswith("lora16"), roles
     assert out.count("wgmma=True") >= 50
+    # gpt-oss's layout (interleaved gate/up, biases): the bias gradients' sums compile too.
+    assert any(line.startswith("gpt-oss-20b ") and " colsum " in line for line in out.splitlines())
 
 
 def test_every_activation_epilogue_passes_strict():
     """The epilogues of every activation kind beyond SwiGLU (forward and backward; the constants of
     gpt-oss's clamp and a softcap of 30) at a headline shape, a LoRA one and a decode step."""
     acts = ["swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)", "swiglu_softcap(gate_cap=30.0,up_cap=30.0)",
-            "geglu", "geglu_tanh", "relu2", "gelu_tanh", "silu", "relu", "gelu"]
+            "geglu", "geglu_tanh", "relu2", "gelu_tanh", "silu", "relu", "gelu", "swiglu:interleaved"]
     out = _strict("--shape", "qwen3-30b-a3b", "mixtral-lora16", "qwen3-30b-a3b-decode", "--activation", *acts)
     for act in acts:
         assert f"qwen3-30b-a3b {act} " in out and f"mixtral-lora16 {act} " in out, act

@@ -210,7 +210,8 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
 
 
 __all__ = [
-    "GatingOutput", "RoutingPlan", "ExpertBias", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS", "SCORINGS",
+    "GatingOutput", "RoutingPlan", "ExpertBias", "MoEAux", "LoRAWeights", "max_tiles", "ACTIVATIONS", "GLU_ACTIVATIONS",
+    "SCORINGS",
     "ACTIVATION_KINDS", "activation_name", "parse_activation", "is_interleaved",
     "is_glu", "compute_dtype",
 ]

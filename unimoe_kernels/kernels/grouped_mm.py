@@ -12,9 +12,9 @@ tile, with s the LoRA scale:
     epilogue 1: z = acc (optional), out = h = act(z)        GLU: h = act(gate) * up_fn(up), one accumulator of BLOCK_N
                                                             columns, gate columns n0 .. n0+BLOCK_N/2
                                                             of W and B beside the same up columns
-                                                            (F + n; GLU_PACK 1), or the BLOCK_N columns
+                                                            (F + n; GLU_PACK), or the BLOCK_N columns
                                                             from 2 n0 where gate and up alternate
-                                                            (GLU_PACK 2), split in registers at the end
+                                                            (INTERLEAVED), split in registers at the end
     epilogue 2: acc is dh; with z loaded: dz = dh * act'(z) (gate and up halves), h = act(z)
                 recomputed, so h is never saved between forward and backward; done a quarter of
                 the tile's columns at a time, so few z values are live beside the accumulator.
@@ -88,9 +88,21 @@ def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, ACT: tl.constexpr, GLU: tl.constexpr,
-              STORE_Z: tl.constexpr):
-    """Epilogue 1 on a block of columns: z stored (STORE_Z), h = act(gate) (* up_fn(up) with GLU)."""
+def _bias_row(bias_ptr, cols, limit):
+    """[1, len(cols)] fp32 bias row at contiguous columns cols (< limit), zero past it: contiguous
+    masked offsets let the load vectorise (it runs once per tile, inside a persistent loop)."""
+    return tl.load(bias_ptr + cols, mask=cols < limit, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, bias_ptr, offs_c, NOUT, ACT: tl.constexpr,
+              GLU: tl.constexpr, STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Epilogue 1 on a block of columns: the bias added (HAS_BIAS: bias_ptr is expert e's row, gate
+    columns at offs_c, up columns NOUT on), z stored (STORE_Z), h = act(gate) (* up_fn(up) with GLU)."""
+    if HAS_BIAS:
+        gate += _bias_row(bias_ptr, offs_c, NOUT)
+        if GLU:
+            up += _bias_row(bias_ptr + NOUT, offs_c, NOUT)
     if STORE_Z:
         tl.store(z_ptrs, gate.to(z_ptrs.dtype.element_ty), mask=mask)
         if GLU:
@@ -103,15 +115,12 @@ def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, ACT: tl.cons
 
 
 @triton.jit
-def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, c0, c1, c2, ACT: tl.constexpr,
-               GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """Epilogue 2 on a block of columns: dh -> dz (gate and up halves of z), h recomputed; returns the
-    block's row sums of dh * h (d routing weight, ROW_SCALE) before dh and h are scaled by wrow, and
-    the column sums of dz over the rows in mask (gate, up; the bias gradient's part)."""
-    zg = tl.load(zg_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _dact_cols(dh, zg, zu, wrow, c0, c1, c2, ACT: tl.constexpr, GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """Epilogue 2 on a block of columns: (row sums of dh * h before dh and h are scaled by wrow (d
+    routing weight, ROW_SCALE), dz of the gate columns, dz of the up columns (GLU), h) from dh and
+    the pre-activation's gate and up values zg, zu (fp32)."""
     a, da = _act_and_grad(zg, ACT, c0, c1, c2)
     if GLU:
-        zu = tl.load(zu_ptrs, mask=mask, other=0.0).to(tl.float32)
         u, du = _up_and_grad(zu, ACT, c0, c1, c2)
         h = a * u
     else:
@@ -121,16 +130,9 @@ def _dact_cols(dh, zg_ptrs, zu_ptrs, out_ptrs, out_up_off, h_ptrs, wrow, mask, c
         dh = dh * wrow
         h = h * wrow
     if GLU:
-        dz_g = dh * u * da
-        dz_u = dh * a * du
-        tl.store(out_ptrs + out_up_off, dz_u.to(out_ptrs.dtype.element_ty), mask=mask)
-    else:
-        dz_g = dh * da
-        dz_u = dz_g
-    tl.store(out_ptrs, dz_g.to(out_ptrs.dtype.element_ty), mask=mask)
-    tl.store(h_ptrs, h.to(h_ptrs.dtype.element_ty), mask=mask)
-    # Masked rows hold another expert's (or clamped) rows, and dz of a zero z need not be zero.
-    return rowdot, tl.sum(tl.where(mask, dz_g, 0.0), 0), tl.sum(tl.where(mask, dz_u, 0.0), 0)
+        return rowdot, dh * u * da, dh * a * du, h
+    dz = dh * da
+    return rowdot, dz, dz, h
 
 
 @triton.jit
@@ -148,7 +150,7 @@ def grouped_mm_kernel(
     out_ptr, stride_om, stride_on,  # [N, NOUT] (EPILOGUE 0/1) or dz [N, 2F|F] (EPILOGUE 2)
     z_ptr, stride_zm, stride_zn,  # [N, 2F|F] pre-activation: stored (EPILOGUE 1, STORE_Z) or read (2)
     h_ptr, stride_hm, stride_hn,  # [N, F] recomputed activation (EPILOGUE 2)
-    bias_ptr, stride_be_bias, stride_bn_bias,  # [E, NOUT | 2F] bias added to acc (HAS_BIAS), columns as W's
+    bias_ptr, stride_be_bias,  # [E, NOUT | 2F] bias (HAS_BIAS), columns as W's, contiguous rows
     dbias_ptr, stride_dbm,  # [row tiles, 2F|F] fp32 out (BIAS_GRAD): column sums of dz per row tile, dz's layout
     rowscale_ptr,  # [N] fp32 per-row factor of dy (ROW_SCALE: the routing weight of each sorted row)
     rowdot_ptr, stride_dm,  # [N, column tiles] fp32 out (ROW_SCALE): per-tile sums of dh_unscaled * h
@@ -173,9 +175,11 @@ def grouped_mm_kernel(
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
-    # GLU and EPILOGUE 1: the accumulator holds BLOCK_N/2 gate columns, then the same up ones (1), or
-    # BLOCK_N columns of W from 2 n0 where gate and up alternate (2: the ":interleaved" layout)
+    # GLU in halves and EPILOGUE 1: the accumulator holds BLOCK_N/2 gate columns, then the same up ones
     GLU_PACK: tl.constexpr,
+    # GLU whose gate and up columns alternate in W, B, bias, z and dz (":interleaved"): EPILOGUE 1
+    # reads BLOCK_N columns of W from 2 n0, epilogue 2 reads and writes z, dz in column pairs
+    INTERLEAVED: tl.constexpr,
     STORE_Z: tl.constexpr,
     ROW_SCALE: tl.constexpr,  # EPILOGUE 2 with X = d(out) gathered per token: see the module docstring
     HAS_BIAS: tl.constexpr,  # EPILOGUE 0 / 1
@@ -198,7 +202,9 @@ def grouped_mm_kernel(
     E_PAD: tl.constexpr,  # num_experts rounded up to a power of two
 ):
     dtype = x_ptr.dtype.element_ty
-    BLOCK_O: tl.constexpr = BLOCK_N // 2 if GLU_PACK else BLOCK_N  # output columns per tile
+    # The GLU forward's accumulator holds gate and up columns: BLOCK_N / 2 output columns per tile.
+    PAIRED: tl.constexpr = GLU and EPILOGUE == 1
+    BLOCK_O: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
     e_start, e_end, e_tiles, e_cum = _expert_tiles(offsets_ptr, num_experts, BLOCK_M, E_PAD)
     num_m = tl.sum(e_tiles, 0).to(tl.int32)  # tile counts fit int32 (TMA coordinates are int32)
     num_n = tl.cdiv(NOUT, BLOCK_O)
@@ -207,7 +213,7 @@ def grouped_mm_kernel(
     mask_r = offs_r < R
     # Accumulator column j reads weight column (j mod BLOCK_O) of its half; the up half is F on.
     acc_cols = tl.arange(0, BLOCK_N)
-    if GLU_PACK == 1:
+    if GLU_PACK:
         col_in_half = acc_cols % BLOCK_O
         up_half = (acc_cols >= BLOCK_O).to(tl.int64)
     else:
@@ -227,7 +233,7 @@ def grouped_mm_kernel(
             x_rows = rows_in
         n0 = pid_n * BLOCK_O
         # Weight columns of the accumulator, clamped onto the last valid one (never stored).
-        if GLU_PACK == 2:
+        if PAIRED and INTERLEAVED:
             w_n0 = 2 * n0
             w_cols = tl.minimum(w_n0 + acc_cols, 2 * NOUT - 1).to(tl.int64)
         else:
@@ -251,7 +257,7 @@ def grouped_mm_kernel(
             if W_DESC:
                 # Out-of-range rows and columns of the storage are zero-filled by the copy engine;
                 # columns past NOUT inside it (the next expert's or the up half's) are never stored.
-                wt = _load_w(w_desc, expert, w_n0, k0, W_KMAJOR, GLU_PACK == 1, BLOCK_N, BLOCK_K)
+                wt = _load_w(w_desc, expert, w_n0, k0, W_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_K)
             elif EVEN_K:
                 wt = tl.load(w_ptrs)
             else:
@@ -289,7 +295,7 @@ def grouped_mm_kernel(
                 factor *= tl.load(gate_ptr + row_start * stride_gm + loc_m[:, None] * stride_gm
                                   + offs_r[None, :] * stride_gr, mask=mask_mr, other=0.0)
             if B_DESC:
-                bt = _load_w(b_desc, expert, w_n0, 0, B_KMAJOR, GLU_PACK == 1, BLOCK_N, BLOCK_R)
+                bt = _load_w(b_desc, expert, w_n0, 0, B_KMAJOR, GLU_PACK, BLOCK_N, BLOCK_R)
             else:
                 b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + w_cols[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
@@ -304,17 +310,25 @@ def grouped_mm_kernel(
                 # [BLOCK_M, BLOCK_N] tile would cost as many registers as the accumulator.
                 acc = tl.dot((factor * scale).to(dtype), bt, acc, input_precision=DOT_PRECISION)
 
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e64 * stride_be_bias + w_cols * stride_bn_bias).to(tl.float32)[None, :]
+        bias_row = bias_ptr + e64 * stride_be_bias
         if EPILOGUE == 0:
             offs_o = n0 + tl.arange(0, BLOCK_O)
+            if HAS_BIAS:
+                acc += _bias_row(bias_row, offs_o, NOUT)
             out_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_o[None, :] * stride_on)
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_o < NOUT)[None, :])
         elif EPILOGUE == 1:
             # Half of the output columns at a time: the activation's temporaries (the softcap's
             # tanh, the clamps) for half the tile live beside the accumulator, not for all of it.
             HALF_O: tl.constexpr = BLOCK_O // 2
-            if GLU_PACK == 2:
+            if INTERLEAVED:
+                if HAS_BIAS:
+                    acc += _bias_row(bias_row, w_n0 + acc_cols, 2 * NOUT)
+                if STORE_Z:
+                    # z's columns are the accumulator's: one contiguous store, not two strided ones.
+                    z_cols = w_n0 + acc_cols
+                    tl.store(z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + z_cols[None, :] * stride_zn),
+                             acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & (z_cols < 2 * NOUT)[None, :])
                 # Gate and up alternate: each thread holds column pairs, so this split moves no data.
                 gate, up = acc.reshape(BLOCK_M, BLOCK_O, 2).split()
                 u0, u1 = _halves(up, BLOCK_M, BLOCK_O)
@@ -329,16 +343,24 @@ def grouped_mm_kernel(
                 mask_c = mask_m[:, None] & (offs_c < NOUT)[None, :]
                 z_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
                 h_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_c[None, :] * stride_on)
+                # The interleaved layout's bias and z went with the whole accumulator above.
+                split_bias = HAS_BIAS and not INTERLEAVED
                 if GLU:
                     _act_cols(g0 if half == 0 else g1, u0 if half == 0 else u1, z_ptrs, z_up_off, h_ptrs, mask_c,
-                              act_c0, act_c1, act_c2, ACT, GLU, STORE_Z)
+                              act_c0, act_c1, act_c2, bias_row, offs_c, NOUT, ACT, GLU, STORE_Z and not INTERLEAVED,
+                              split_bias)
                 else:
                     g = g0 if half == 0 else g1
-                    _act_cols(g, g, z_ptrs, z_up_off, h_ptrs, mask_c, act_c0, act_c1, act_c2, ACT, GLU, STORE_Z)
+                    _act_cols(g, g, z_ptrs, z_up_off, h_ptrs, mask_c, act_c0, act_c1, act_c2, bias_row, offs_c, NOUT,
+                              ACT, GLU, STORE_Z, split_bias)
         else:
             # acc is dh; z columns n (gate) and F + n (up) give dz for both halves. A quarter of the
-            # tile's columns at a time keeps a quarter of the z tiles live beside the accumulator.
-            QUARTER: tl.constexpr = BLOCK_N // 4
+            # tile's columns at a time (an eighth when interleaved) keeps that part of the z tiles
+            # live beside the accumulator.
+            # Interleaved z is read as [BLOCK_M, 2 CHUNK] pairs, split in registers: eighths keep that
+            # tile and its split as small as the quarters' two tiles (a quarter spills at 128x128).
+            NCHUNK: tl.constexpr = 8 if INTERLEAVED else 4
+            CHUNK: tl.constexpr = BLOCK_N // NCHUNK
             if ROW_SCALE:
                 wrow = tl.load(rowscale_ptr + rows, mask=mask_m, other=0.0)[:, None]
             else:
@@ -346,25 +368,56 @@ def grouped_mm_kernel(
             dh_lo, dh_hi = _halves(acc, BLOCK_M, BLOCK_N)
             dh0, dh1 = _halves(dh_lo, BLOCK_M, BLOCK_N // 2)
             dh2, dh3 = _halves(dh_hi, BLOCK_M, BLOCK_N // 2)
-            cols = tl.arange(0, QUARTER)
+            cols = tl.arange(0, CHUNK)
             rowdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for q in tl.static_range(4):
-                offs_c = n0 + q * QUARTER + cols
+            for q in tl.static_range(NCHUNK):
+                offs_c = n0 + q * CHUNK + cols
                 mask_c = mask_m[:, None] & (offs_c < NOUT)[None, :]
-                zg_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
-                dz_ptrs = out_ptr + row_start * stride_om + (loc_m[:, None] * stride_om + offs_c[None, :] * stride_on)
                 h_ptrs = h_ptr + row_start * stride_hm + (loc_m[:, None] * stride_hm + offs_c[None, :] * stride_hn)
-                dh = dh0 if q == 0 else (dh1 if q == 1 else (dh2 if q == 2 else dh3))
-                part, sum_g, sum_u = _dact_cols(dh, zg_ptrs, zg_ptrs + z_up_off, dz_ptrs, out_up_off, h_ptrs, wrow,
-                                                mask_c, act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
-                rowdot += part
-                if BIAS_GRAD:
-                    # dbias rows have dz's row layout: the same column stride and up offset.
-                    db_ptrs = dbias_ptr + pid_m.to(tl.int64) * stride_dbm + offs_c * stride_on
-                    in_c = offs_c < NOUT
-                    tl.store(db_ptrs, sum_g, mask=in_c)
+                qq = q * 4 // NCHUNK  # the quarter chunk q lies in
+                dh = dh0 if qq == 0 else (dh1 if qq == 1 else (dh2 if qq == 2 else dh3))
+                if NCHUNK == 8:
+                    dh_a, dh_b = _halves(dh, BLOCK_M, BLOCK_N // 4)
+                    dh = dh_a if q % 2 == 0 else dh_b
+                if INTERLEAVED:
+                    # The chunk's gate and up columns are 2 CHUNK contiguous ones of z and dz.
+                    pair = 2 * (n0 + q * CHUNK) + tl.arange(0, 2 * CHUNK)
+                    mask_p = mask_m[:, None] & (pair < 2 * NOUT)[None, :]
+                    z_pairs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + pair[None, :] * stride_zn)
+                    zz = tl.load(z_pairs, mask=mask_p, other=0.0).to(tl.float32)
+                    zg, zu = zz.reshape(BLOCK_M, CHUNK, 2).split()
+                else:
+                    zg_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
+                    zg = tl.load(zg_ptrs, mask=mask_c, other=0.0).to(tl.float32)
                     if GLU:
-                        tl.store(db_ptrs + out_up_off, sum_u, mask=in_c)
+                        zu = tl.load(zg_ptrs + z_up_off, mask=mask_c, other=0.0).to(tl.float32)
+                    else:
+                        zu = zg
+                part, dz_g, dz_u, h = _dact_cols(dh, zg, zu, wrow, act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
+                rowdot += part
+                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_c)
+                dz_base = out_ptr + row_start * stride_om + loc_m[:, None] * stride_om
+                if INTERLEAVED:
+                    tl.store(dz_base + pair[None, :] * stride_on,
+                             tl.join(dz_g, dz_u).reshape(BLOCK_M, 2 * CHUNK).to(out_ptr.dtype.element_ty), mask=mask_p)
+                else:
+                    tl.store(dz_base + offs_c[None, :] * stride_on, dz_g.to(out_ptr.dtype.element_ty), mask=mask_c)
+                    if GLU:
+                        tl.store(dz_base + offs_c[None, :] * stride_on + out_up_off, dz_u.to(out_ptr.dtype.element_ty),
+                                 mask=mask_c)
+                if BIAS_GRAD:
+                    # Masked rows hold another expert's (or clamped) rows, and dz of a zero z need
+                    # not be zero. dbias rows are contiguous rows in dz's column layout.
+                    sum_g = tl.sum(tl.where(mask_c, dz_g, 0.0), 0)
+                    db_row = dbias_ptr + pid_m.to(tl.int64) * stride_dbm
+                    if INTERLEAVED:
+                        sum_u = tl.sum(tl.where(mask_c, dz_u, 0.0), 0)
+                        tl.store(db_row + pair, tl.join(sum_g, sum_u).reshape(2 * CHUNK), mask=pair < 2 * NOUT)
+                    else:
+                        tl.store(db_row + offs_c, sum_g, mask=offs_c < NOUT)
+                        if GLU:
+                            tl.store(db_row + NOUT + offs_c, tl.sum(tl.where(mask_c, dz_u, 0.0), 0),
+                                     mask=offs_c < NOUT)
             if ROW_SCALE:
                 # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
                 # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).

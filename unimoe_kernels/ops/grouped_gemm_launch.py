@@ -154,7 +154,7 @@ def grouped_mm(
     h: Optional[torch.Tensor] = None,
     store_z: bool = False,
     up_offsets: tuple = (0, 0),  # GLU: element distance from a gate column to its up column in z, dz
-    interleaved: bool = False,  # GLU epilogue 1: W's (and B's) gate and up columns alternate
+    interleaved: bool = False,  # GLU: gate and up columns alternate (W, B, bias in epilogue 1; z, dz in 1 and 2)
     bias: Optional[torch.Tensor] = None,  # [E, NOUT], or [E, 2F] in W's column layout (GLU epilogue 1)
     dbias: Optional[torch.Tensor] = None,  # epilogue 2: [E, 2F|F] out, per-expert column sums of dz (dz's layout)
     dropout: Optional[tuple] = None,  # (seed [1] int64, p, mode 1: side product's X tiles | 2: LoRA term)
@@ -181,7 +181,8 @@ def grouped_mm(
     if dbias is not None and out.stride(0) != dbias.shape[1]:
         raise ValueError(f"dbias {tuple(dbias.shape)} needs out in the row layout of a contiguous "
                          f"[N, {dbias.shape[1]}] tensor, got strides {out.stride()}")
-    bias_ = bias if bias is not None else offsets
+    # The bias rows are read as contiguous vectors (a [E, C] bias is small: a copy if need be).
+    bias_ = bias.contiguous() if bias is not None else offsets
 
     def kernel_args(x_desc, w_desc, a_desc, b_desc, rowdot: torch.Tensor, partial: torch.Tensor) -> tuple:
         """The kernel's arguments in its order (the descriptors and row sums depend on the config)."""
@@ -195,7 +196,7 @@ def grouped_mm(
             out, out.stride(0), out.stride(1),
             z_, z_.stride(0), z_.stride(1),
             h_, h_.stride(0), h_.stride(1),
-            bias_, bias_.stride(0) if bias is not None else 0, bias_.stride(-1),
+            bias_, bias_.stride(0) if bias is not None else 0,
             partial, partial.stride(0),
             row_scale if row_scale is not None else offsets, rowdot, rowdot.stride(0),
             offsets, e, k, nout, r, *up_offsets, float(lora.scale if lora is not None else 0.0),
@@ -206,29 +207,30 @@ def grouped_mm(
     meta = dict(
         HAS_LORA=lora is not None, HAS_GATE=lora is not None and lora.gate is not None,
         DROPOUT=dropout[2] if dropout is not None else 0, GATHER=gather is not None, EPILOGUE=epilogue,
-        ACT=act, GLU=glu, GLU_PACK=(2 if interleaved else 1) if glu and epilogue == 1 else 0, STORE_Z=store_z,
+        ACT=act, GLU=glu, GLU_PACK=glu and epilogue == 1 and not interleaved, INTERLEAVED=glu and interleaved,
+        STORE_Z=store_z,
         ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, BIAS_GRAD=dbias is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=gemm_configs.rank_block(r), E_PAD=max(2, next_pow2(e)),
     )
 
     tma = _use_tma(x.device)
-    glu_pack = meta["GLU_PACK"] > 0
+    paired = glu and epilogue == 1  # the accumulator holds gate and up columns
 
     def launch(c: dict) -> torch.Tensor:
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         # The GLU forward's BLOCK_N accumulator columns are bn / 2 output columns (gate and up).
-        tiles = max_tiles(n, e, bm) * cdiv(nout, bn // 2 if glu_pack else bn)
+        tiles = max_tiles(n, e, bm) * cdiv(nout, bn // 2 if paired else bn)
         cap = _persistent_programs(x.device) if c.get("PERSISTENT") else None
         if cap:
             tiles = min(tiles, cap)
         use_tma = tma and c.get("TMA", True)
-        w_desc, kmajor = _w_descriptor(w, bn, bk, meta["GLU_PACK"] == 1) if use_tma else (None, False)
+        w_desc, kmajor = _w_descriptor(w, bn, bk, meta["GLU_PACK"]) if use_tma else (None, False)
         a_desc, a_kmajor, b_desc, b_kmajor = None, False, None, False
         if use_tma and lora is not None:
             a_desc, a_kmajor = _w_descriptor(a, meta["BLOCK_R"], bk)
             # b [E, R, NOUT]: its K is the rank; packed like W in the GLU forward.
-            b_desc, b_kmajor = _w_descriptor(b, bn, meta["BLOCK_R"], meta["GLU_PACK"] == 1)
+            b_desc, b_kmajor = _w_descriptor(b, bn, meta["BLOCK_R"], meta["GLU_PACK"])
         x_desc = _x_descriptor(x, bm, bk) if use_tma and gather is None else None
         # Per-column-tile row sums, added up afterwards: deterministic, unlike atomics.
         rowdot = (torch.empty((n, cdiv(nout, bn)), dtype=torch.float32, device=x.device) if row_scale is not None
@@ -315,14 +317,15 @@ def expert_colsum(src: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, *
     from ..kernels.expert_colsum import expert_colsum_kernel
 
     e, c = out.shape
-    # 64 columns x 32 rows: a [32, 64] fp32 tile per step, few registers, and E * C / 64 programs
-    # (at gpt-oss-20b, 32 x 2880 / 64 = 1440) fill the GPU without a split over rows.
+    # 64 columns x 32 rows: a [32, 64] fp32 tile per step (16 values a thread at 4 warps), and
+    # E * C / 64 programs (at gpt-oss-20b, 32 x 2880 / 64 = 1440) fill the GPU without a split over
+    # rows; 3 stages keep two row blocks' loads in flight while one is summed.
     block_c, block_r = 64, 32
     expert_colsum_kernel[(e, cdiv(c, block_c))](
         src, src.stride(0), src.stride(1), out, out.stride(0), out.stride(1), offsets, e, c,
         gather if gather is not None else offsets, row_scale if row_scale is not None else offsets,
         TILE_M=tile_m, GATHER=gather is not None, ROW_SCALE=row_scale is not None, BLOCK_R=block_r,
-        BLOCK_C=block_c, E_PAD=max(2, next_pow2(e)))
+        BLOCK_C=block_c, E_PAD=max(2, next_pow2(e)), num_warps=4, num_stages=3)
 
 
 def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:

@@ -18,9 +18,9 @@ g the optional rank gates; every line is one grouped_mm launch unless it says ot
       dg_gu = s dzb * xa, dg_d = s dyb * ha                                torch, [N, r]
 
 The biases b_gu [E, 2F|F], b_d [E, H] are optional. With an ":interleaved" activation, z, dz,
-W_gu, B_gu and b_gu hold gate and up columns alternately: only the up projection's epilogue reads
-the layout (it splits the accumulator into column pairs); dz is written in the same layout, so
-dgrad and dW_gu never see it.
+W_gu, B_gu and b_gu hold gate and up columns alternately: the epilogues of the up projection and
+of dact read and write them in column pairs, and as dz has W_gu's layout, dgrad and dW_gu never
+see it.
 
 x' and h' are the LoRA inputs under LoRA dropout (PEFT semantics: dropout on the LoRA input only).
 Its masks are never stored: two philox seeds are drawn on the device per call and every kernel that
@@ -68,14 +68,6 @@ def _gated(t: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     return (t * g).to(t.dtype)
 
 
-def _glu_view(t: torch.Tensor, fdim: int, glu: bool, interleaved: bool) -> tuple[torch.Tensor, int]:
-    """(the gate columns of a z-like [N, 2F] tensor, element distance from a gate column to its up
-    column): the first F columns and F, or every other column and 1 when interleaved."""
-    if glu and interleaved:
-        return t[:, 0::2], t.stride(1)
-    return t, fdim * t.stride(1)
-
-
 def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, gather, drop_x, bias=None):
     """hid = act(x W_gu^T + s (xa g) B_gu^T + bias) [N, F], with xa = x' A_gu^T written into xa when
     LoRA is on; the pre-activation goes to z [N, 2F|F] unless z is None."""
@@ -87,11 +79,11 @@ def _gemm1(x, w_gu, a_gu, b_gu, xa, g_gu, offsets, activation, scale, hid, z, ga
     if a_gu is not None:
         # A_gu [E, r, H] read as [E, K=H, R]; B_gu [E, 2F|F, r] as [E, R, 2F|F].
         lora = LoRASide(a_gu.transpose(1, 2), b_gu.transpose(1, 2), xa, scale, g_gu)
-    interleaved = glu and is_interleaved(activation)
-    z_, z_up = _glu_view(z, fdim, glu, interleaved) if z is not None else (hid, 0)
+    z_ = z if z is not None else hid
     grouped_mm(
         x, w1, hid, offsets, role="up_glu" if glu else "up", nout=fdim, lora=lora, epilogue=1, act=act,
-        act_consts=consts, glu=glu, z=z_, store_z=z is not None, up_offsets=(z_up, 0), interleaved=interleaved,
+        act_consts=consts, glu=glu, z=z_, store_z=z is not None, up_offsets=(fdim * z_.stride(1), 0),
+        interleaved=is_interleaved(activation),
         dropout=_with_mode(drop_x, 1) if lora is not None else None, gather=gather, bias=bias,
     )
 
@@ -139,7 +131,6 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     n = dy.shape[0]
     fdim = w_d.shape[2]
     act, glu, consts = act_code(activation)
-    interleaved = glu and is_interleaved(activation)
     has_lora = a_gu is not None
     drop_x, drop_h = _seed_pair(seeds, dropout_p)
     # The kernels read dy through its strides, so a row-strided gradient (a slice of a wider one)
@@ -179,13 +170,11 @@ def _bwd_impl(dy, x, z, xa, ha, offsets, w_gu, w_d, a_gu, b_gu, a_d, b_d, activa
     want_dbias_gu = need_dbias_gu and bias_gu is not None
     if want_dbias_gu:
         dbias_gu = torch.empty_like(bias_gu)
-    z_g, z_up = _glu_view(z, fdim, glu, interleaved)
-    dz_g, dz_up = _glu_view(dz, fdim, glu, interleaved)
     # dy W_d: W_d [E, H, F] is already [E, K=H, NOUT=F]. With weights, hid is h scaled by the
     # routing weight of its row and dyb = d(out) B_d unscaled.
     ds = grouped_mm(
-        dy, w_d, dz_g, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, act_consts=consts, glu=glu,
-        z=z_g, h=hid, up_offsets=(z_up, dz_up),
+        dy, w_d, dz, offsets, role="dact", nout=fdim, lora=lora2, epilogue=2, act=act, act_consts=consts, glu=glu,
+        z=z, h=hid, up_offsets=(fdim * z.stride(1), fdim * dz.stride(1)), interleaved=is_interleaved(activation),
         dropout=_with_mode(drop_h, 2) if has_lora else None,
         gather=gather if w_sorted is not None else None, row_scale=w_sorted,
         dbias=dbias_gu if want_dbias_gu else None,

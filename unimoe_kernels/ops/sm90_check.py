@@ -41,8 +41,8 @@ from ..types import is_glu
 from . import gemm_configs, grouped_mlp_ops
 
 # Shapes the package is measured on: (T, H, F, E, k, LoRA rank) of the benchmark suite's full
-# sizes, the two headline shapes again with LoRA r=16 on a frozen base, and decode steps at the
-# qwen3-30b-a3b and mixtral shapes.
+# sizes, the two headline shapes and gpt-oss-20b again with LoRA r=16 on a frozen base, and decode
+# steps at the qwen3-30b-a3b and mixtral shapes.
 NAMED_SHAPES = {
     "uni-moe-8e": (8192, 4096, 11008, 8, 2, 8),
     "mixtral": (16384, 4096, 14336, 8, 2, 0),
@@ -53,9 +53,14 @@ NAMED_SHAPES = {
     "qwen3-next": (32768, 2048, 512, 512, 10, 0),
     "peft-moe-lora": (4096, 2048, 768, 128, 8, 16),
     "gpt-oss-20b": (16384, 2880, 2880, 32, 4, 0),
+    "gpt-oss-20b-lora16": (16384, 2880, 2880, 32, 4, 16),
     "qwen3-30b-a3b-decode": (64, 2048, 768, 128, 8, 0),
     "mixtral-decode": (8, 4096, 14336, 8, 2, 0),
 }
+# The expert layout of a shape whose model is not a plain SwiGLU without biases: (activation, biases).
+# gpt-oss: clamped SwiGLU with its gate and up columns interleaved, a bias on both projections.
+GPT_OSS = ("swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0):interleaved", True)
+SHAPE_LAYOUTS = {"gpt-oss-20b": GPT_OSS, "gpt-oss-20b-lora16": GPT_OSS}
 # The shapes whose every launch must pass --strict in CI.
 HEADLINE = ("qwen3-30b-a3b", "mixtral", "qwen3-30b-a3b-lora16", "mixtral-lora16")
 
@@ -72,6 +77,11 @@ STRICT_ROWS = 96
 # reads the 64 x 16 A tile from shared memory for half the columns n128 covers, and shared-memory
 # bandwidth, not the tensor cores, sets the pace.
 MIN_MMA_N = 128
+# Element-wise loads of an operand tile take at least this many instructions per thread (a 64 x 64
+# tile over 256 threads is 16 of them); fewer at one site is a per-tile vector, such as an
+# expert's bias row, that a persistent kernel's flattened loop holds in its epilogue: once per tile,
+# not per K step.
+TILE_LOAD_INSTRUCTIONS = 8
 
 
 class Launch(NamedTuple):
@@ -122,18 +132,19 @@ class Facts(NamedTuple):
             out.append("no K loop found")
         elif max(self.waits) == 0:
             out.append("K loop only waits to 0 (not pipelined)")
-        scalar = [site for site, how, _ in self.loads if how == "ld.global 2B"]
+        scalar = [site for site, how, n in self.loads if how == "ld.global 2B" and n >= TILE_LOAD_INSTRUCTIONS]
         if scalar:
             out.append(f"element-wise 2-byte loads in the K loop at {', '.join(scalar)}")
         return out
 
 
 def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_name: str = H100,
-                   activation: str = "swiglu") -> list[Launch]:
+                   activation: str = "swiglu", bias: bool = False) -> list[Launch]:
     """Every grouped GEMM launch of one layer's forward and backward (gathered x and the weighted
     combine fused in, as SparseMoE runs it; base trainable without LoRA, frozen with it) at shape
-    (T, H, F, E, k, r)."""
-    from ..kernels import grouped_mm, grouped_xty
+    (T, H, F, E, k, r); with bias, trainable per-expert biases on both projections (and the
+    launches of their gradients' per-expert sums, role "colsum")."""
+    from ..kernels import expert_colsum, grouped_mm, grouped_xty
 
     t, h, f, e, k, r = shape
     n = t * k
@@ -146,13 +157,15 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
     lora = (meta(e, r, h), meta(e, f_in, r), meta(e, r, f), meta(e, h, r)) if r else (None,) * 4
     offsets = torch.empty(e + 1, dtype=torch.int32, device="meta")
     gather = torch.empty(n, dtype=torch.int32, device="meta")
+    biases = (meta(e, f_in), meta(e, h)) if bias else (None, None)
     launches, role = [], []
 
-    def recorder(kernel):
+    def recorder(kernel, own_role=None):
         class Rec:
             def __getitem__(self, grid):
                 def run(*args, **kw):
-                    launches.append(Launch(role[-1][0], kernel, args, kw, role[-1]))
+                    call = own_role or role[-1]
+                    launches.append(Launch(call[0], kernel, args, kw, call))
                 return run
         return Rec()
 
@@ -166,6 +179,9 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
         stack.enter_context(mock.patch.object(grouped_mm, "grouped_mm_kernel", recorder(grouped_mm.grouped_mm_kernel)))
         stack.enter_context(mock.patch.object(grouped_xty, "grouped_xty_kernel",
                                               recorder(grouped_xty.grouped_xty_kernel)))
+        # No config and no MMA: never compute-bound (rows 0), held to the resource checks only.
+        stack.enter_context(mock.patch.object(expert_colsum, "expert_colsum_kernel", recorder(
+            expert_colsum.expert_colsum_kernel, ("colsum", dtype, 0, 0, e, 0, 0))))
         stack.enter_context(mock.patch.object(gemm_configs, "config", config))
         stack.enter_context(mock.patch.object(gemm_configs, "_device_name", lambda device: device_name))
         stack.enter_context(mock.patch("unimoe_kernels.backend.interpreting", lambda: False))
@@ -176,9 +192,10 @@ def layer_launches(shape: tuple, dtype: torch.dtype = torch.bfloat16, device_nam
         stack.enter_context(mock.patch.object(grouped_mlp_ops, "_combine_impl", combine_meta))
         weights = torch.empty(t, k, dtype=torch.float32, device="meta")
         y, z, xa, ha = grouped_mlp_ops._fwd_impl(x, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0, True,
-                                                 gather, None, None, gather, k, weights)
+                                                 gather, None, None, gather, k, weights, *biases)
         grouped_mlp_ops._bwd_impl(meta(t, h), x, z, xa, ha, offsets, w_gu, w_d, *lora, activation, 2.0, None, 0.0,
-                                  True, not r, not r, bool(r), gather, gather, k, None, None, False, weights, True)
+                                  True, not r, not r, bool(r), gather, gather, k, None, None, False, weights, True,
+                                  *biases, bias, bias)
     return launches
 
 
@@ -375,8 +392,11 @@ def format_facts(facts: Facts) -> str:
 
 
 def small_tile(launch: Launch) -> bool:
-    """A tile whose MMA M is under 64: decode-sized grouped GEMMs, rank-wide LoRA gradients."""
+    """A tile whose MMA M is under 64: decode-sized grouped GEMMs, rank-wide LoRA gradients; and the
+    kernels without MMAs (the bias gradients' sums)."""
     m = launch.meta
+    if launch.role == "colsum":
+        return True
     if "BLOCK_M" in m:
         return m["BLOCK_M"] < 64
     return min(m["BLOCK_P"], m["BLOCK_Q"]) < 64 and max(m["BLOCK_P"], m["BLOCK_Q"]) < 64
@@ -392,6 +412,8 @@ def rank_width(launch: Launch) -> int:
     """The widest MMA N that is rank-wide by nature: the LoRA side product's (BLOCK_R), a LoRA
     factor gradient's rank side, or a rank-wide output (_narrow's); 0 when there is none."""
     m = launch.meta
+    if launch.role == "colsum":
+        return 0
     if "BLOCK_P" in m:
         return min(m["BLOCK_P"], m["BLOCK_Q"]) if launch.role == "lora_wgrad" else 0
     return max(m["BLOCK_R"] if m.get("HAS_LORA") else 0, m["BLOCK_N"] if m["BLOCK_N"] < 64 else 0)
@@ -433,20 +455,22 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", nargs="*", default=list(NAMED_SHAPES), choices=list(NAMED_SHAPES),
                         help="named shapes to check")
     parser.add_argument("--device", default=H100, help="GPU whose shipped config table is used")
-    parser.add_argument("--activation", nargs="*", default=["swiglu"],
-                        help="activations (types.ACTIVATION_KINDS strings) whose epilogues to compile")
+    parser.add_argument("--activation", nargs="*", default=None,
+                        help="activations (types.ACTIVATION_KINDS strings) whose epilogues to compile; by default "
+                             "each shape's own (SHAPE_LAYOUTS, else swiglu)")
     parser.add_argument("--strict", action="store_true",
                         help=f"fail on narrow MMAs, serial K loops and element-wise 2-byte loads at shapes with "
                              f">= {STRICT_ROWS} rows per expert (spills and shared memory are always checked)")
     args = parser.parse_args(argv)
     bad = 0
     for name in args.shape:
-        for act in args.activation:
-            launches = layer_launches(NAMED_SHAPES[name], device_name=args.device, activation=act)
+        own, bias = SHAPE_LAYOUTS.get(name, ("swiglu", False))
+        for act in args.activation or [own]:
+            launches = layer_launches(NAMED_SHAPES[name], device_name=args.device, activation=act, bias=bias)
             for la in distinct(launches):
                 facts, problems = check(la, strict=args.strict)
                 bad += bool(problems)
-                label = name if act == "swiglu" else f"{name} {act}"
+                label = name if act == own else f"{name} {act}"
                 print(f"{label:22s} {describe(la)}\n    {format_facts(facts)}"
                       + (f"\n    PROBLEMS: {'; '.join(problems)}" if problems else ""), flush=True)
     print(f"{bad} launch(es) with problems" if bad else "every launch passes")
