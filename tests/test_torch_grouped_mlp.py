@@ -166,11 +166,12 @@ def test_opcheck(lora, mode):
     if lora:  # a leaf: opcheck runs backward several times
         o["x_lora"] = o["x_lora"].detach().requires_grad_(True)
     args = (o["x"], COUNTS, o["w_gu"], o["w_d"], *(o.get(k) for k in ("a_gu", "b_gu", "a_d", "b_d")), "swiglu", 1.5,
-            o.get("x_lora"), o.get("mask_h"), o.get("g_gu"), o.get("g_d"), True)
+            o.get("x_lora"), o.get("mask_h"), o.get("g_gu"), o.get("g_d"), None, None, True)
     torch.library.opcheck(tgm.torch_grouped_mlp_fwd, args)
     y, z, xa, ha = tgm.torch_grouped_mlp_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     bwd = (torch.randn_like(y), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]), z, xa, ha)
-    need_sets = ((True, True, True, True, True), (True, False, False, lora, False), (False, False, True, False, False))
+    need_sets = ((True, True, True, True, True, True, True), (True, False, False, lora, False, False, False),
+                 (False, False, True, False, False, False, False))
     for needs in need_sets:
         torch.library.opcheck(tgm.torch_grouped_mlp_bwd, (*bwd, *needs))
 

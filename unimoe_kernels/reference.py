@@ -37,6 +37,7 @@ from .types import (  # noqa: F401  (ACTIVATIONS, GLU_ACTIVATIONS, SCORINGS, is_
     ACTIVATIONS,
     GLU_ACTIVATIONS,
     SCORINGS,
+    ExpertBias,
     GatingOutput,
     LoRAWeights,
     RoutingPlan,
@@ -212,11 +213,14 @@ def grouped_mlp(
     lora_dropout: float = 0.0,
     training: bool = False,
     rank_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: Optional[ExpertBias] = None,
 ) -> torch.Tensor:
     """Expert MLP over rows already grouped by expert: x_sorted [N, H] -> y_sorted [N, H].
 
     Expert e takes the next tokens_per_expert[e] rows (the counts must sum to N): h = act(x W_gu[e]^T
-    + s (x A_gu[e]^T) B_gu[e]^T), y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T with s = lora_scale.
+    + s (x A_gu[e]^T) B_gu[e]^T + b_gu[e]), y = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T + b_d[e] with
+    s = lora_scale and bias = ExpertBias(b_gu [E, 2F|F], b_d [E, H]) (either may be None, meaning 0);
+    b_gu is in z's own column layout (the activation's: [gate; up] halves, or interleaved).
     rank_gates (g_gu [N, r], g_d [N, r], rows in x_sorted's order, e.g. from lora_rank_gates) gate
     the rank-1 pieces of each LoRA term: s ((x A_gu^T) * g_gu) B_gu^T and s ((h A_d^T) * g_d) B_d^T.
     LoRA dropout acts on the LoRA input only, as in PEFT: x' = dropout(x) here, and h's mask drawn
@@ -232,10 +236,10 @@ def grouped_mlp(
         keep = 1.0 - lora_dropout
         mask_h = torch.empty((x_sorted.shape[0], down_proj.shape[2]), dtype=x_sorted.dtype,
                              device=x_sorted.device).bernoulli_(keep).div_(keep)
-    operands = (x_sorted, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ()))
+    operands = (x_sorted, gate_up_proj, down_proj, *(lora or ()), *(rank_gates or ()), *(bias or ()))
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
     return torch_grouped_mlp.grouped_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj, activation, lora,
-                                         lora_scale, x_lora, mask_h, rank_gates, save_preact=grads)
+                                         lora_scale, x_lora, mask_h, rank_gates, save_preact=grads, bias=bias)
 
 
 def moe_forward(

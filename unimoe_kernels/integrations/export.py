@@ -13,12 +13,13 @@ translation of aten::_grouped_mm):
     order = argsort(ids.flatten())                  slots sorted by expert
     offs  = cumsum(#slots of each expert)           [E] int32, from a one-hot count
     rows  = x[order // k]                           [N, H]
-    z = rows W_gu[e]^T (+ s (rows' A_gu[e]^T) B_gu[e]^T)    one grouped GEMM over all experts
+    z = rows W_gu[e]^T (+ s (rows' A_gu[e]^T) B_gu[e]^T) (+ b_gu[e])  one grouped GEMM over all experts
     h = apply_activation(z, activation)             the torch path's own elementwise code
-    y = h W_d[e]^T (+ s (h' A_d[e]^T) B_d[e]^T)     [N, H]
+    y = h W_d[e]^T (+ s (h' A_d[e]^T) B_d[e]^T) (+ b_d[e])  [N, H]
     out[t] = sum_j weights[t, j] y[slot t*k+j]      in fp32, back in x's dtype
 
-x' and h' are the LoRA inputs (dropout while training). A grouped GEMM is what transformers'
+x' and h' are the LoRA inputs (dropout while training); the optional biases are gathered per sorted
+row (b[expert]), an index_select every exporter lowers. A grouped GEMM is what transformers'
 "grouped_mm" experts run while exporting: torch._grouped_mm for bf16 (the only dtype its shape
 function takes) and transformers' own op transformers::grouped_mm_fallback otherwise, which
 transformers' exporters translate (ONNX: one MatMul per expert). So an exported "unimoe" model is the
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import apply_activation
-from ..types import LoRAWeights
+from ..types import ExpertBias, LoRAWeights
 
 # The stride alignment (bytes) torch._grouped_mm's CPU kernel needs when the program runs in torch.
 _GMM_ALIGN = 16
@@ -103,11 +104,13 @@ def experts_forward_aten(
     lora_scale: float = 1.0,
     lora_dropout: float = 0.0,
     training: bool = False,
+    bias: Optional[ExpertBias] = None,
 ) -> torch.Tensor:
     """out [T, H] = sum_j weights[t, j] * mlp_{ids[t, j]}(x[t]) in aten ops only (module docstring):
     grouped_mlp_combine's function for ids in [0, E), x [T, H], gate_up_proj [E, 2F|F, H],
-    down_proj [E, H, F] (views of any layout), LoRA factors as in grouped_mlp. Differentiable; no
-    custom op, no host sync, shapes from T and k only."""
+    down_proj [E, H, F] (views of any layout), LoRA factors and bias (ExpertBias: gate_up [E, 2F|F],
+    down [E, H], either None) as in grouped_mlp. Differentiable; no custom op, no host sync, shapes
+    from T and k only."""
     t, k = ids.shape
     n_experts = gate_up_proj.shape[0]
     flat = ids.reshape(-1).to(torch.int64)
@@ -123,10 +126,14 @@ def experts_forward_aten(
     z = _grouped_linear(rows, gate_up_proj, offs, expert)
     if lora is not None:
         z = z + lora_scale * _lora_term(lora_input(rows), lora.a_gate_up, lora.b_gate_up, expert)
+    if bias is not None and bias.gate_up is not None:
+        z = z + bias.gate_up.to(z.dtype)[expert]  # [N, 2F|F], z's column layout
     h = apply_activation(z, activation)
     y = _grouped_linear(h, down_proj, offs, expert)
     if lora is not None:
         y = y + lora_scale * _lora_term(lora_input(h), lora.a_down, lora.b_down, expert)
+    if bias is not None and bias.down is not None:  # before the combine weight, as in the experts' MLP
+        y = y + bias.down.to(y.dtype)[expert]
     acc = torch.promote_types(y.dtype, torch.float32)
     y = y.to(acc) * weights.reshape(-1)[order].to(acc).unsqueeze(1)
     out = y[torch.argsort(order)].view(t, k, -1).sum(dim=1)
