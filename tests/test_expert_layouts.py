@@ -38,9 +38,9 @@ FP32 = TOL[torch.float32]
 GRAD = HF_GRAD_FP32
 
 
-def _clamp(alpha_of=None, beta=0.0):
+def _clamp(alpha_of=None, beta=0.0, interleaved=False):
     return lambda c: activation_name("swiglu_clamp", alpha=getattr(c, alpha_of) if alpha_of else 1.0, beta=beta,
-                                     limit=c.swiglu_limit)
+                                     limit=c.swiglu_limit, interleaved=interleaved)
 
 
 def _softcap(c):
@@ -49,6 +49,10 @@ def _softcap(c):
 
 # The activation each recognised family runs, written from its modeling code and read from its config.
 RECOGNISED = {
+    # gpt-oss and the privacy filter: biases on both projections, weights stored transposed;
+    # gpt-oss's gate and up columns interleaved.
+    "gpt_oss": _clamp("swiglu_alpha", beta=1.0, interleaved=True),
+    "openai_privacy_filter": _clamp("swiglu_alpha", beta=1.0),
     "minimax_m3_vl": _clamp("swiglu_alpha", beta=1.0),
     "deepseek_v4": _clamp(), "hy_v4": _clamp(), "hy_v4_vl": _clamp(), "glm5_next": _clamp(),
     "bailing_hybrid": "swiglu", "step3p7": "swiglu", "beam": "swiglu",  # no per-layer limit; beam in fp32
@@ -58,8 +62,6 @@ RECOGNISED = {
 }
 # The layouts the kernels do not read yet, and what the ValueError names.
 REFUSED = {
-    "gpt_oss": "has_bias=True",
-    "openai_privacy_filter": "has_bias=True",
     "muse_spark": "has_post_expert_norm=True.*second pass",
 }
 assert set(RECOGNISED) | set(REFUSED) == set(tiny_hf.LAYOUT_EXPERTS)
@@ -250,21 +252,46 @@ def _tiny_gpt_oss(**kw):
     return transformers.GptOssForCausalLM(cfg)
 
 
-def test_set_experts_implementation_refuses_at_once(tmp_path):
+def test_set_experts_implementation_refuses_at_once():
     model = _tiny_gpt_oss()
     before = model.config._experts_implementation
+    # A layout no kernel reads (muse_spark's norm after each expert), here on both layers' experts.
+    for layer in model.model.layers:
+        layer.mlp.experts.has_post_expert_norm = True
     where = r"\[model\.layers\.0\.mlp\.experts and 1 other experts module\(s\)\]"
-    with pytest.raises(ValueError, match=f"has_bias=True.*{where}"):
+    with pytest.raises(ValueError, match=f"has_post_expert_norm=True.*{where}"):
         model.set_experts_implementation("unimoe")
     assert model.config._experts_implementation == before  # left as it was
-    with pytest.raises(ValueError, match="has_bias=True"):
-        _tiny_gpt_oss(experts_implementation="unimoe")
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="has_bias=True"):
-        transformers.GptOssForCausalLM.from_pretrained(tmp_path, experts_implementation="unimoe")
     ok = tiny_hf.model("olmoe")
     ok.set_experts_implementation("unimoe")  # a model it can run is accepted
     assert ok.config._experts_implementation == "unimoe"
+
+
+def test_gpt_oss_model_runs_on_unimoe(tmp_path, runs):
+    """A whole tiny gpt-oss (biases, transposed and interleaved weights, clamped gate) set to "unimoe"
+    at load: loss and every gradient equal eager's in fp32, and it runs in bf16."""
+    torch.manual_seed(0)
+    eager = _tiny_gpt_oss().float().eval()
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if "bias" in name and "experts" in name:
+                p.normal_(0.0, 0.5)  # transformers initialises them to zero: make them count
+    eager.save_pretrained(tmp_path)
+    ours = transformers.GptOssForCausalLM.from_pretrained(tmp_path, experts_implementation="unimoe").float().eval()
+    assert ours.config._experts_implementation == "unimoe"
+    ids = tiny_hf.tokens()
+    got, want = tiny_hf.loss_and_grads(ours, ids), tiny_hf.loss_and_grads(eager, ids)
+    assert len(runs) == 2 and all(r.endswith(":interleaved") for r in runs)
+    torch.testing.assert_close(got[0].loss, want[0].loss, **FP32)
+    torch.testing.assert_close(got[0].logits, want[0].logits, **FP32)
+    for name in want[1]:
+        g, r = got[1][name], want[1][name]
+        tol = dict(GRAD)
+        tol["atol"] *= max(1.0, float(r.abs().max()))
+        torch.testing.assert_close(g, r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():
+        logits = ours.to(torch.bfloat16)(ids).logits
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
 
 
 # --- patch_moe, GroupedExperts, PEFT, compile ---------------------------------------------------
@@ -294,6 +321,51 @@ def test_patch_moe_and_grouped_experts_take_the_activation_strings(family):
         layer.gate_up_proj.copy_(ref.gate_up_proj)
         layer.down_proj.copy_(ref.down_proj)
     _assert_same(_outputs_and_grads(layer, x, ids, w), want, names)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_moe_and_grouped_experts_take_biases_and_the_interleaved_gate(backend):
+    """gpt-oss's experts held untransposed ([E, 2F, H], as GroupedExperts holds them): patch_moe swaps
+    such a host (biases, interleaved gate/up), and GroupedExperts(bias=True) with the ":interleaved"
+    clamp string loaded from gpt-oss's weights equals gpt-oss's eager experts, output and gradients."""
+    ref = _experts("gpt_oss")
+    with torch.no_grad():
+        for p in (ref.gate_up_proj_bias, ref.down_proj_bias):
+            p.normal_(0.0, 0.5)
+    act = _expected("gpt_oss", ref)
+    weights = {"gate_up_proj": ref.gate_up_proj.detach().transpose(1, 2), "down_proj": ref.down_proj.detach().mT,
+               "gate_up_proj_bias": ref.gate_up_proj_bias.detach(), "down_proj_bias": ref.down_proj_bias.detach()}
+
+    @use_experts_implementation(is_concatenated=False, has_bias=True)
+    class Untransposed(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.num_experts, self.alpha, self.limit = tiny_hf.EXPERTS_E, ref.alpha, ref.limit
+            for name, w in weights.items():
+                setattr(self, name, nn.Parameter(w.clone()))
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("not under test")
+
+        _apply_gate = type(ref)._apply_gate
+
+    holder = _holder(Untransposed(transformers.PretrainedConfig()))
+    assert hf.patch_moe(holder, strict=True, backend=backend) == 1
+    layer = GroupedExperts(tiny_hf.EXPERTS_E, tiny_hf.EXPERTS_H, tiny_hf.EXPERTS_F, activation=act, bias=True,
+                           backend=backend)
+    with torch.no_grad():
+        for name, w in weights.items():
+            getattr(layer, name).copy_(w)
+    x, ids, w = tiny_hf.routing()
+    want = _outputs_and_grads(ref, x, ids, w)
+    # ref's weight gradients in the untransposed layout, in _outputs_and_grads' parameter order.
+    by_name = dict(zip((n for n, _ in ref.named_parameters()), want[3:]))
+    by_name = {n: (g.transpose(1, 2) if g.dim() == 3 else g) for n, g in by_name.items()}
+    for ours in (holder.experts, layer):
+        assert ours.activation == act and ours.has_bias
+        got = _outputs_and_grads(ours, x, ids, w)
+        names = [n for n, _ in ours.named_parameters()]
+        _assert_same(got, (*want[:3], *(by_name[n] for n in names)), ["output", "x", "weights", *names])
 
 
 def test_patch_moe_activation_is_confirmed_per_module():

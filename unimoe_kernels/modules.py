@@ -42,7 +42,7 @@ from .ops.gating import check_gating_args, router_logits, router_losses, topk_ga
 from .ops.grouped_gemm import grouped_mlp, grouped_mlp_combine
 from .ops.lora_gates import lora_rank_gates
 from .ops.routing import apply_capacity, build_routing, expert_capacity
-from .types import LoRAWeights, MoEAux, RoutingPlan, is_glu
+from .types import ExpertBias, LoRAWeights, MoEAux, RoutingPlan, is_glu
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -225,11 +225,17 @@ class GroupedExperts(nn.Module):
         activation: a string of types.ACTIVATION_KINDS, its constants written in (default "swiglu"):
             GLU "swiglu", "geglu" (erf), "geglu_tanh", "swiglu_clamp(alpha=..,beta=..,limit=..)",
             "swiglu_softcap(gate_cap=..,up_cap=..)"; elementwise "silu", "gelu", "gelu_tanh", "relu",
-            "relu2" (types.activation_name writes one). The torch path computes every kind.
+            "relu2" (types.activation_name writes one). The torch path computes every kind. A GLU
+            ending in ":interleaved" ("swiglu:interleaved", gpt-oss) holds gate n and up n in rows 2n
+            and 2n+1 of gate_up_proj (and of lora_B_gate_up, gate_up_proj_bias) instead of halves.
+        bias: per-expert biases of both projections (default False), Parameters gate_up_proj_bias
+            [E, 2F|F] and down_proj_bias [E, H] (transformers' names), initialised as nn.Linear's and
+            frozen with the base.
         lora_rank: r, an int >= 0 (default 0: no LoRA).
         lora_alpha: the LoRA scale is lora_alpha / r (default None: r, so the scale is 1).
         lora_dropout: in [0, 1) (default 0.0): dropout of the LoRA inputs only, while training.
-        freeze_base: requires_grad False on gate_up_proj and down_proj (default None: True iff r > 0).
+        freeze_base: requires_grad False on gate_up_proj, down_proj and their biases (default None: True
+            iff r > 0).
         lora_rank_gate: the per-token gate of the rank-1 pieces above (default False; needs r > 0).
         backend: "auto" (default), "triton" or "torch".
         device, dtype: of the parameters.
@@ -251,6 +257,7 @@ class GroupedExperts(nn.Module):
         lora_dropout: float = 0.0,
         freeze_base: Optional[bool] = None,
         lora_rank_gate: bool = False,
+        bias: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -275,6 +282,11 @@ class GroupedExperts(nn.Module):
         f_in = 2 * ffn_hidden_size if glu else ffn_hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, f_in, hidden_size, **factory))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size, **factory))
+        self.has_bias = bool(bias)
+        if self.has_bias:
+            # transformers' names (gpt-oss): the state dict of such a model loads as it is.
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, f_in, **factory))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         if lora_rank:
             r = lora_rank
             self.lora_A_gate_up = nn.Parameter(torch.empty(num_experts, r, hidden_size, **factory))
@@ -288,14 +300,17 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
         if freeze_base is None:
             freeze_base = lora_rank > 0
-        self.gate_up_proj.requires_grad_(not freeze_base)
-        self.down_proj.requires_grad_(not freeze_base)
+        for w in (self.gate_up_proj, self.down_proj, *(self.expert_bias() or ())):
+            w.requires_grad_(not freeze_base)
 
     def reset_parameters(self) -> None:
-        # Per expert, nn.Linear's default bound 1/sqrt(fan_in), as the dense FFNs being replaced use.
-        for w in (self.gate_up_proj, self.down_proj):
+        # Per expert, nn.Linear's default bound 1/sqrt(fan_in), as the dense FFNs being replaced use,
+        # for the weights and (as nn.Linear) their biases.
+        for w, b in ((self.gate_up_proj, "gate_up_proj_bias"), (self.down_proj, "down_proj_bias")):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
+            if self.has_bias:
+                nn.init.uniform_(getattr(self, b), -bound, bound)
         if self.lora_rank:
             # PEFT's LoRA init: A like nn.Linear (kaiming uniform, a=sqrt(5)), B zero.
             for a in (self.lora_A_gate_up, self.lora_A_down):
@@ -312,6 +327,12 @@ class GroupedExperts(nn.Module):
     def base_frozen(self) -> bool:
         return not (self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
 
+    def expert_bias(self) -> Optional[ExpertBias]:
+        """(gate_up_proj_bias [E, 2F|F], down_proj_bias [E, H]), or None without bias."""
+        if not self.has_bias:
+            return None
+        return ExpertBias(self.gate_up_proj_bias, self.down_proj_bias)
+
     def lora_weights(self) -> Optional[LoRAWeights]:
         if not self.lora_rank:
             return None
@@ -320,11 +341,12 @@ class GroupedExperts(nn.Module):
     def check_input_dtype(self, x: torch.Tensor, layer: Optional[str] = None, var: str = "experts") -> None:
         """Outside autocast, a TypeError in the caller's terms unless x has the GEMM parameters' dtype."""
         lora = self.lora_weights() or ()
-        check_layer_dtype(x, (self.gate_up_proj, self.down_proj, *lora), layer or type(self).__name__, var)
+        check_layer_dtype(x, (self.gate_up_proj, self.down_proj, *lora, *(self.expert_bias() or ())),
+                          layer or type(self).__name__, var)
 
     def _gemm_operands(self, x: torch.Tensor):
-        """(x, gate_up_proj, down_proj, lora) in the autocast dtype under autocast, else as they are."""
-        return autocast_operands(x, self.gate_up_proj, self.down_proj, self.lora_weights())
+        """(x, gate_up_proj, down_proj, lora, bias) in the autocast dtype under autocast, else as they are."""
+        return autocast_operands(x, self.gate_up_proj, self.down_proj, self.lora_weights(), self.expert_bias())
 
     def rank_gates(self, x: torch.Tensor, token_index: torch.Tensor, expert_offsets: torch.Tensor,
                    bias: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -355,11 +377,11 @@ class GroupedExperts(nn.Module):
             offsets = torch.cat([tokens_per_expert.new_zeros(1, dtype=torch.int64),
                                  torch.cumsum(tokens_per_expert.to(torch.int64), 0)])
             gates = self.rank_gates(x_sorted, torch.arange(x_sorted.shape[0], device=x_sorted.device), offsets)
-        x_sorted, gate_up_proj, down_proj, lora = self._gemm_operands(x_sorted)
+        x_sorted, gate_up_proj, down_proj, lora, bias = self._gemm_operands(x_sorted)
         return grouped_mlp(
             x_sorted, tokens_per_expert, gate_up_proj, down_proj, self.activation,
             lora=lora, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-            training=self.training, backend=self.backend, plan=plan, rank_gates=gates,
+            training=self.training, backend=self.backend, plan=plan, rank_gates=gates, bias=bias,
         )
 
     def forward_routed(self, x: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor,
@@ -378,12 +400,12 @@ class GroupedExperts(nn.Module):
             token_index = torch.div(plan.sorted_slots.to(torch.int64), k, rounding_mode="floor")
             gates = self.rank_gates(x, token_index, plan.expert_offsets, rank_gate_bias)
         # Gather on load: the Triton path never writes (or saves) the permuted copy of x.
-        x, gate_up_proj, down_proj, lora = self._gemm_operands(x)
+        x, gate_up_proj, down_proj, lora, bias = self._gemm_operands(x)
         # The weighted combine too: neither y_sorted nor a weighted copy of d(out) is kept.
         return grouped_mlp_combine(
             x, plan, weights, gate_up_proj, down_proj, self.activation,
             lora=lora, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-            training=self.training, backend=self.backend, rank_gates=gates,
+            training=self.training, backend=self.backend, rank_gates=gates, bias=bias,
         )
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -407,6 +429,7 @@ class GroupedExperts(nn.Module):
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
             f"activation={self.activation!r}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
             f"base_frozen={self.base_frozen}" + (", lora_rank_gate=True" if self.lora_rank_gate else "")
+            + (", bias=True" if self.has_bias else "")
         )
 
 

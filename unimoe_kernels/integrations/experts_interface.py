@@ -40,7 +40,7 @@ from ..activations import apply_activation
 from ..amp import autocast_operands, check_layer_dtype
 from ..ops.grouped_gemm import grouped_mlp_combine
 from ..ops.routing import build_routing
-from ..types import LoRAWeights, activation_name, is_glu
+from ..types import ExpertBias, LoRAWeights, activation_name, is_glu, is_interleaved
 from .export import experts_forward_aten, exporting
 
 EXPERTS_IMPLEMENTATION = "unimoe"
@@ -157,26 +157,31 @@ def gate_constants(module: torch.nn.Module) -> dict[str, tuple[float, ...]]:
     return found
 
 
-def _named(kind: str, **constants: float) -> Optional[str]:
+def _named(kind: str, interleaved: bool = False, **constants: float) -> Optional[str]:
     try:
-        return activation_name(kind, **constants)
+        return activation_name(kind, interleaved=interleaved, **constants)
     except ValueError:  # a constant the kind cannot take (a limit <= 0): no candidate
         return None
 
 
-def gate_candidates(glu: bool, constants: dict, activation: Optional[str] = None) -> list[str]:
+def gate_candidates(glu: bool, constants: dict, activation: Optional[str] = None,
+                    interleaved: bool = False) -> list[str]:
     """The activation strings a gate is compared with, in order: only `activation` when the caller
     names one; else the kinds without constants, then swiglu_clamp for every limit x alpha (the
-    module's and 1) x beta (0 and 1) and swiglu_softcap for every gate cap x up cap the module holds."""
+    module's and 1) x beta (0 and 1) and swiglu_softcap for every gate cap x up cap the module holds.
+    A GLU's candidates come in the layout the module declares (`interleaved`: is_concatenated=False)
+    first, then in the other: what the gate function reads is what decides, and the probe tells."""
     if activation:
         return [activation]
-    out = list(_PLAIN[glu])
-    if glu:
-        for limit in constants["limit"]:
-            for alpha in (*constants["alpha"], 1.0):
-                out += [_named("swiglu_clamp", alpha=alpha, beta=beta, limit=limit) for beta in (0.0, 1.0)]
-        out += [_named("swiglu_softcap", gate_cap=g, up_cap=u) for g in constants["gate_cap"]
-                for u in constants["up_cap"]]
+    out = []
+    for il in ((interleaved, not interleaved) if glu else (False,)):
+        out += [_named(kind, interleaved=il) for kind in _PLAIN[glu]]
+        if glu:
+            for limit in constants["limit"]:
+                for alpha in (*constants["alpha"], 1.0):
+                    out += [_named("swiglu_clamp", il, alpha=alpha, beta=beta, limit=limit) for beta in (0.0, 1.0)]
+            out += [_named("swiglu_softcap", il, gate_cap=g, up_cap=u) for g in constants["gate_cap"]
+                    for u in constants["up_cap"]]
     return [c for c in dict.fromkeys(out) if c is not None]
 
 
@@ -190,14 +195,18 @@ def _probe_points(constants: dict, dtype: torch.dtype) -> torch.Tensor:
     return torch.unique(torch.cat([grid, extra, -extra]))
 
 
-def _gate_probe(points: torch.Tensor, glu: bool) -> torch.Tensor:
+def _gate_probe(points: torch.Tensor, glu: bool, interleaved: bool = False) -> torch.Tensor:
     """The first projection's output to feed the gate: [1, n] points without a gate; with one
-    [n, 2n] whose row i has every point in the gate half and point i in the whole up half, so the
-    gate sees every (gate, up) pair of points and a swap of the halves or an interleaved read shows."""
+    [n, 2n] whose row i has every point in the gate columns and point i in every up column, so the
+    gate sees every (gate, up) pair of points and a swap of the halves or a read in the other layout
+    shows. The gate columns are the first half, or the even columns when interleaved."""
     if not glu:
         return points.unsqueeze(0)
     n = points.numel()
-    return torch.cat([points.expand(n, n), points.unsqueeze(1).expand(n, n)], dim=1).contiguous()
+    gate, up = points.expand(n, n), points.unsqueeze(1).expand(n, n)
+    if interleaved:
+        return torch.stack([gate, up], dim=-1).flatten(1).contiguous()
+    return torch.cat([gate, up], dim=1).contiguous()
 
 
 def _gate_function(module: torch.nn.Module, glu: bool):
@@ -212,23 +221,32 @@ def _gate_function(module: torch.nn.Module, glu: bool):
 
 
 def _confirm(fn, candidates: list[str], constants: dict, glu: bool) -> Optional[str]:
-    """The first candidate fn agrees with on the probe, in fp64 (fp32 if fn cannot take fp64), or
-    None; fn runs once."""
+    """The first candidate fn agrees with on the probe of its layout, in fp64 (fp32 if fn cannot
+    take fp64), or None; fn runs once per layout."""
     if not callable(fn):
         return None
     for dtype in (torch.float64, torch.float32):
-        probe = _gate_probe(_probe_points(constants, dtype), glu)
-        try:
-            out = fn(probe)
-        except Exception:  # a gate that cannot run on a CPU tensor of this dtype
-            continue
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not bool(torch.isfinite(out).all()):
-            return None
+        points = _probe_points(constants, dtype)
+        runs = {}  # layout -> (probe, fn's output or None when it fails there)
         for candidate in candidates:
+            il = glu and is_interleaved(candidate)
+            if il not in runs:
+                probe = _gate_probe(points, glu, il)
+                try:
+                    out = fn(probe)
+                except Exception:  # a gate that cannot run on a CPU tensor of this dtype
+                    out = None
+                runs[il] = (probe, out)
+            probe, out = runs[il]
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not bool(torch.isfinite(out).all()):
+                return None
             ref = apply_activation(probe, candidate)
             if out.shape == ref.shape and bool(((out.to(dtype) - ref).abs() <= _RTOL * (1 + ref.abs())).all()):
                 return candidate
-        return None
+        if any(out is not None for _, out in runs.values()):
+            return None
     return None
 
 
@@ -256,9 +274,11 @@ def recognised_activation(module: torch.nn.Module, activation: Optional[str] = N
     device, with no host sync in the forward it serves.
     """
     glu = bool(getattr(module, "has_gate", True))
+    interleaved = not getattr(module, "is_concatenated", True)
     constants = gate_constants(module)
     fn = _gate_function(module, glu)
-    key = (glu, _identity(fn), _identity(getattr(module, "act_fn", None)), tuple(constants.items()), activation)
+    key = (glu, interleaved, _identity(fn), _identity(getattr(module, "act_fn", None)), tuple(constants.items()),
+           activation)
     try:
         cached = _recognised.get(module)
     except TypeError:
@@ -266,7 +286,7 @@ def recognised_activation(module: torch.nn.Module, activation: Optional[str] = N
     if cached is not None and cached[0] == key:
         return cached[1]
     with _real_tensors():
-        name = _confirm(fn, gate_candidates(glu, constants, activation), constants, glu) or ""
+        name = _confirm(fn, gate_candidates(glu, constants, activation, interleaved), constants, glu) or ""
     try:
         _recognised[module] = (key, name)
     except TypeError:
@@ -276,9 +296,6 @@ def recognised_activation(module: torch.nn.Module, activation: Optional[str] = N
 
 # Layout flags of @use_experts_implementation the kernels cannot read: (flag, the value they read, why).
 _REFUSED_FLAGS = (
-    ("has_bias", False, "bias terms on the expert projections: the grouped GEMM kernels have no bias add yet"),
-    ("is_concatenated", True, "gate and up interleaved column by column (gate_up[..., ::2], gate_up[..., 1::2]), "
-                              "not the [gate; up] halves the kernels read"),
     ("has_post_expert_norm", False, "a norm of each expert's output before the weighted combine: the fused combine "
                                     "adds each weighted row as the down projection writes it, and a norm over a "
                                     "row's H outputs needs the whole row first, i.e. a second pass over the "
@@ -310,7 +327,8 @@ def experts_activation(module: torch.nn.Module, activation: Optional[str] = None
         glu = bool(getattr(module, "has_gate", True))
         fn = _gate_function(module, glu)
         what = f"_apply_gate ({getattr(fn, '__qualname__', fn)!r})" if glu else f"act_fn {fn!r}"
-        tried = ", ".join(gate_candidates(glu, gate_constants(module), activation))
+        tried = ", ".join(gate_candidates(glu, gate_constants(module), activation,
+                                          not getattr(module, "is_concatenated", True)))
         raise ValueError(_refused(name, f"its {what} computes none of the activations it was compared with on a "
                                         f"probe ({tried})"))
     return act
@@ -401,15 +419,18 @@ def unimoe_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, t
     w1, lora1 = peft_lora_factors(self, first, transposed)
     w2, lora2 = peft_lora_factors(self, "down_proj", transposed)
     lora, scale = _joint_lora(lora1, lora2, w1, w2)
-    check_layer_dtype(hidden_states, (w1, w2, *(lora or ())), type(self).__name__, "model")
+    # Biases are [E, out] whatever is_transposed says of the weights (gpt-oss: gate_up_proj_bias in
+    # gate_up_proj's interleaved column order, which the activation string carries).
+    bias = ExpertBias(getattr(self, first + "_bias"), self.down_proj_bias) if getattr(self, "has_bias", False) else None
+    check_layer_dtype(hidden_states, (w1, w2, *(lora or ()), *(bias or ())), type(self).__name__, "model")
     ids, weights = skip_sentinel(top_k_index, top_k_weights, w1.shape[0])
-    x, w1, w2, lora = autocast_operands(hidden_states, w1, w2, lora)
+    x, w1, w2, lora, bias = autocast_operands(hidden_states, w1, w2, lora, bias)
     if exporting():
-        out = experts_forward_aten(x, ids, weights, w1, w2, activation, lora=lora, lora_scale=scale)
+        out = experts_forward_aten(x, ids, weights, w1, w2, activation, lora=lora, lora_scale=scale, bias=bias)
     else:
         plan = build_routing(ids, w1.shape[0])
         out = grouped_mlp_combine(x, plan, weights, w1, w2, activation, lora=lora, lora_scale=scale,
-                                  training=self.training)
+                                  training=self.training, bias=bias)
     # transformers' kernels return hidden_states' dtype also under autocast.
     return out.to(hidden_states.dtype)
 

@@ -30,9 +30,12 @@ Data flow of a patched MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, any tran
 Only the experts module is replaced, so the parameter names of the host's state dict (and what
 `save_pretrained` writes) are the host's, the router's logits and the block's return type are the
 host's, and a model this module does not know still works as long as its experts follow the v5
-experts interface: parameters gate_up_proj [E, 2F, H] (gate rows first) and down_proj [E, H, F],
-no bias, a SiLU or exact-GELU gate activation, called as experts(hidden_states, top_k_index,
-top_k_weights). PatchedExperts keeps the interface attributes transformers' code reads on experts
+experts interface: parameters gate_up_proj [E, 2F, H] (gate rows first, or alternating with
+is_concatenated=False) and down_proj [E, H, F], optionally gate_up_proj_bias [E, 2F] and
+down_proj_bias [E, H] (has_bias=True), a gate the kernels compute, called as
+experts(hidden_states, top_k_index, top_k_weights). Weights stored transposed (is_transposed: gpt-oss)
+are not swapped; `experts_implementation="unimoe"` runs those models on the same kernels.
+PatchedExperts keeps the interface attributes transformers' code reads on experts
 modules (config, num_experts, act_fn, _apply_gate, has_gate, has_bias, is_transposed,
 is_concatenated, has_post_expert_norm, _is_expert_parallel).
 
@@ -61,15 +64,15 @@ from .experts_interface import EXPERTS_IMPLEMENTATION, experts_activation, regis
 from .export import experts_forward_aten, exporting
 
 # Host experts attributes (set by transformers' @use_experts_implementation) whose non-default value
-# means a layout GroupedExperts does not hold: weights stored [E, H, 2F], gate/up interleaved, a bias,
-# no gate projection, or a norm after each expert.
-_LAYOUT_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
-                 "has_post_expert_norm": False}
+# means a layout GroupedExperts does not hold: weights stored [E, H, 2F], no gate projection, or a
+# norm after each expert. Biases and an interleaved gate/up (the ":interleaved" activation) it holds:
+# has_bias and is_concatenated are copied from each host.
+_LAYOUT_FLAGS = {"is_transposed": False, "has_gate": True, "has_post_expert_norm": False}
 _EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")
 # Attributes transformers' experts modules carry (expert-parallel plans, exporters and the experts
 # implementations read them) that PatchedExperts keeps: copied from the host, or these defaults
 # (the layout PatchedExperts holds) for a host outside transformers.
-_INTERFACE_DEFAULTS = {**_LAYOUT_FLAGS, "_is_expert_parallel": False}
+_INTERFACE_DEFAULTS = {**_LAYOUT_FLAGS, "is_concatenated": True, "has_bias": False, "_is_expert_parallel": False}
 _LORA_NAMES = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
 
 
@@ -91,8 +94,9 @@ def unsupported_reason(module: nn.Module, activation: Optional[str] = None) -> O
     for flag, ok in _LAYOUT_FLAGS.items():
         if getattr(module, flag, ok) != ok:
             return f"{flag}={getattr(module, flag)!r} (GroupedExperts needs {flag}={ok})"
-    if any(n.endswith("_bias") for n in module._parameters):
-        return "expert biases are not supported"
+    biases = sorted(n for n in module._parameters if n.endswith("_bias"))
+    if biases and (not getattr(module, "has_bias", False) or biases != ["down_proj_bias", "gate_up_proj_bias"]):
+        return f"expert biases {biases} without has_bias=True on gate_up_proj_bias and down_proj_bias"
     if gate_up.dim() != 3 or down.dim() != 3:
         return f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} are not 3-D [E, ., .]"
     e, f2, h = gate_up.shape
@@ -192,10 +196,10 @@ class PatchedExperts(GroupedExperts):
         ids, weights = skip_sentinel(top_k_index, top_k_weights, self.num_experts)
         if exporting():
             self.check_input_dtype(hidden_states)
-            x, gate_up, down, lora = self._gemm_operands(hidden_states)
+            x, gate_up, down, lora, bias = self._gemm_operands(hidden_states)
             return experts_forward_aten(x, ids, weights, gate_up, down, self.activation, lora=lora,
                                         lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                                        training=self.training)
+                                        training=self.training, bias=bias)
         return super().forward(hidden_states, ids, weights)
 
     def _host_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -236,9 +240,12 @@ class PatchedExperts(GroupedExperts):
         self = cls(
             e, h, f2 // 2, activation=experts_activation(host, activation), lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, freeze_base=False, backend=backend, device="meta", dtype=gate_up.dtype,
+            bias=bool(getattr(host, "has_bias", False)),
         )
         self.gate_up_proj = gate_up
         self.down_proj = down
+        if self.has_bias:
+            self.gate_up_proj_bias, self.down_proj_bias = host.gate_up_proj_bias, host.down_proj_bias
         if lora_rank:
             for name in _LORA_NAMES:
                 meta = getattr(self, name)
@@ -247,8 +254,8 @@ class PatchedExperts(GroupedExperts):
         if freeze_base is None:
             freeze_base = lora_rank > 0
         if freeze_base:
-            gate_up.requires_grad_(False)
-            down.requires_grad_(False)
+            for w in (gate_up, down, *(self.expert_bias() or ())):
+                w.requires_grad_(False)
         object.__setattr__(self, "host_experts", host)
         # Attributes host code may read on its experts module (transformers' MoE utilities do); act_fn
         # and _apply_gate (the host's, bound to it) stay outside the module tree and the state dict.
@@ -320,8 +327,8 @@ def patch_moe(
     module is not swapped; use it for a gate whose constants live under names the recognition does
     not read.
 
-    Modules that look like experts but cannot be swapped (a different layout, a bias, a gate no
-    activation kind computes, weights wrapped by PEFT) are skipped with a warning, or raise when
+    Modules that look like experts but cannot be swapped (a different layout, biases by other names, a
+    gate no activation kind computes, weights wrapped by PEFT) are skipped with a warning, or raise when
     strict=True or when LoRA was asked for: LoRA on experts must never end up silently missing.
     Already patched modules are left alone (not counted) when their LoRA rank matches the request.
     """
