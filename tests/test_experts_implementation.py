@@ -144,8 +144,9 @@ def _toy(flags: dict, act: str = "silu", **attrs):
             setattr(self, "gate_up_proj" if gated else "up_proj", nn.Parameter(torch.randn(first, generator=g) * 0.5))
             self.down_proj = nn.Parameter(torch.randn((E, F_, H) if t else (E, H, F_), generator=g) * 0.5)
             if flags.get("has_bias"):
-                self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, f_in))
-                self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+                setattr(self, "gate_up_proj_bias" if gated else "up_proj_bias",
+                        nn.Parameter(torch.randn(E, f_in, generator=g)))
+                self.down_proj_bias = nn.Parameter(torch.randn(E, H, generator=g))
             self.act_fn = transformers.activations.ACT2FN[act]
             for k, v in attrs.items():
                 setattr(self, k, v)
@@ -168,7 +169,12 @@ def _run(module, impl):
 
 @pytest.mark.parametrize("flags,act", [({"is_transposed": True}, "silu"), ({"has_gate": False}, "relu"),
                                        ({"has_gate": False}, "gelu"), ({}, "gelu"), ({"has_gate": False}, "relu2"),
-                                       ({}, "gelu_pytorch_tanh"), ({"has_gate": False}, "gelu_pytorch_tanh")])
+                                       ({}, "gelu_pytorch_tanh"), ({"has_gate": False}, "gelu_pytorch_tanh"),
+                                       ({"has_bias": True}, "silu"),
+                                       ({"has_bias": True, "is_transposed": True}, "silu"),
+                                       ({"has_bias": True, "has_gate": False}, "relu"),
+                                       # The default gate reads [gate; up] halves whatever the flag says.
+                                       ({"is_concatenated": False}, "silu")])
 def test_layouts_it_runs_equal_transformers_batched_mm(flags, act, runs):
     module = _toy(flags, act)
     want = _run(module, "batched_mm")  # transformers' own reading of the flags
@@ -177,11 +183,10 @@ def test_layouts_it_runs_equal_transformers_batched_mm(flags, act, runs):
 
 
 @pytest.mark.parametrize("flags,attrs,match", [
-    ({"has_bias": True}, {}, "has_bias=True"),
     ({"has_post_expert_norm": True}, {"post_expert_norm": nn.Identity()}, "has_post_expert_norm=True.*second pass"),
-    ({"is_concatenated": False}, {}, "is_concatenated=False"),
     ({"has_gate": False, "act": "tanh"}, {}, r"act_fn Tanh.* computes none of .*\(silu, gelu, gelu_tanh, relu, relu2"),
-    ({"act": "sigmoid"}, {}, r"_apply_gate .* computes none of .*\(swiglu, geglu, geglu_tanh\)"),
+    ({"act": "sigmoid"}, {}, r"_apply_gate .* computes none of .*\(swiglu, geglu, geglu_tanh, swiglu:interleaved, "
+                             r"geglu:interleaved, geglu_tanh:interleaved\)"),
 ])
 def test_layouts_it_cannot_run_raise(flags, attrs, match):
     flags = dict(flags)
@@ -191,8 +196,8 @@ def test_layouts_it_cannot_run_raise(flags, attrs, match):
 
 
 def test_custom_apply_gate_is_refused():
-    """An interleaved read behind is_concatenated=True is not taken for any kind, with or without
-    a clamp constant on the module."""
+    """A gate no kind computes in either layout (a clamp alone, read interleaved behind
+    is_concatenated=True) is refused, naming the candidates compared."""
     module = _toy({}, limit=7.0)
     type(module)._apply_gate = lambda self, gate_up: torch.clamp(gate_up[..., ::2], max=7.0) * gate_up[..., 1::2]
     with pytest.raises(ValueError, match=r"_apply_gate .* computes none of .*swiglu_clamp\(alpha=1.0,beta=0.0,limit=7"):
