@@ -296,10 +296,12 @@ def recognised_activation(module: torch.nn.Module, activation: Optional[str] = N
 
 # Layout flags of @use_experts_implementation the kernels cannot read: (flag, the value they read, why).
 _REFUSED_FLAGS = (
-    ("has_post_expert_norm", False, "a norm of each expert's output before the weighted combine: the fused combine "
-                                    "adds each weighted row as the down projection writes it, and a norm over a "
-                                    "row's H outputs needs the whole row first, i.e. a second pass over the "
-                                    "[T*k, H] expert outputs, which is the unfused path"),
+    ("has_post_expert_norm", False, "a norm of each expert's output row before the weighted combine: its "
+                                    "forward could ride the combine's pass (row sums of squares from the down "
+                                    "GEMM's tiles), but its backward needs each expert's output row y (the "
+                                    "norm's gradient takes <d, y> over the row), which the fused layer neither "
+                                    "keeps nor recomputes: a second pass over [T*k, H] expert outputs, saved "
+                                    "(activation memory) or recomputed (a third GEMM)"),
 )
 
 

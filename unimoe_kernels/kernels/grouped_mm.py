@@ -419,6 +419,7 @@ def grouped_mm_kernel(
                             tl.store(db_row + NOUT + offs_c, tl.sum(tl.where(mask_c, dz_u, 0.0), 0),
                                      mask=offs_c < NOUT)
             if ROW_SCALE:
-                # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h>: this tile's
-                # part of the row sum (columns past NOUT have h = 0). Then dy = w * d(out).
+                # d(routing weight) of each row is <d(out), y> = <d(out) W_d + LoRA, h> (+ <d(out),
+                # b_d[e]> with a bias, added by the launcher): this tile's part of the row sum
+                # (columns past NOUT have h = 0). Then dy = w * d(out).
                 tl.store(rowdot_ptr + rows * stride_dm + pid_n, rowdot, mask=mask_m)
