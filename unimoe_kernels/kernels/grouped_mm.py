@@ -384,8 +384,9 @@ def grouped_mm_kernel(
                     pair = 2 * (n0 + q * CHUNK) + tl.arange(0, 2 * CHUNK)
                     mask_p = mask_m[:, None] & (pair < 2 * NOUT)[None, :]
                     z_pairs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + pair[None, :] * stride_zn)
-                    zz = tl.load(z_pairs, mask=mask_p, other=0.0).to(tl.float32)
-                    zg, zu = zz.reshape(BLOCK_M, CHUNK, 2).split()
+                    # Split in z's own dtype, then widened: half the registers of an fp32 split.
+                    zg, zu = tl.load(z_pairs, mask=mask_p, other=0.0).reshape(BLOCK_M, CHUNK, 2).split()
+                    zg, zu = zg.to(tl.float32), zu.to(tl.float32)
                 else:
                     zg_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
                     zg = tl.load(zg_ptrs, mask=mask_c, other=0.0).to(tl.float32)
@@ -398,8 +399,9 @@ def grouped_mm_kernel(
                 tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_c)
                 dz_base = out_ptr + row_start * stride_om + loc_m[:, None] * stride_om
                 if INTERLEAVED:
+                    dz_dtype = out_ptr.dtype.element_ty
                     tl.store(dz_base + pair[None, :] * stride_on,
-                             tl.join(dz_g, dz_u).reshape(BLOCK_M, 2 * CHUNK).to(out_ptr.dtype.element_ty), mask=mask_p)
+                             tl.join(dz_g.to(dz_dtype), dz_u.to(dz_dtype)).reshape(BLOCK_M, 2 * CHUNK), mask=mask_p)
                 else:
                     tl.store(dz_base + offs_c[None, :] * stride_on, dz_g.to(out_ptr.dtype.element_ty), mask=mask_c)
                     if GLU:
