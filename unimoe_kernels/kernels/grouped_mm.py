@@ -115,16 +115,12 @@ def _act_cols(gate, up, z_ptrs, z_up_off, h_ptrs, mask, c0, c1, c2, bias_ptr, of
 
 
 @triton.jit
-def _dact_cols(dh, zg, zu, wrow, c0, c1, c2, ACT: tl.constexpr, GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """Epilogue 2 on a block of columns: (row sums of dh * h before dh and h are scaled by wrow (d
-    routing weight, ROW_SCALE), dz of the gate columns, dz of the up columns (GLU), h) from dh and
-    the pre-activation's gate and up values zg, zu (fp32)."""
-    a, da = _act_and_grad(zg, ACT, c0, c1, c2)
-    if GLU:
-        u, du = _up_and_grad(zu, ACT, c0, c1, c2)
-        h = a * u
-    else:
-        h = a
+def _dact_cols(dh, a, da, u, du, wrow, GLU: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """Epilogue 2 on a block of columns, from dh and the activation's parts at z (a, da = act and
+    act' of the gate; u, du = up_fn and its derivative with GLU): (row sums of dh * h before dh and
+    h are scaled by wrow (d routing weight, ROW_SCALE), dz of the gate columns, dz of the up columns
+    (GLU), h)."""
+    h = a * u if GLU else a
     rowdot = tl.sum(dh * h, 1)
     if ROW_SCALE:
         dh = dh * wrow
@@ -386,15 +382,19 @@ def grouped_mm_kernel(
                     z_pairs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + pair[None, :] * stride_zn)
                     # Split in z's own dtype, then widened: half the registers of an fp32 split.
                     zg, zu = tl.load(z_pairs, mask=mask_p, other=0.0).reshape(BLOCK_M, CHUNK, 2).split()
-                    zg, zu = zg.to(tl.float32), zu.to(tl.float32)
+                    a, da = _act_and_grad(zg.to(tl.float32), ACT, act_c0, act_c1, act_c2)
+                    u, du = _up_and_grad(zu.to(tl.float32), ACT, act_c0, act_c1, act_c2)
                 else:
+                    # The up half is loaded after the gate's parts are computed: fewer values live.
                     zg_ptrs = z_ptr + row_start * stride_zm + (loc_m[:, None] * stride_zm + offs_c[None, :] * stride_zn)
-                    zg = tl.load(zg_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+                    a, da = _act_and_grad(tl.load(zg_ptrs, mask=mask_c, other=0.0).to(tl.float32), ACT, act_c0,
+                                          act_c1, act_c2)
                     if GLU:
-                        zu = tl.load(zg_ptrs + z_up_off, mask=mask_c, other=0.0).to(tl.float32)
+                        u, du = _up_and_grad(tl.load(zg_ptrs + z_up_off, mask=mask_c, other=0.0).to(tl.float32), ACT,
+                                             act_c0, act_c1, act_c2)
                     else:
-                        zu = zg
-                part, dz_g, dz_u, h = _dact_cols(dh, zg, zu, wrow, act_c0, act_c1, act_c2, ACT, GLU, ROW_SCALE)
+                        u, du = a, da  # unused without GLU
+                part, dz_g, dz_u, h = _dact_cols(dh, a, da, u, du, wrow, GLU, ROW_SCALE)
                 rowdot += part
                 tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_c)
                 dz_base = out_ptr + row_start * stride_om + loc_m[:, None] * stride_om
