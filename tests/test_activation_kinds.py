@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from unimoe_kernels.activations import activation_backward, apply_activation
 from unimoe_kernels.types import ACTIVATION_KINDS, activation_name, is_glu, parse_activation
 
-CONSTANTS = {"swiglu_clamp": dict(alpha=1.702, beta=1.0, limit=1.5), "swiglu_softcap": dict(gate_cap=2.0, up_cap=1.5)}
+CONSTANTS = {"swiglu_clamp": dict(alpha=1.702, beta=1.0, limit=1.5), "geglu_clamp": dict(beta=0.5, limit=1.5),
+             "swiglu_softcap": dict(gate_cap=2.0, up_cap=1.5)}
 
 
 def naive(z: torch.Tensor, kind: str, c: dict) -> torch.Tensor:
@@ -24,6 +25,8 @@ def naive(z: torch.Tensor, kind: str, c: dict) -> torch.Tensor:
         g = g.clamp(min=None, max=c["limit"])
         u = u.clamp(min=-c["limit"], max=c["limit"])
         return (u + c["beta"]) * (g * torch.sigmoid(g * c["alpha"]))
+    if kind == "geglu_clamp":  # DeepSeek-V4's gate with a gelu act_fn (beta 0)
+        return (u.clamp(-c["limit"], c["limit"]) + c["beta"]) * F.gelu(g.clamp(max=c["limit"]))
     if kind == "swiglu_softcap":  # Inkling2: the sigmoid sees the raw gate
         return (torch.tanh(g / c["gate_cap"]) * c["gate_cap"]) * torch.sigmoid(g) * (
             torch.tanh(u / c["up_cap"]) * c["up_cap"])

@@ -133,6 +133,18 @@ def test_recognised_family_equals_eager_output_and_every_gradient(family, runs):
             assert g.abs().sum() > 0, name
 
 
+def test_clamped_gate_with_a_gelu_act_fn_is_geglu_clamp(runs):
+    """DeepSeek-V4's gate is act_fn(min(g, limit)) * clamp(u): with a gelu act_fn (its test configs'
+    hidden_act) that is geglu_clamp, recognised and equal to eager like the silu form."""
+    ref = _experts("deepseek_v4", hidden_act="gelu")
+    want_act = activation_name("geglu_clamp", beta=0.0, limit=ref.config.swiglu_limit)
+    assert experts_activation(ref) == want_act
+    x, ids, w = tiny_hf.routing()
+    got = _outputs_and_grads(_unimoe(ref), x, ids, w)
+    assert runs == [want_act]
+    _assert_same(got, _outputs_and_grads(ref, x, ids, w), ["output", "x", "weights", "gate_up_proj", "down_proj"])
+
+
 @pytest.mark.parametrize("family", sorted(RECOGNISED))
 def test_bf16_error_at_most_twice_eagers(family):
     """Same bf16 module and inputs through "unimoe" and transformers' eager loop, each against the

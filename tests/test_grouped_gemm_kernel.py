@@ -223,7 +223,8 @@ def test_operand_paths(tma, activation, r, dtype, lora, train_base, xty_block, d
 # Every activation kind beyond the classic five, with constants small enough that the clamps and
 # caps bite on unit-scale pre-activations (both sides of each limit are exercised).
 KINDS = ["geglu_tanh", "gelu_tanh", "relu2", "swiglu_clamp(alpha=1.702,beta=1.0,limit=0.5)",
-         "swiglu_clamp(alpha=1.0,beta=0.0,limit=0.8)", "swiglu_softcap(gate_cap=0.7,up_cap=1.3)"]
+         "swiglu_clamp(alpha=1.0,beta=0.0,limit=0.8)", "geglu_clamp(beta=0.0,limit=0.6)",
+         "swiglu_softcap(gate_cap=0.7,up_cap=1.3)"]
 
 
 @pytest.mark.parametrize("activation", KINDS)

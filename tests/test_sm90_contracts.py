@@ -150,7 +150,8 @@ def test_every_activation_epilogue_passes_strict():
     """The epilogues of every activation kind beyond SwiGLU (forward and backward; the constants of
     gpt-oss's clamp and a softcap of 30) at a headline shape, a LoRA one and a decode step."""
     acts = ["swiglu_clamp(alpha=1.702,beta=1.0,limit=7.0)", "swiglu_softcap(gate_cap=30.0,up_cap=30.0)",
-            "geglu", "geglu_tanh", "relu2", "gelu_tanh", "silu", "relu", "gelu", "swiglu:interleaved"]
+            "geglu", "geglu_tanh", "relu2", "gelu_tanh", "silu", "relu", "gelu", "swiglu:interleaved",
+            "geglu_clamp(beta=0.0,limit=7.0)"]
     out = _strict("--shape", "qwen3-30b-a3b", "mixtral-lora16", "qwen3-30b-a3b-decode", "--activation", *acts)
     for act in acts:
         assert f"qwen3-30b-a3b {act} " in out and f"mixtral-lora16 {act} " in out, act

@@ -38,6 +38,8 @@ def _gate(g: torch.Tensor, kind: str, c: tuple) -> torch.Tensor:
         alpha, _beta, limit = c
         gc = g.clamp(max=limit)
         return gc * torch.sigmoid(alpha * gc)
+    if kind == "geglu_clamp":
+        return F.gelu(g.clamp(max=c[1]))
     gate_cap = c[0]  # swiglu_softcap
     return torch.tanh(g / gate_cap) * gate_cap * torch.sigmoid(g)
 
@@ -60,6 +62,9 @@ def _gate_backward(dout: torch.Tensor, g: torch.Tensor, kind: str, c: tuple) -> 
         s = torch.sigmoid(alpha * gc)
         # clamp passes the gradient where g <= limit, as torch.clamp's backward does.
         return torch.where(g <= limit, dout * (s + alpha * gc * s * (1 - s)), 0.0)
+    if kind == "geglu_clamp":
+        limit = c[1]
+        return torch.where(g <= limit, aten.gelu_backward(dout, g.clamp(max=limit)), 0.0)
     gate_cap = c[0]
     t, s = torch.tanh(g / gate_cap), torch.sigmoid(g)
     return dout * ((1 - t * t) * s + gate_cap * t * s * (1 - s))
@@ -67,8 +72,8 @@ def _gate_backward(dout: torch.Tensor, g: torch.Tensor, kind: str, c: tuple) -> 
 
 def _up(u: torch.Tensor, kind: str, c: tuple) -> torch.Tensor:
     """up_fn(u) of a GLU kind."""
-    if kind == "swiglu_clamp":
-        _alpha, beta, limit = c
+    if kind in ("swiglu_clamp", "geglu_clamp"):
+        beta, limit = c[-2:]
         return u.clamp(-limit, limit) + beta
     if kind == "swiglu_softcap":
         up_cap = c[1]
@@ -77,8 +82,8 @@ def _up(u: torch.Tensor, kind: str, c: tuple) -> torch.Tensor:
 
 
 def _up_backward(dout: torch.Tensor, u: torch.Tensor, kind: str, c: tuple) -> torch.Tensor:
-    if kind == "swiglu_clamp":
-        limit = c[2]
+    if kind in ("swiglu_clamp", "geglu_clamp"):
+        limit = c[-1]
         return torch.where((u >= -limit) & (u <= limit), dout, 0.0)
     if kind == "swiglu_softcap":
         t = torch.tanh(u / c[1])

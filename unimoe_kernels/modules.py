@@ -224,6 +224,7 @@ class GroupedExperts(nn.Module):
         num_experts, hidden_size, ffn_hidden_size: E, H and F (positive ints).
         activation: a string of types.ACTIVATION_KINDS, its constants written in (default "swiglu"):
             GLU "swiglu", "geglu" (erf), "geglu_tanh", "swiglu_clamp(alpha=..,beta=..,limit=..)",
+            "geglu_clamp(beta=..,limit=..)",
             "swiglu_softcap(gate_cap=..,up_cap=..)"; elementwise "silu", "gelu", "gelu_tanh", "relu",
             "relu2" (types.activation_name writes one). The torch path computes every kind. A GLU
             ending in ":interleaved" ("swiglu:interleaved", gpt-oss) holds gate n and up n in rows 2n

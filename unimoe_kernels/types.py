@@ -24,6 +24,7 @@ SCORINGS = ("softmax", "sigmoid")
 # gate g and up u (GLU), h =
 #   swiglu          silu(g) * u                  geglu, geglu_tanh   gelu(g) * u (erf; tanh form)
 #   swiglu_clamp    gc * sigmoid(alpha * gc) * (clamp(u, -limit, limit) + beta), gc = min(g, limit)
+#   geglu_clamp     gelu(gc) * (clamp(u, -limit, limit) + beta) (erf gelu; DeepSeek-V4's gate with a gelu act_fn)
 #   swiglu_softcap  gate_cap tanh(g / gate_cap) * sigmoid(g) * up_cap tanh(u / up_cap)
 #   silu, gelu (erf), gelu_tanh, relu, relu2 = relu(g)^2   (no GLU: h = act(g))
 # A GLU's first projection holds the gate columns, then the up columns ([gate; up], 2F). The
@@ -32,7 +33,8 @@ SCORINGS = ("softmax", "sigmoid")
 # becomes h [F]: every path that computes the activation reads it from there.
 ACTIVATION_KINDS = {
     "swiglu": (True, ()), "geglu": (True, ()), "geglu_tanh": (True, ()),
-    "swiglu_clamp": (True, ("alpha", "beta", "limit")), "swiglu_softcap": (True, ("gate_cap", "up_cap")),
+    "swiglu_clamp": (True, ("alpha", "beta", "limit")), "geglu_clamp": (True, ("beta", "limit")),
+    "swiglu_softcap": (True, ("gate_cap", "up_cap")),
     "silu": (False, ()), "gelu": (False, ()), "gelu_tanh": (False, ()), "relu": (False, ()), "relu2": (False, ()),
 }
 # Constants that must be positive (they divide or bound).

@@ -168,7 +168,8 @@ def gate_candidates(glu: bool, constants: dict, activation: Optional[str] = None
                     interleaved: bool = False) -> list[str]:
     """The activation strings a gate is compared with, in order: only `activation` when the caller
     names one; else the kinds without constants, then swiglu_clamp for every limit x alpha (the
-    module's and 1) x beta (0 and 1) and swiglu_softcap for every gate cap x up cap the module holds.
+    module's and 1) x beta (0 and 1), geglu_clamp for every limit x beta, and swiglu_softcap for
+    every gate cap x up cap the module holds.
     A GLU's candidates come in the layout the module declares (`interleaved`: is_concatenated=False)
     first, then in the other: what the gate function reads is what decides, and the probe tells."""
     if activation:
@@ -180,6 +181,7 @@ def gate_candidates(glu: bool, constants: dict, activation: Optional[str] = None
             for limit in constants["limit"]:
                 for alpha in (*constants["alpha"], 1.0):
                     out += [_named("swiglu_clamp", il, alpha=alpha, beta=beta, limit=limit) for beta in (0.0, 1.0)]
+                out += [_named("geglu_clamp", il, beta=beta, limit=limit) for beta in (0.0, 1.0)]
             out += [_named("swiglu_softcap", il, gate_cap=g, up_cap=u) for g in constants["gate_cap"]
                     for u in constants["up_cap"]]
     return [c for c in dict.fromkeys(out) if c is not None]

@@ -22,6 +22,7 @@ ACT_GELU_TANH = 3
 ACT_RELU2 = 4  # relu(g)^2
 ACT_CLAMP = 5  # constants (alpha, beta, limit): gc sigmoid(alpha gc), gc = min(g, limit); up_fn clamp + beta
 ACT_SOFTCAP = 6  # constants (gate_cap, up_cap): gate_cap tanh(g / gate_cap) sigmoid(g); up_fn up_cap tanh(u / up_cap)
+ACT_GELU_CLAMP = 7  # constants (-, beta, limit): gelu(min(g, limit)); up_fn as CLAMP's
 
 
 @triton.jit
@@ -83,6 +84,14 @@ def _act(g, ACT: tl.constexpr, c0, c1, c2):
 
 
 @triton.jit
+def _gelu_and_grad(g):
+    """(gelu(g), gelu'(g)) in fp32, exact (erf) gelu as torch.nn.functional.gelu's default."""
+    # 0.7071... = 1/sqrt(2); d/dg g*Phi(g) = Phi(g) + g*phi(g), 0.3989... = 1/sqrt(2*pi).
+    cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    return g * cdf, cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+
+
+@triton.jit
 def _act_and_grad(g, ACT: tl.constexpr, c0, c1, c2):
     """(act(g), act'(g)) in fp32."""
     if ACT == 0:
@@ -90,11 +99,7 @@ def _act_and_grad(g, ACT: tl.constexpr, c0, c1, c2):
         out = g * sig
         grad = sig * (1.0 + g * (1.0 - sig))
     elif ACT == 1:
-        # Exact (erf) gelu, as torch.nn.functional.gelu's default; 0.7071... = 1/sqrt(2).
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        out = g * cdf
-        # d/dg g*Phi(g) = Phi(g) + g*phi(g); 0.3989... = 1/sqrt(2*pi).
-        grad = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+        out, grad = _gelu_and_grad(g)
     elif ACT == 2:
         out = tl.maximum(g, 0.0)
         grad = tl.where(g > 0.0, 1.0, 0.0)
@@ -114,6 +119,9 @@ def _act_and_grad(g, ACT: tl.constexpr, c0, c1, c2):
         sig = tl.sigmoid(c0 * gc)
         out = gc * sig
         grad = tl.where(g <= c2, sig + c0 * gc * sig * (1.0 - sig), 0.0)
+    elif ACT == 7:
+        out, grad = _gelu_and_grad(tl.minimum(g, c2))
+        grad = tl.where(g <= c2, grad, 0.0)
     else:
         # c0 = gate_cap: the cap bounds the linear factor, the sigmoid sees the raw gate.
         t = _tanh(g / c0)
@@ -126,7 +134,7 @@ def _act_and_grad(g, ACT: tl.constexpr, c0, c1, c2):
 @triton.jit
 def _up_and_grad(u, ACT: tl.constexpr, c0, c1, c2):
     """(up_fn(u), up_fn'(u)) of a GLU in fp32: the identity but for the clamped and soft-capped kinds."""
-    if ACT == 5:
+    if ACT == 5 or ACT == 7:
         # c1 = beta, c2 = limit.
         out = tl.minimum(tl.maximum(u, -c2), c2) + c1
         grad = tl.where((u >= -c2) & (u <= c2), 1.0, 0.0)

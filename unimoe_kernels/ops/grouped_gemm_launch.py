@@ -31,13 +31,21 @@ def _act_codes() -> dict:
 
     return {"swiglu": k.ACT_SILU, "silu": k.ACT_SILU, "geglu": k.ACT_GELU, "gelu": k.ACT_GELU, "relu": k.ACT_RELU,
             "geglu_tanh": k.ACT_GELU_TANH, "gelu_tanh": k.ACT_GELU_TANH, "relu2": k.ACT_RELU2,
-            "swiglu_clamp": k.ACT_CLAMP, "swiglu_softcap": k.ACT_SOFTCAP}
+            "swiglu_clamp": k.ACT_CLAMP, "geglu_clamp": k.ACT_GELU_CLAMP, "swiglu_softcap": k.ACT_SOFTCAP}
+
+
+# The kernels' constant slot (c0, c1, c2) of each named constant (gemm_common's ACT_* comments).
+_SLOTS = {"alpha": 0, "gate_cap": 0, "beta": 1, "up_cap": 1, "limit": 2}
 
 
 def act_code(activation: str) -> tuple[int, bool, tuple[float, float, float]]:
     """(kernel activation code, GLU, its three constants) of an activation string (types.py)."""
     kind, consts = parse_activation(activation)
-    return _act_codes()[kind], ACTIVATION_KINDS[kind][0], (tuple(consts) + (0.0, 0.0, 0.0))[:3]
+    glu, names = ACTIVATION_KINDS[kind]
+    slots = [0.0, 0.0, 0.0]
+    for name, value in zip(names, consts):
+        slots[_SLOTS[name]] = float(value)
+    return _act_codes()[kind], glu, tuple(slots)
 
 
 class LoRASide(NamedTuple):
