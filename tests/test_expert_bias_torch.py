@@ -21,6 +21,7 @@ import torch
 from tolerance import ORACLE_FP32, TOL, assert_max_err
 from torch._dynamo.backends.debugging import aot_eager
 from torch.utils.flop_counter import FlopCounterMode
+from torch_path_blocks import forced_blocks
 
 from unimoe_kernels import baselines, reference
 from unimoe_kernels import torch_grouped_mlp as tgm
@@ -123,14 +124,9 @@ def _grads(y, o, dy):
 def mode(request, monkeypatch):
     """Which inner path runs (_OneExpert blocks in fp64, or _AllExperts in fp32, which
     torch._grouped_mm needs); its value is the dtype, and it checks the path ran."""
-    calls = []
-    real = tgm._AllExperts.__init__
-    monkeypatch.setattr(tgm._AllExperts, "__init__", lambda self, ends: calls.append(1) or real(self, ends))
     grouped = request.param == "grouped"
-    monkeypatch.setattr(tgm, "_GROUPED_BELOW_ROWS", 10**9 if grouped else 0)
-    monkeypatch.setattr(tgm, "_GROUPED_MIN_EXPERTS", 0)
-    yield torch.float32 if grouped else torch.float64
-    assert bool(calls) == grouped
+    with forced_blocks(monkeypatch, grouped):
+        yield torch.float32 if grouped else torch.float64
 
 
 def _assert_matches(got, want, what):

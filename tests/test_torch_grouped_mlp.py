@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tolerance import FLOOR, FLOOR_TORCH_GROUPED_MLP_BF16, TOL, assert_flash_rule
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils.flop_counter import FlopCounterMode
+from torch_path_blocks import forced_blocks
 
 from unimoe_kernels import baselines, reference
 from unimoe_kernels import torch_grouped_mlp as tgm
@@ -82,18 +83,10 @@ def _grads(y, o, dy):
 def mode(request, monkeypatch):
     """Which inner path runs: a torch.mm per expert block, or one torch._grouped_mm per GEMM (fp32
     only); the fixture's value is (dtype, tolerance) for that path, and it checks the path ran."""
-    calls = []
-    real = tgm._AllExperts.__init__
-    monkeypatch.setattr(tgm._AllExperts, "__init__", lambda self, ends: calls.append(1) or real(self, ends))
     grouped = request.param == "grouped"
-    monkeypatch.setattr(tgm, "_GROUPED_BELOW_ROWS", 10**9 if grouped else 0)
-    monkeypatch.setattr(tgm, "_GROUPED_MIN_EXPERTS", 0)
-    if grouped:
-        yield torch.float32, TOL[torch.float32]
-        assert calls
-    else:
-        yield torch.float64, TOL[torch.float64]
-        assert not calls
+    dtype = torch.float32 if grouped else torch.float64
+    with forced_blocks(monkeypatch, grouped):
+        yield dtype, TOL[dtype]
 
 
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)

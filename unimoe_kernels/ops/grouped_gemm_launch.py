@@ -172,8 +172,8 @@ def grouped_mm(
 ) -> Optional[torch.Tensor]:
     """Launch one grouped GEMM; with row_scale, returns the per-row d(routing weight) [N] fp32.
 
-    With dbias, `out` (dz, or its gate columns' view when interleaved) must be a view of a
-    contiguous [N, dbias.shape[1]] tensor: the per-tile sums are written in its row layout."""
+    With dbias, `out` (dz) must have the rows of a contiguous [N, dbias.shape[1]] tensor: the
+    per-tile sums are written in its row layout."""
     from ..kernels.grouped_mm import grouped_mm_kernel
 
     k = x.shape[1]
